@@ -1,0 +1,33 @@
+# Two entry points: `make demo` and `make test`. Both create .venv on first use.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+DEMO   := build/demo
+
+.PHONY: venv demo test bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# The embedded default: a CNN trained on scikit-learn's real digits, int8 for ONNX Runtime, validated on
+# held-out digits, bundled, then the bundle's own loader runs its golden self-test.
+demo: $(STAMP)
+	$(BIN)/python -m edgeexport.models.digits $(DEMO)/digits.npz
+	$(BIN)/edgeexport build --target ort --model edgeexport.models.digits:model --calib $(DEMO)/digits.npz \
+		--precision int8 --out $(DEMO)/bundle --force
+	$(BIN)/python $(DEMO)/bundle/loader.py --selftest
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/ort_vs_eager.py
+
+clean:
+	rm -rf build $(VENV)

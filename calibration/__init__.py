@@ -1,0 +1,207 @@
+"""Calibration data: read it, check it against the model's inputs, split it deterministically.
+
+A :class:`CalibrationSet` holds every sample as a ``{input_name: ndarray}`` feed (batch of one, unless the data
+carries whole batches). A seeded permutation splits it into a *calibration* part, which quantization sees, and a
+*holdout* part, which only validation sees. Its content hash goes into the manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Optional
+
+import numpy as np
+
+from edgeexport.config import CalibrationConfig, InputSpec
+from edgeexport.errors import CalibrationError
+
+MAX_DEFAULT_CALIB = 256
+MAX_DEFAULT_HOLDOUT = 200
+
+
+@dataclass
+class RawData:
+    """Arrays keyed by input name, first axis = samples, as read from a source."""
+
+    arrays: dict[str, np.ndarray]
+    labels: Optional[np.ndarray]
+    kind: str  # npz | npy | images | synthetic
+    description: str
+    synthetic: bool = False
+    notes: list[str] = field(default_factory=list)
+    preprocess: Optional[dict[str, Any]] = None
+    files: Optional[list[str]] = None  # image files, in sample order
+
+
+@dataclass
+class CalibrationSet:
+    data: RawData
+    specs: list[InputSpec]
+    calib_idx: np.ndarray
+    holdout_idx: np.ndarray
+    seed: int
+    sha256: str
+
+    @property
+    def num_samples(self) -> int:
+        return len(next(iter(self.data.arrays.values())))
+
+    def sample(self, i: int) -> dict[str, np.ndarray]:
+        feed = {}
+        for spec in self.specs:
+            arr = self.data.arrays[spec.name]
+            feed[spec.name] = arr[i : i + 1] if arr.ndim == len(spec.shape) else arr[i]
+        return feed
+
+    def calibration(self) -> Iterator[dict[str, np.ndarray]]:
+        """Re-iterable stream of calibration feeds (never includes holdout samples)."""
+        for i in self.calib_idx:
+            yield self.sample(int(i))
+
+    def holdout(self) -> Iterator[dict[str, np.ndarray]]:
+        for i in self.holdout_idx:
+            yield self.sample(int(i))
+
+    def holdout_labels(self) -> Optional[np.ndarray]:
+        if self.data.labels is None:
+            return None
+        return self.data.labels[self.holdout_idx]
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "source": self.data.description,
+            "kind": self.data.kind,
+            "synthetic": self.data.synthetic,
+            "sha256": self.sha256,
+            "total_samples": self.num_samples,
+            "calibration_samples": int(len(self.calib_idx)),
+            "holdout_samples": int(len(self.holdout_idx)),
+            "split_seed": self.seed,
+            "has_labels": self.data.labels is not None,
+            "preprocess": self.data.preprocess,
+            "notes": list(self.data.notes),
+        }
+
+
+def content_hash(arrays: dict[str, np.ndarray], labels: Optional[np.ndarray]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(f"{name}|{a.dtype}|{a.shape}|".encode())
+        h.update(a.tobytes())
+    if labels is not None:
+        h.update(b"labels|")
+        h.update(np.ascontiguousarray(labels).tobytes())
+    return h.hexdigest()
+
+
+def split(n: int, cfg: CalibrationConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic split: a seeded permutation; the first ``holdout`` indices are held out for validation."""
+    if n < 2:
+        raise CalibrationError(
+            f"the calibration data has {n} sample(s)",
+            "at least 2 are needed: one to calibrate and one held out to validate",
+            "provide more samples (e.g. 100+ real inputs)",
+        )
+    holdout = cfg.holdout if cfg.holdout is not None else min(MAX_DEFAULT_HOLDOUT, max(1, round(0.2 * n)))
+    if holdout >= n:
+        raise CalibrationError(
+            f"--holdout {holdout} leaves no calibration samples out of {n}",
+            "validation samples are never used for calibration",
+            f"pass --holdout below {n} or provide more data",
+        )
+    available = n - holdout
+    if cfg.samples is not None and cfg.samples > available:
+        raise CalibrationError(
+            f"asked for {cfg.samples} calibration samples but only {available} are available",
+            f"the data has {n} samples and {holdout} are held out for validation",
+            f"pass --calib-samples {available} or fewer, lower --holdout, or provide more data",
+        )
+    samples = cfg.samples if cfg.samples is not None else min(MAX_DEFAULT_CALIB, available)
+    perm = np.random.default_rng(cfg.seed).permutation(n)
+    return perm[holdout : holdout + samples], perm[:holdout]
+
+
+def load_calibration(cfg: CalibrationConfig, specs: list[InputSpec]) -> CalibrationSet:
+    from edgeexport.calibration.sources import read_source
+
+    raw = read_source(cfg, specs)
+    check_arrays(raw, specs)
+    n = len(next(iter(raw.arrays.values())))
+    calib_idx, holdout_idx = split(n, cfg)
+    return CalibrationSet(raw, specs, calib_idx, holdout_idx, cfg.seed, content_hash(raw.arrays, raw.labels))
+
+
+_SAFE_CASTS = {("float64", "float32"), ("float16", "float32"), ("int32", "int64"), ("int64", "int32")}
+
+
+def check_arrays(raw: RawData, specs: list[InputSpec]) -> None:
+    """Names, ranks, shapes, dtypes, finiteness and sample counts, with errors that say which array and why."""
+    names = {s.name for s in specs}
+    got = set(raw.arrays)
+    if got != names:
+        raise CalibrationError(
+            f"calibration arrays {sorted(got)} do not match the model inputs {sorted(names)}",
+            "arrays are matched to inputs by name"
+            + (f"; missing {sorted(names - got)}" if names - got else "")
+            + (f"; unexpected {sorted(got - names)}" if got - names else ""),
+            "save the .npz with one array per model input, e.g. np.savez(path, **{'input_name': data})",
+        )
+    counts = set()
+    for spec in specs:
+        arr = raw.arrays[spec.name]
+        rank = len(spec.shape)
+        if arr.ndim not in (rank, rank + 1):
+            raise CalibrationError(
+                f"calibration array {spec.name!r} has shape {list(arr.shape)}; the input is {spec.shape}",
+                f"expected rank {rank} (samples along the batch axis) or {rank + 1} (a list of whole feeds)",
+                "reshape the data so the first axis counts samples",
+            )
+        per_sample = list(arr.shape[1:])
+        fixed = spec.shape[1:] if arr.ndim == rank else spec.shape
+        for i, (want, have) in enumerate(zip(fixed, per_sample)):
+            if isinstance(want, int) and want != have:
+                raise CalibrationError(
+                    f"calibration array {spec.name!r} has shape {list(arr.shape)}; the input is {spec.shape}",
+                    f"dimension {i + (1 if arr.ndim == rank else 0)} is {have} but the model needs {want}",
+                    "resize the data or declare the input shape with --input NAME:SHAPE:DTYPE",
+                )
+        if arr.ndim == rank and isinstance(spec.shape[0], int) and spec.shape[0] != 1:
+            raise CalibrationError(
+                f"calibration array {spec.name!r} has one sample per row but the input's batch size is {spec.shape[0]}",
+                "each row would be fed as a batch of 1",
+                f"store whole batches as an array of shape [N, {', '.join(map(str, spec.shape))}]",
+            )
+        if str(arr.dtype) != spec.dtype:
+            if (str(arr.dtype), spec.dtype) not in _SAFE_CASTS:
+                raise CalibrationError(
+                    f"calibration array {spec.name!r} has dtype {arr.dtype}; the input needs {spec.dtype}",
+                    "this conversion could change values, so it is not done silently",
+                    f"save the data as {spec.dtype}",
+                )
+            raw.arrays[spec.name] = arr.astype(spec.dtype)
+            raw.notes.append(f"{spec.name}: cast {arr.dtype} -> {spec.dtype}")
+            arr = raw.arrays[spec.name]
+        if arr.dtype.kind == "f":
+            bad = ~np.isfinite(arr.reshape(len(arr), -1)).all(axis=1)
+            if bad.any():
+                idx = np.flatnonzero(bad)
+                raise CalibrationError(
+                    f"calibration array {spec.name!r} contains NaN or Inf in {len(idx)} sample(s), first at index {idx[0]}",
+                    "non-finite inputs make calibration ranges and validation metrics meaningless",
+                    "clean the data (np.nan_to_num, or drop those samples)",
+                )
+        counts.add(len(arr))
+    if len(counts) > 1:
+        raise CalibrationError(
+            f"calibration arrays have different sample counts {sorted(counts)}",
+            "sample i of every input must belong together",
+            "give every array the same length along the first axis",
+        )
+    if raw.labels is not None and len(raw.labels) != counts.pop():
+        raise CalibrationError(
+            f"{len(raw.labels)} labels for {len(next(iter(raw.arrays.values())))} samples",
+            "labels must align with samples",
+            "pass one label per sample",
+        )

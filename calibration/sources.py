@@ -1,0 +1,224 @@
+"""Readers for calibration sources: .npz/.npy arrays, folders of images, and explicit synthetic data."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from edgeexport.calibration import RawData
+from edgeexport.config import CalibrationConfig, ImagePreprocess, InputSpec
+from edgeexport.errors import CalibrationError
+
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+LABELS_KEY = "labels"
+_SYNTHETIC = re.compile(r"^synthetic:(\d+)$")
+
+
+def read_source(cfg: CalibrationConfig, specs: list[InputSpec]) -> RawData:
+    if not cfg.path:
+        raise CalibrationError(
+            "no calibration data given",
+            "edgeexport validates every build on real held-out inputs and never falls back to random data",
+            "pass --calib data.npz (arrays keyed by input name) or --calib images/; "
+            "to accept random data knowingly, pass --calib synthetic:64",
+        )
+    m = _SYNTHETIC.match(cfg.path)
+    if m:
+        raw = synthetic(specs, int(m.group(1)), cfg.seed)
+    else:
+        path = Path(cfg.path)
+        if not path.exists():
+            raise CalibrationError(f"calibration path {str(path)!r} does not exist", "", "check the --calib path")
+        if path.is_dir():
+            raw = read_images(path, specs, cfg.preprocess or ImagePreprocess())
+        elif path.suffix == ".npz":
+            raw = read_npz(path, specs)
+        elif path.suffix == ".npy":
+            raw = read_npy(path, specs)
+        else:
+            raise CalibrationError(
+                f"cannot read calibration data from {str(path)!r}",
+                f"unsupported file type {path.suffix or '(none)'!r}",
+                "use an .npz (arrays keyed by input name), an .npy (single-input models) or a folder of images",
+            )
+    if cfg.labels:
+        raw.labels = read_labels(Path(cfg.labels))
+    return raw
+
+
+def _np_load(path: Path):
+    try:
+        return np.load(path, allow_pickle=False)
+    except ValueError as e:
+        if "pickle" in str(e).lower():
+            raise CalibrationError(
+                f"{str(path)!r} holds pickled Python objects",
+                "edgeexport never unpickles data files (it could run arbitrary code)",
+                "save plain numeric arrays with np.savez / np.save",
+            ) from None
+        raise CalibrationError(f"cannot read {str(path)!r}", str(e), "re-save it with numpy") from None
+    except (OSError, EOFError) as e:
+        raise CalibrationError(f"cannot read {str(path)!r}", str(e) or "the file is truncated or not numpy data",
+                               "re-save it with np.savez / np.save") from None
+
+
+def read_npz(path: Path, specs: list[InputSpec]) -> RawData:
+    with _np_load(path) as z:
+        try:
+            arrays = {k: z[k] for k in z.files}
+        except (ValueError, OSError, EOFError) as e:
+            raise CalibrationError(f"cannot read {str(path)!r}", str(e), "re-save it with np.savez") from None
+    labels = None
+    notes = []
+    if LABELS_KEY in arrays and LABELS_KEY not in {s.name for s in specs}:
+        labels = arrays.pop(LABELS_KEY)
+        notes.append(f"labels taken from the '{LABELS_KEY}' array of {path.name}")
+    if not arrays:
+        raise CalibrationError(f"{str(path)!r} holds no input arrays", "", "save one array per model input")
+    return RawData(arrays, labels, "npz", str(path), notes=notes)
+
+
+def read_npy(path: Path, specs: list[InputSpec]) -> RawData:
+    if len(specs) != 1:
+        raise CalibrationError(
+            f"an .npy file holds one array but the model has {len(specs)} inputs",
+            "arrays are matched to inputs by name",
+            "save an .npz with one array per input: np.savez(path, " + ", ".join(f"{s.name}=..." for s in specs) + ")",
+        )
+    arr = _np_load(path)
+    return RawData({specs[0].name: arr}, None, "npy", str(path))
+
+
+def read_labels(path: Path) -> np.ndarray:
+    if not path.is_file():
+        raise CalibrationError(f"labels file {str(path)!r} not found", "", "check the --labels path")
+    if path.suffix == ".npy":
+        labels = _np_load(path)
+    elif path.suffix == ".npz":
+        with _np_load(path) as z:
+            if LABELS_KEY not in z.files:
+                raise CalibrationError(f"{str(path)!r} has no '{LABELS_KEY}' array", f"it has {z.files}", "")
+            labels = z[LABELS_KEY]
+    else:
+        try:
+            labels = np.array([int(x) for x in path.read_text().split()])
+        except ValueError:
+            raise CalibrationError(f"labels file {str(path)!r} is not one integer per line", "", "") from None
+    if labels.ndim != 1 or labels.dtype.kind not in "iu":
+        raise CalibrationError(f"labels in {str(path)!r} must be a 1-D integer array", f"got {labels.dtype} {labels.shape}", "")
+    return labels
+
+
+def synthetic(specs: list[InputSpec], n: int, seed: int) -> RawData:
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for spec in specs:
+        shape = []
+        for i, d in enumerate(spec.shape):
+            if isinstance(d, int):
+                shape.append(d)
+            elif i == 0:
+                shape.append(1)
+            else:
+                raise CalibrationError(
+                    f"cannot make synthetic data for {spec.name!r}: dimension {i} ({d!r}) has no size",
+                    "synthetic data needs concrete shapes",
+                    f"declare it with --input {spec.name}:<shape with numbers>:{spec.dtype}",
+                )
+        shape = [n] + shape[1:]
+        if spec.dtype.startswith("float"):
+            arrays[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+        elif spec.dtype == "bool":
+            arrays[spec.name] = rng.integers(0, 2, shape).astype(bool)
+        else:
+            arrays[spec.name] = rng.integers(0, 2, shape).astype(spec.dtype)
+    return RawData(arrays, None, "synthetic", f"synthetic:{n}", synthetic=True,
+                   notes=["SYNTHETIC random data: calibration ranges and validation metrics do not reflect real inputs"])
+
+
+def _image_spec(specs: list[InputSpec], pre: ImagePreprocess) -> tuple[InputSpec, int, int, int]:
+    if len(specs) != 1 or len(specs[0].shape) != 4:
+        raise CalibrationError(
+            "a folder of images can only feed a model with one 4-D image input",
+            f"the model's inputs are {[s.describe() for s in specs]}",
+            "save the inputs as an .npz keyed by input name instead",
+        )
+    spec = specs[0]
+    c_axis, h_axis, w_axis = (1, 2, 3) if pre.layout == "nchw" else (3, 1, 2)
+    channels = spec.shape[c_axis]
+    want_c = 1 if pre.color == "gray" else 3
+    if isinstance(channels, int) and channels != want_c:
+        raise CalibrationError(
+            f"input {spec.name!r} has {channels} channel(s) at axis {c_axis} ({pre.layout.upper()}) "
+            f"but color mode {pre.color!r} gives {want_c}",
+            "",
+            "set --color gray for 1-channel models, rgb/bgr for 3, and --layout to match the model",
+        )
+    if pre.size:
+        h, w = pre.size
+    else:
+        h, w = spec.shape[h_axis], spec.shape[w_axis]
+        if not (isinstance(h, int) and isinstance(w, int)):
+            raise CalibrationError(
+                f"input {spec.name!r} has dynamic height/width {spec.shape}",
+                "images must be resized to a known size",
+                "pass --image-size HxW",
+            )
+    return spec, want_c, h, w
+
+
+def preprocess_image(img, pre: ImagePreprocess, h: int, w: int) -> np.ndarray:
+    """PIL image -> float32 array [C,H,W] or [H,W,C] (no batch axis)."""
+    from PIL import Image
+
+    img = img.convert("L" if pre.color == "gray" else "RGB").resize((w, h), Image.BILINEAR)
+    arr = np.asarray(img, dtype=np.float32)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    if pre.color == "bgr":
+        arr = arr[:, :, ::-1]
+    arr = arr * pre.scale
+    c = arr.shape[2]
+    mean = np.asarray(pre.mean if len(pre.mean) in (1, c) else pre.mean[:1], dtype=np.float32)
+    std = np.asarray(pre.std if len(pre.std) in (1, c) else pre.std[:1], dtype=np.float32)
+    arr = (arr - mean) / std
+    if pre.layout == "nchw":
+        arr = arr.transpose(2, 0, 1)
+    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+def read_images(folder: Path, specs: list[InputSpec], pre: ImagePreprocess) -> RawData:
+    try:
+        from PIL import Image, UnidentifiedImageError
+    except ImportError:  # pragma: no cover - pillow is a core dependency
+        from edgeexport.errors import missing_extra
+
+        raise missing_extra("pillow", "dev", "reading image folders") from None
+    spec, channels, h, w = _image_spec(specs, pre)
+    for name, values in (("mean", pre.mean), ("std", pre.std)):
+        if len(values) not in (1, channels):
+            raise CalibrationError(f"--{name} has {len(values)} values for {channels} channel(s)", "", f"give 1 or {channels} values")
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+    if not files:
+        raise CalibrationError(
+            f"no images found in {str(folder)!r}",
+            f"looked for files ending in {', '.join(sorted(IMAGE_EXTS))}",
+            "point --calib at a folder of real input images",
+        )
+    out = []
+    for f in files:
+        try:
+            with Image.open(f) as img:
+                img.load()
+                out.append(preprocess_image(img, pre, h, w))
+        except (UnidentifiedImageError, OSError, ValueError) as e:
+            raise CalibrationError(
+                f"cannot decode image {str(f)!r}", str(e) or type(e).__name__, "remove or replace the corrupt file"
+            ) from None
+    arr = np.stack(out)
+    resolved = pre.model_copy(update={"size": [h, w]}).model_dump()
+    return RawData({spec.name: arr.astype(spec.dtype)}, None, "images", str(folder), preprocess=resolved,
+                   files=[str(f.relative_to(folder)) for f in files])

@@ -1,0 +1,117 @@
+"""Write a bundle atomically: build it in a temporary sibling folder, then rename it into place.
+
+A failed or interrupted build leaves either no bundle or the complete previous one at the output path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgeexport.bundle.manifest import SCHEMA_VERSION
+from edgeexport.errors import BundleError
+from edgeexport.util import sha256_file
+
+LOADER_TEMPLATE = Path(__file__).with_name("loader.py")
+
+
+def check_output_path(out: Path, force: bool) -> None:
+    """Refuse early (before any work) to overwrite something we should not."""
+    if out.exists() and not out.is_dir():
+        raise BundleError(f"output path {str(out)!r} exists and is a file", "", "choose another --out")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise BundleError(f"output folder {str(out)!r} already exists",
+                              "a build never overwrites an existing folder unless asked",
+                              "pass --force to replace it, or choose another --out")
+        if not (out / "manifest.json").is_file():
+            raise BundleError(f"--force will not replace {str(out)!r}: it is not an edgeexport bundle",
+                              "only a folder holding a manifest.json (or an empty one) is replaced",
+                              "choose another --out, or empty that folder yourself")
+
+
+def write_bundle(out: Path, files: dict[str, Path], golden: list[tuple[dict, dict]], manifest: dict[str, Any],
+                 texts: dict[str, str], force: bool) -> Path:
+    """Create the bundle at ``out``.
+
+    ``files``: bundle-relative path -> source file, copied byte for byte. ``texts``: path -> text content.
+    ``golden``: (inputs, outputs) pairs saved as golden/NNN.npz. The manifest gets the file list with sha256.
+    """
+    out = Path(out).absolute()
+    check_output_path(out, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        for rel, src in files.items():
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, tmp / rel)
+        shutil.copyfile(LOADER_TEMPLATE, tmp / "loader.py")
+        for rel, text in texts.items():
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / rel).write_text(text, encoding="utf-8")
+        golden_files = []
+        (tmp / "golden").mkdir()
+        for i, (ins, outs) in enumerate(golden):
+            rel = f"golden/{i:03d}.npz"
+            arrays = {f"input/{k}": v for k, v in ins.items()} | {f"output/{k}": v for k, v in outs.items()}
+            with open(tmp / rel, "wb") as f:
+                np.savez(f, **arrays)
+            golden_files.append(rel)
+        manifest = dict(manifest)
+        manifest["schema_version"] = SCHEMA_VERSION
+        manifest["golden"] = dict(manifest.get("golden", {}), files=golden_files)
+        manifest["files"] = [
+            {"path": p.relative_to(tmp).as_posix(), "sha256": sha256_file(p), "size": p.stat().st_size}
+            for p in sorted(tmp.rglob("*")) if p.is_file()
+        ]
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=_json_default) + "\n")
+        _fsync_tree(tmp)
+        _swap_into_place(tmp, out)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise BundleError(f"writing the bundle to {str(out)!r} failed", f"{e.strerror or e}",
+                              "check free disk space and permissions; nothing was left at the output path") from None
+        raise
+    return out
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    if out.exists():
+        backup = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.rmdir(backup)
+        os.rename(out, backup)
+        try:
+            os.rename(tmp, out)
+        except BaseException:
+            os.rename(backup, out)
+            raise
+        shutil.rmtree(backup, ignore_errors=True)
+    else:
+        os.rename(tmp, out)
+
+
+def _fsync_tree(root: Path) -> None:
+    for p in root.rglob("*"):
+        if p.is_file():
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serializable: {type(o).__name__}")

@@ -1,0 +1,209 @@
+"""Command-line front end. Thin: it turns flags into a BuildConfig and calls the pipeline.
+
+Heavy libraries (torch, onnxruntime) are imported only inside the commands that need them.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, Optional
+
+import click
+from click.core import ParameterSource
+
+from edgeexport import __version__
+from edgeexport.config import CALIB_METHODS, PRECISIONS, TOLERANCE_KEYS
+from edgeexport.errors import EdgeExportError, UsageError
+
+# CLI parameter -> path in the BuildConfig dict (and an optional converter)
+_PARAM_PATHS: dict[str, tuple[str, ...]] = {
+    "target": ("target",), "model": ("model",), "precision": ("precision",), "opset": ("opset",),
+    "out": ("out",), "force": ("force",), "calib": ("calibration", "path"), "labels": ("calibration", "labels"),
+    "calib_method": ("calibration", "method"), "calib_samples": ("calibration", "samples"),
+    "holdout": ("calibration", "holdout"), "seed": ("calibration", "seed"),
+    "percentile": ("calibration", "percentile"), "bench_runs": ("bench", "runs"), "threads": ("bench", "threads"),
+    "golden": ("golden_samples",),
+}
+_PREPROCESS_PARAMS = ("image_size", "color", "mean", "std", "layout", "scale")
+
+
+def _floats(text: str, name: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        raise UsageError(f"--{name} {text!r} is not a comma-separated list of numbers", "", f"e.g. --{name} 0.485,0.456,0.406") from None
+
+
+def _set(d: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    for key in path[:-1]:
+        d = d.setdefault(key, {})
+    d[path[-1]] = value
+
+
+def _given(ctx: click.Context, name: str) -> bool:
+    return ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP, None)
+
+
+def config_from_options(ctx: click.Context, params: dict[str, Any]):
+    from edgeexport.config import load_config_file, make_config, parse_input_spec, parse_tolerance
+
+    data: dict[str, Any] = load_config_file(params["config"]) if params["config"] else {}
+    for name, path in _PARAM_PATHS.items():
+        if _given(ctx, name) or (not params["config"] and params[name] is not None):
+            _set(data, path, params[name])
+    if params["inputs"]:
+        data["inputs"] = [parse_input_spec(s).model_dump() for s in params["inputs"]]
+    if params["tolerance"]:
+        data.setdefault("tolerance", {}).update(parse_tolerance(params["tolerance"]))
+    if params["no_bench"]:
+        _set(data, ("bench", "enabled"), False)
+    for item in params["option"]:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"cannot parse --option {item!r}", "expected KEY=VALUE", "e.g. --option reduce_range=false")
+        import yaml
+
+        data.setdefault("target_options", {})[key] = yaml.safe_load(value)
+    pre: dict[str, Any] = {}
+    if params["image_size"]:
+        h, sep, w = params["image_size"].partition("x")
+        if not (sep and h.isdigit() and w.isdigit()):
+            raise UsageError(f"--image-size {params['image_size']!r} is not HxW", "", "e.g. --image-size 224x224")
+        pre["size"] = [int(h), int(w)]
+    for key in ("color", "layout", "scale"):
+        if params[key] is not None:
+            pre[key] = params[key]
+    for key in ("mean", "std"):
+        if params[key]:
+            pre[key] = _floats(params[key], key)
+    if pre:
+        data.setdefault("calibration", {}).setdefault("preprocess", {}).update(pre)
+    if "model" not in data:
+        raise UsageError("no model given", "", "pass --model SPEC (see 'edgeexport build --help') or -c config.yaml")
+    return make_config(data, params["config"] or "command line")
+
+
+def _fail(e: EdgeExportError, as_json: bool) -> None:
+    click.echo(e.render(), err=True)
+    if as_json:
+        out = {"ok": False, **e.to_dict()}
+        report = getattr(e, "report", None)
+        if report is not None:
+            out["validation"] = report.to_dict()
+        click.echo(json.dumps(out, indent=2))
+    sys.exit(e.exit_code)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="edgeexport")
+def main() -> None:
+    """Export a PyTorch model to a validated runtime bundle for a device."""
+
+
+@main.command()
+@click.option("-c", "--config", type=click.Path(dir_okay=False), help="Replay a YAML config written by --dry-run.")
+@click.option("--target", default="ort", show_default=True, help="Backend: ort.")
+@click.option("--model", help="pkg.module:factory, file.py:factory, TorchScript .pt, torch.export .pt2, or .onnx.")
+@click.option("--calib", help="Calibration/validation data: .npz (arrays by input name), .npy, an image folder, "
+              "or synthetic:N (random data, recorded as such).")
+@click.option("--precision", type=click.Choice(PRECISIONS), default="int8", show_default=True)
+@click.option("--input", "inputs", multiple=True, help="NAME:SHAPE[:DTYPE], e.g. image:batchx3x224x224:float32.")
+@click.option("--labels", help="Labels (.npy/.npz/.txt) aligned with the samples, for task accuracy.")
+@click.option("--calib-method", type=click.Choice(CALIB_METHODS), default="minmax", show_default=True)
+@click.option("--calib-samples", type=int, help="Calibration samples [default: all but the holdout, at most 256].")
+@click.option("--holdout", type=int, help="Held-out validation samples [default: 20%, at most 200].")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the calibration/holdout split.")
+@click.option("--percentile", type=float, default=99.999, show_default=True, help="For --calib-method percentile.")
+@click.option("--image-size", help="Resize images to HxW [default: the input's H and W].")
+@click.option("--color", type=click.Choice(["rgb", "bgr", "gray"]), help="Image channel order [default: rgb].")
+@click.option("--mean", help="Per-channel mean after scaling, e.g. 0.485,0.456,0.406 [default: 0].")
+@click.option("--std", help="Per-channel std after scaling, e.g. 0.229,0.224,0.225 [default: 1].")
+@click.option("--scale", type=float, help="Pixel scale before mean/std [default: 1/255].")
+@click.option("--layout", type=click.Choice(["nchw", "nhwc"]), help="Image tensor layout [default: nchw].")
+@click.option("--tolerance", multiple=True, help=f"KEY=VALUE overriding a default limit; keys: {', '.join(TOLERANCE_KEYS)}.")
+@click.option("--opset", type=int, default=18, show_default=True)
+@click.option("--option", multiple=True, help="Target option KEY=VALUE, e.g. reduce_range=false.")
+@click.option("--out", default="bundle", show_default=True, help="Output bundle folder.")
+@click.option("--force", is_flag=True, help="Replace an existing bundle at --out.")
+@click.option("--bench-runs", type=int, default=50, show_default=True, help="Timed runs in the build's benchmark.")
+@click.option("--no-bench", is_flag=True, help="Skip the latency benchmark.")
+@click.option("--threads", type=int, help="Threads for the runtime and the reference while benchmarking.")
+@click.option("--golden", type=int, default=3, show_default=True, help="Golden input/output pairs in the bundle.")
+@click.option("--dry-run", is_flag=True, help="Resolve everything, print the config as YAML, build nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
+@click.pass_context
+def build(ctx: click.Context, **params: Any) -> None:
+    """Convert, quantize, validate and bundle a model.
+
+    The build fails (exit 1, nothing written) when the built model's outputs on held-out samples are out of
+    tolerance.
+    """
+    as_json = params["as_json"]
+    try:
+        config = config_from_options(ctx, params)
+        from edgeexport import pipeline
+
+        if params["dry_run"]:
+            click.echo(pipeline.dry_run(config), nl=False)
+            return
+        result = pipeline.build(config)
+    except EdgeExportError as e:
+        _fail(e, as_json)
+    except KeyboardInterrupt:
+        click.echo("interrupted: nothing was written to the output folder", err=True)
+        sys.exit(130)
+    summary = result.summary()
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    else:
+        bench = summary.get("benchmark")
+        extra = f"; {bench['speedup_vs_reference']:.2f}x vs reference" if bench else ""
+        click.echo(f"ok: wrote {result.out} ({config.target}/{config.precision}, validated{extra})")
+
+
+def _load_trusted_loader():
+    """The loader shipped with this edgeexport, never the (possibly tampered) copy inside the bundle."""
+    from edgeexport.bundle import loader
+
+    return loader
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(file_okay=False))
+@click.option("--threads", type=int)
+@click.option("--json", "as_json", is_flag=True)
+def verify(bundle: str, threads: Optional[int], as_json: bool) -> None:
+    """Re-check every checksum of BUNDLE and run its golden self-test."""
+    loader = _load_trusted_loader()
+    try:
+        model = loader.load(bundle, threads=threads)
+    except loader.BundleError as e:
+        _fail(EdgeExportError(f"bundle {bundle!r} failed verification", str(e), "rebuild the bundle"), as_json)
+    ok = model.selftest(verbose=not as_json)
+    if as_json:
+        click.echo(json.dumps({"ok": ok, "bundle": bundle, "checksums": "ok"}))
+    elif ok:
+        click.echo(f"ok: {bundle}: checksums match and the golden self-test passed")
+    if not ok:
+        click.echo("error: the golden self-test failed: outputs differ from the build's", err=True)
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the raw manifest.")
+def inspect(bundle: str, as_json: bool) -> None:
+    """Print BUNDLE's manifest as a readable summary."""
+    from edgeexport.report import inspect_text
+
+    loader = _load_trusted_loader()
+    try:
+        manifest = loader.read_manifest(bundle)
+    except loader.BundleError as e:
+        _fail(EdgeExportError(f"cannot read bundle {bundle!r}", str(e), "point at a folder built by edgeexport"), False)
+    click.echo(json.dumps(manifest, indent=2) if as_json else inspect_text(manifest))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,235 @@
+"""BuildConfig: the typed, validated description of one build.
+
+The CLI turns flags into a BuildConfig; ``--dry-run`` writes the resolved config as YAML and ``build -c`` reads it
+back. Everything that influences the result lives here, so the manifest can record it whole.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from edgeexport.errors import ConfigError
+
+PRECISIONS = ("fp32", "fp16", "int8-dynamic", "int8")
+CALIB_METHODS = ("minmax", "entropy", "percentile")
+DTYPES = ("float32", "float16", "int64", "int32", "int8", "uint8", "bool")
+_NAME = re.compile(r"^[^\x00-\x1f]+$")
+_DIM_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+# Default tolerances per precision. Metrics: mean cosine similarity (>=), SNR in dB (>=), top-1 agreement with
+# the reference for classifier-like outputs (>=), drop in task accuracy in percentage points when labels exist
+# (<=). See docs/validation.md.
+DEFAULT_TOLERANCES: dict[str, dict[str, float]] = {
+    "fp32": {"cosine": 0.9999, "snr_db": 40.0, "top1": 0.99, "accuracy_drop": 0.5},
+    "fp16": {"cosine": 0.999, "snr_db": 30.0, "top1": 0.98, "accuracy_drop": 0.5},
+    "int8-dynamic": {"cosine": 0.98, "snr_db": 12.0, "top1": 0.95, "accuracy_drop": 1.0},
+    "int8": {"cosine": 0.98, "snr_db": 12.0, "top1": 0.95, "accuracy_drop": 1.0},
+}
+TOLERANCE_KEYS = {
+    "cosine": "min mean cosine similarity",
+    "snr_db": "min signal-to-noise ratio in dB",
+    "top1": "min top-1 agreement with the reference (classifier-like outputs)",
+    "accuracy_drop": "max drop in task accuracy, percentage points (needs labels)",
+    "max_abs": "max absolute error (off unless set)",
+}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class InputSpec(_Strict):
+    """One model input: name, shape (ints, or names for dynamic dims), dtype."""
+
+    name: str
+    shape: list[Union[int, str]]
+    dtype: str = "float32"
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME.match(v):
+            raise ValueError(f"input name {v!r} must be non-empty printable text")
+        return v
+
+    @field_validator("shape")
+    @classmethod
+    def _shape(cls, v: list[Union[int, str]]) -> list[Union[int, str]]:
+        for d in v:
+            if isinstance(d, int) and d <= 0:
+                raise ValueError(f"dimension {d} must be a positive integer or a name such as 'batch'")
+            if isinstance(d, str) and not _DIM_NAME.match(d):
+                raise ValueError(f"dynamic dimension name {d!r} must be an identifier such as 'batch'")
+        return v
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, v: str) -> str:
+        if v not in DTYPES:
+            raise ValueError(f"dtype {v!r} is not one of {', '.join(DTYPES)}")
+        return v
+
+    @property
+    def dynamic_dims(self) -> dict[int, str]:
+        return {i: d for i, d in enumerate(self.shape) if isinstance(d, str)}
+
+    def describe(self) -> str:
+        return f"{self.name}:{'x'.join(str(d) for d in self.shape)}:{self.dtype}"
+
+
+def parse_input_spec(text: str) -> InputSpec:
+    """Parse ``name:1x3x224x224:float32`` (dtype optional; dims may be names such as ``batch``)."""
+    parts = text.split(":")
+    if len(parts) not in (2, 3) or not parts[0] or not parts[1]:
+        raise ConfigError(
+            f"cannot parse --input {text!r}",
+            "expected NAME:SHAPE[:DTYPE] with SHAPE like 1x3x224x224 or batchx3x224x224",
+            "for example --input image:batchx3x224x224:float32",
+        )
+    dims: list[Union[int, str]] = [int(d) if d.isdigit() else d for d in parts[1].split("x")]
+    try:
+        return InputSpec(name=parts[0], shape=dims, dtype=parts[2] if len(parts) == 3 else "float32")
+    except ValidationError as e:
+        raise ConfigError(f"invalid --input {text!r}", _first_error(e), "see 'edgeexport build --help'") from None
+
+
+class ImagePreprocess(_Strict):
+    """How a folder of images becomes model input. Stored in the manifest so the device does the same."""
+
+    size: Optional[list[int]] = None  # [H, W]; default: taken from the input shape
+    color: Literal["rgb", "bgr", "gray"] = "rgb"
+    scale: float = 1.0 / 255.0
+    mean: list[float] = Field(default_factory=lambda: [0.0])
+    std: list[float] = Field(default_factory=lambda: [1.0])
+    layout: Literal["nchw", "nhwc"] = "nchw"
+
+    @field_validator("std")
+    @classmethod
+    def _std(cls, v: list[float]) -> list[float]:
+        if any(s == 0 for s in v):
+            raise ValueError("std values must be non-zero")
+        return v
+
+
+class CalibrationConfig(_Strict):
+    path: Optional[str] = None  # .npz/.npy, an image folder, or 'synthetic:N'
+    samples: Optional[int] = Field(default=None, ge=1)  # calibration samples (default: all but the holdout, <=256)
+    holdout: Optional[int] = Field(default=None, ge=1)  # held-out validation samples (default: 20%, <=200)
+    method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    percentile: float = Field(default=99.999, gt=50.0, le=100.0)
+    seed: int = 0
+    labels: Optional[str] = None
+    preprocess: Optional[ImagePreprocess] = None
+
+
+class BenchConfig(_Strict):
+    enabled: bool = True
+    warmup: int = Field(default=5, ge=0)
+    runs: int = Field(default=50, ge=1)
+    threads: Optional[int] = Field(default=None, ge=1)
+
+
+class BuildConfig(_Strict):
+    """Everything that determines one build."""
+
+    target: str = "ort"
+    precision: str = "fp32"
+    model: str
+    inputs: list[InputSpec] = Field(default_factory=list)
+    opset: int = Field(default=18, ge=13, le=23)
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    tolerance: dict[str, float] = Field(default_factory=dict)
+    bench: BenchConfig = Field(default_factory=BenchConfig)
+    golden_samples: int = Field(default=3, ge=1, le=32)
+    out: str = "bundle"
+    force: bool = False
+    target_options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("precision")
+    @classmethod
+    def _precision(cls, v: str) -> str:
+        if v not in PRECISIONS:
+            raise ValueError(f"precision {v!r} is not one of {', '.join(PRECISIONS)}")
+        return v
+
+    @field_validator("tolerance")
+    @classmethod
+    def _tolerance(cls, v: dict[str, float]) -> dict[str, float]:
+        for k in v:
+            if k not in TOLERANCE_KEYS:
+                raise ValueError(f"unknown tolerance {k!r}; known: {', '.join(TOLERANCE_KEYS)}")
+        return v
+
+    @model_validator(mode="after")
+    def _unique_inputs(self) -> "BuildConfig":
+        names = [i.name for i in self.inputs]
+        if len(names) != len(set(names)):
+            raise ValueError(f"input names must be unique, got {names}")
+        return self
+
+    def resolved_tolerance(self) -> dict[str, float]:
+        """Per-precision defaults overlaid with the user's overrides."""
+        merged = dict(DEFAULT_TOLERANCES[self.precision])
+        merged.update(self.tolerance)
+        return merged
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def parse_tolerance(items: tuple[str, ...] | list[str]) -> dict[str, float]:
+    """Parse ``--tolerance cosine=0.995`` (repeatable, or comma-separated)."""
+    out: dict[str, float] = {}
+    for item in items:
+        for part in filter(None, item.split(",")):
+            key, sep, value = part.partition("=")
+            if not sep or key.strip() not in TOLERANCE_KEYS:
+                raise ConfigError(
+                    f"cannot parse --tolerance {part!r}",
+                    f"expected KEY=VALUE with KEY one of {', '.join(TOLERANCE_KEYS)}",
+                    "for example --tolerance cosine=0.995 --tolerance top1=0.97",
+                )
+            try:
+                out[key.strip()] = float(value)
+            except ValueError:
+                raise ConfigError(f"tolerance {key}={value!r} is not a number", "", "use e.g. cosine=0.995") from None
+    return out
+
+
+def make_config(data: dict[str, Any], source: str = "options") -> BuildConfig:
+    """Validate a dict into a BuildConfig, turning pydantic's errors into a ConfigError."""
+    try:
+        return BuildConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(f"invalid build configuration ({source})", _first_error(e), "fix the value named above") from None
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} not found", "", "pass the YAML written by 'edgeexport build --dry-run'")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {str(p)!r} is not valid YAML", str(e).splitlines()[0], "fix the YAML syntax") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(p)!r} must hold a mapping", f"found {type(data).__name__}", "")
+    return data
+
+
+def _first_error(e: ValidationError) -> str:
+    errs = e.errors()
+    parts = []
+    for err in errs[:3]:
+        loc = ".".join(str(x) for x in err["loc"]) or "config"
+        msg = err["msg"].removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}")
+    return "; ".join(parts)

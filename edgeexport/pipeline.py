@@ -1,0 +1,230 @@
+"""The one module that chains the steps: load -> resolve inputs -> calibration data -> export ONNX once ->
+target build -> validate against the reference on held-out samples -> benchmark -> bundle (atomically)."""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+
+from edgeexport.bundle.manifest import PRECISION_LABELS, golden_tolerance, now_iso, versions
+from edgeexport.bundle.writer import check_output_path, write_bundle
+from edgeexport.calibration import CalibrationSet, load_calibration
+from edgeexport.config import BuildConfig, InputSpec
+from edgeexport.errors import CalibrationError, ConfigError, ValidationFailed
+from edgeexport.report import render_markdown
+from edgeexport.source import ModelSource, load_source
+from edgeexport.targets import get_target
+from edgeexport.validate import ValidationReport, collect, compare
+
+Log = Callable[[str], None]
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+@dataclass
+class BuildResult:
+    config: BuildConfig
+    out: Optional[Path] = None
+    manifest: dict[str, Any] = field(default_factory=dict)
+    report: Optional[ValidationReport] = None
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "ok": True if self.report is None else self.report.passed,
+            "out": str(self.out) if self.out else None,
+            "target": self.config.target,
+            "precision": self.config.precision,
+            "validation": self.report.to_dict() if self.report else None,
+            "benchmark": self.manifest.get("benchmark"),
+            "calibration": self.manifest.get("calibration"),
+            "notes": self.manifest.get("notes", []),
+        }
+
+
+def resolve(config: BuildConfig, log: Log = _stderr) -> tuple[BuildConfig, ModelSource, CalibrationSet]:
+    """Check the config, load the model and data, and fill in every value the user left to defaults."""
+    target = get_target(config.target)
+    problems = target.check(config)
+    if problems:
+        raise ConfigError(
+            f"target {config.target!r} cannot build this configuration",
+            "; ".join(f"{p.field}: {p.message}" for p in problems),
+            "; ".join(p.fix for p in problems if p.fix) or "change the settings named above",
+        )
+    check_output_path(Path(config.out), config.force)
+    log(f"==> loading model {config.model}")
+    source = load_source(config.model)
+    specs = resolve_inputs(config, source)
+    log(f"    inputs: {', '.join(s.describe() for s in specs)}")
+    calib = load_calibration(config.calibration, specs)
+    summary = calib.summary()
+    if calib.data.synthetic:
+        log("WARNING: calibration and validation use SYNTHETIC random data (you asked for it with --calib synthetic:N);"
+            " the metrics say nothing about real inputs. The manifest records this.")
+    log(f"    data: {summary['source']} ({summary['total_samples']} samples: {summary['calibration_samples']} "
+        f"calibration, {summary['holdout_samples']} held out for validation, seed {summary['split_seed']})")
+    for note in calib.data.notes:
+        log(f"    note: {note}")
+    resolved = config.model_copy(update={"inputs": specs})
+    if calib.data.preprocess:
+        from edgeexport.config import ImagePreprocess
+
+        resolved.calibration = resolved.calibration.model_copy(
+            update={"preprocess": ImagePreprocess(**calib.data.preprocess)})
+    return resolved, source, calib
+
+
+def resolve_inputs(config: BuildConfig, source: ModelSource) -> list[InputSpec]:
+    if config.inputs:
+        names = source.input_names
+        if names is not None and source.kind != "onnx" and len(config.inputs) > len(names):
+            raise ConfigError(f"--input declares {len(config.inputs)} inputs but the model takes {len(names)} ({names})",
+                              "", "declare one --input per forward() argument, in order")
+        if source.kind == "onnx" and names is not None and sorted(s.name for s in config.inputs) != sorted(names):
+            raise ConfigError(f"--input names {[s.name for s in config.inputs]} do not match the ONNX inputs {names}",
+                              "", "use the ONNX model's input names")
+        return list(config.inputs)
+    if source.declared_inputs:
+        return list(source.declared_inputs)
+    return _specs_from_data(config, source)
+
+
+def _specs_from_data(config: BuildConfig, source: ModelSource) -> list[InputSpec]:
+    from edgeexport.calibration.sources import read_npy, read_npz
+
+    path = config.calibration.path or ""
+    names = source.input_names or []
+    hint = "declare the inputs with --input NAME:SHAPE:DTYPE (e.g. --input image:1x3x224x224:float32)"
+    if not names or not path.endswith((".npz", ".npy")) or not Path(path).is_file():
+        raise CalibrationError(f"cannot tell the shapes of the inputs of {config.model!r}",
+                               "the model does not carry example inputs", hint)
+    placeholder = [InputSpec(name=n, shape=[1]) for n in names]
+    raw = read_npz(Path(path), placeholder) if path.endswith(".npz") else read_npy(Path(path), placeholder)
+    if sorted(raw.arrays) != sorted(names):
+        raise CalibrationError(f"calibration arrays {sorted(raw.arrays)} do not match the model inputs {names}", "", hint)
+    return [InputSpec(name=n, shape=[1, *raw.arrays[n].shape[1:]], dtype=str(raw.arrays[n].dtype)) for n in names]
+
+
+def finalize_onnx(path: Path, specs: list[InputSpec]) -> None:
+    """Give the graph's dynamic dims the user's names (exporters invent names such as 's31')."""
+    import onnx
+
+    model = onnx.load(str(path))
+    rename: dict[str, str] = {}
+    by_name = {s.name: s for s in specs}
+    for vi in model.graph.input:
+        spec = by_name.get(vi.name)
+        if spec is None:
+            continue
+        for d, want in zip(vi.type.tensor_type.shape.dim, spec.shape):
+            if isinstance(want, str) and d.dim_param != want:
+                if d.dim_param:
+                    rename[d.dim_param] = want
+                d.dim_param = want
+    if rename:
+        for vi in list(model.graph.output) + list(model.graph.value_info):
+            for d in vi.type.tensor_type.shape.dim:
+                if d.dim_param in rename:
+                    d.dim_param = rename[d.dim_param]
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+
+
+def build(config: BuildConfig, log: Log = _stderr) -> BuildResult:
+    """Run the whole build. Raises ValidationFailed (with ``.report``) when the outputs are out of tolerance."""
+    config, source, calib = resolve(config, log)
+    target = get_target(config.target)
+    with tempfile.TemporaryDirectory(prefix="edgeexport-") as tmp:
+        workdir = Path(tmp)
+        onnx_path = workdir / "exported.onnx"
+        log(f"==> exporting ONNX (opset {config.opset}) from {source.kind}")
+        output_names = source.export_onnx(onnx_path, config.inputs, config.opset)
+        finalize_onnx(onnx_path, config.inputs)
+        log(f"==> building {config.target} / {config.precision}")
+        artifact = target.build(source, config, calib, workdir, onnx_path)
+        for note in artifact.notes:
+            log(f"    note: {note}")
+        tolerance = config.resolved_tolerance()
+        log(f"==> validating on {len(calib.holdout_idx)} held-out samples")
+        with source.reference(config.inputs, output_names) as ref, target.load(artifact, config.bench.threads) as cand:
+            refs, outs = collect(ref, cand, calib.holdout(), total=len(calib.holdout_idx))
+            report = compare(refs, outs, tolerance, calib.holdout_labels())
+            log(report.table())
+            if not report.passed:
+                err = ValidationFailed(
+                    f"validation failed: {config.target}/{config.precision} is out of tolerance on "
+                    f"{report.samples} held-out samples; no bundle was written",
+                    "; ".join(f"{c.output} {c.metric}={c.value:.4g} (limit {c.limit:g})" for c in report.failures()),
+                    "try another --calib-method or more calibration samples, a higher precision, or relax the "
+                    "limit knowingly with --tolerance KEY=VALUE",
+                )
+                err.report = report  # type: ignore[attr-defined]
+                raise err
+            bench = benchmark(config, ref, cand, calib) if config.bench.enabled else None
+            golden = [(feed, cand.infer(feed)) for feed, _ in zip(calib.holdout(), range(config.golden_samples))]
+            io = {"inputs": [t.to_dict() for t in cand.inputs], "outputs": [t.to_dict() for t in cand.outputs]}
+        io["inputs"] = [s.model_dump() for s in config.inputs]  # declared names/dims, not the runtime's view
+        manifest = make_manifest(config, source, calib, artifact, report, bench, golden, io)
+        texts = {"requirements.txt": "\n".join(target.requirements(artifact)) + "\n",
+                 "report.md": render_markdown(manifest)}
+        files = {name: artifact.root / name for name in artifact.files}
+        log(f"==> writing bundle to {config.out}")
+        out = write_bundle(Path(config.out), files, golden, manifest, texts, config.force)
+    return BuildResult(config, out, manifest, report)
+
+
+def benchmark(config: BuildConfig, ref, cand, calib: CalibrationSet) -> dict[str, Any]:
+    from edgeexport.bench import bench_runner, machine
+
+    feed = next(calib.holdout())
+    threads = config.bench.threads
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    log_runs = dict(warmup=config.bench.warmup, runs=config.bench.runs)
+    r = bench_runner(ref, feed, **log_runs)
+    c = bench_runner(cand, feed, **log_runs)
+    return {"reference": r, "built": c, "speedup_vs_reference": r["median_ms"] / max(c["median_ms"], 1e-9),
+            "feed_shapes": {k: list(v.shape) for k, v in feed.items()}, "threads": threads, "machine": machine(),
+            "note": "reference = the source model in its own framework (PyTorch eager unless the source is ONNX)"}
+
+
+def make_manifest(config: BuildConfig, source: ModelSource, calib: CalibrationSet, artifact, report: ValidationReport,
+                  bench: Optional[dict], golden: list, io: dict) -> dict[str, Any]:
+    return {
+        "schema_version": 1,
+        "created": now_iso(),
+        "target": artifact.target,
+        "precision": artifact.precision,
+        "precision_label": PRECISION_LABELS.get(artifact.precision, artifact.precision),
+        "model_file": artifact.files[0],
+        "inputs": io["inputs"],
+        "outputs": io["outputs"],
+        "runtime": artifact.runtime,
+        "versions": versions(),
+        "source": source.describe(),
+        "export": {"opset": config.opset, "exporter": "torch.onnx" if source.kind != "onnx" else "none (ONNX given)"},
+        "quantization": artifact.settings,
+        "calibration": calib.summary(),
+        "validation": report.to_dict(),
+        "benchmark": bench,
+        "golden": {"count": len(golden), "tolerance": golden_tolerance(artifact.precision, [o for _, o in golden]),
+                   "produced_by": "the built model on held-out samples"},
+        "config": config.model_dump(mode="json"),
+        "notes": list(artifact.notes) + list(calib.data.notes),
+    }
+
+
+def dry_run(config: BuildConfig, log: Log = _stderr) -> str:
+    resolved, _, _ = resolve(config, log)
+    return resolved.to_yaml()
+
+
+__all__ = ["build", "dry_run", "resolve", "BuildResult"]

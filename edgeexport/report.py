@@ -1,0 +1,88 @@
+"""Human-readable summaries of a manifest: report.md in the bundle and `edgeexport inspect`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _f(v: Any, digits: int = 4) -> str:
+    if isinstance(v, float):
+        return f"{v:.{digits}g}"
+    return "-" if v is None else str(v)
+
+
+def validation_rows(manifest: dict[str, Any]) -> list[str]:
+    val = manifest.get("validation") or {}
+    lines = ["| output | max abs | mean abs | rel err | cosine | SNR dB | top-1 |", "|---|---|---|---|---|---|---|"]
+    for name, m in (val.get("outputs") or {}).items():
+        lines.append(f"| {name} | {_f(m.get('max_abs'))} | {_f(m.get('mean_abs'))} | {_f(m.get('rel_err'))} | "
+                     f"{_f(m.get('cosine'), 6)} | {_f(m.get('snr_db'))} | {_f(m.get('top1'))} |")
+    return lines
+
+
+def render_markdown(manifest: dict[str, Any]) -> str:
+    cal = manifest.get("calibration", {})
+    val = manifest.get("validation", {})
+    lines = [
+        f"# edgeexport bundle: {manifest['target']} / {manifest['precision']}",
+        "",
+        f"- precision: {manifest.get('precision_label', manifest['precision'])}",
+        f"- model file: `{manifest['model_file']}` (source: `{manifest.get('source', {}).get('spec')}`)",
+        f"- inputs: " + ", ".join(f"`{i['name']}` {i['shape']} {i['dtype']}" for i in manifest["inputs"]),
+        f"- outputs: " + ", ".join(f"`{o['name']}` {o['shape']} {o['dtype']}" for o in manifest["outputs"]),
+        f"- calibration data: `{cal.get('source')}` ({cal.get('calibration_samples')} calibration / "
+        f"{cal.get('holdout_samples')} held-out samples, sha256 {str(cal.get('sha256'))[:16]}...)"
+        + (" **SYNTHETIC random data**" if cal.get("synthetic") else ""),
+        "",
+        f"## Validation: {'PASSED' if val.get('passed') else 'FAILED'} on {val.get('samples')} held-out samples",
+        "",
+        *validation_rows(manifest),
+        "",
+    ]
+    task = val.get("task")
+    if task:
+        lines += [f"Task accuracy ({task['samples']} labelled samples): reference {task['reference_accuracy']:.2%}, "
+                  f"built {task['accuracy']:.2%}, drop {task['drop_points']:+.2f} points.", ""]
+    lines += ["Checks:", ""] + [
+        f"- {'ok' if c['passed'] else 'FAIL'}: {c['output']} {c['metric']} = {_f(c['value'])} "
+        f"({'>=' if c['kind'] == 'min' else '<='} {_f(c['limit'])})" for c in val.get("checks", [])]
+    bench = manifest.get("benchmark")
+    if bench:
+        lines += ["", "## Latency (batch of one held-out sample)", "",
+                  "| model | median ms | p90 ms |", "|---|---|---|",
+                  f"| reference | {_f(bench['reference']['median_ms'])} | {_f(bench['reference']['p90_ms'])} |",
+                  f"| built | {_f(bench['built']['median_ms'])} | {_f(bench['built']['p90_ms'])} |",
+                  "", f"Speed-up vs reference: {bench['speedup_vs_reference']:.2f}x "
+                  f"({bench['machine'].get('cpu', bench['machine'].get('machine'))}, threads {bench.get('threads') or 'default'})."]
+    if manifest.get("notes"):
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in manifest["notes"]]
+    lines += ["", "## On the device", "", "```", "pip install -r requirements.txt", "python loader.py --selftest", "```", ""]
+    return "\n".join(lines)
+
+
+def inspect_text(manifest: dict[str, Any]) -> str:
+    files = manifest.get("files", [])
+    size = sum(f.get("size", 0) for f in files if f.get("path") == manifest.get("model_file"))
+    q = manifest.get("quantization", {})
+    lines = [
+        f"target:     {manifest['target']}",
+        f"precision:  {manifest.get('precision_label', manifest['precision'])}",
+        f"model file: {manifest['model_file']} ({size / 1024:.1f} KiB)",
+        f"created:    {manifest.get('created')} with " + ", ".join(f"{k} {v}" for k, v in manifest.get("versions", {}).items()),
+        f"runtime:    " + ", ".join(f"{k}>={v}" for k, v in manifest.get("runtime", {}).items()),
+        "inputs:",
+        *[f"  {i['name']}: {i['shape']} {i['dtype']}" for i in manifest["inputs"]],
+        "outputs:",
+        *[f"  {o['name']}: {o['shape']} {o['dtype']}" for o in manifest["outputs"]],
+        "quantization: " + (", ".join(f"{k}={v}" for k, v in q.items()) or "none"),
+    ]
+    cal = manifest.get("calibration", {})
+    lines.append(f"calibration: {cal.get('source')} ({cal.get('calibration_samples')} calib / {cal.get('holdout_samples')} "
+                 f"holdout){' SYNTHETIC' if cal.get('synthetic') else ''}")
+    lines += ["validation:", *["  " + r for r in validation_rows(manifest)]]
+    bench = manifest.get("benchmark")
+    if bench:
+        lines.append(f"latency:    built {bench['built']['median_ms']:.3f} ms vs reference "
+                     f"{bench['reference']['median_ms']:.3f} ms ({bench['speedup_vs_reference']:.2f}x)")
+    lines.append(f"files:      {len(files)} with sha256")
+    return "\n".join(lines)

@@ -1,0 +1,372 @@
+"""ModelSource: load the user's model from a spec, know its inputs, export ONNX once, act as the reference.
+
+Specs: ``pkg.module:factory``, ``path/to/file.py:factory``, TorchScript ``.pt``, ``torch.export`` ``.pt2`` or a
+ready ``.onnx``. A factory returns an ``nn.Module``, a ``(module, example_inputs)`` tuple, or a dict with keys
+``model``, ``example_inputs`` and ``inputs`` (a list of ``NAME:SHAPE:DTYPE`` strings).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import re
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from edgeexport.config import InputSpec, parse_input_spec
+from edgeexport.errors import ExportError, ModelLoadError
+from edgeexport.targets.base import Runner, TensorInfo
+from edgeexport.util import quiet as torch_quiet
+
+_TORCH_DTYPES = {"float32", "float16", "int64", "int32", "int8", "uint8", "bool"}
+
+
+def _spec_from_tensor(name: str, t: Any) -> InputSpec:
+    dtype = str(t.dtype).removeprefix("torch.")
+    if dtype not in _TORCH_DTYPES:
+        raise ModelLoadError(f"example input {name!r} has dtype {dtype}", "it is not supported for export", "")
+    return InputSpec(name=name, shape=list(t.shape), dtype=dtype)
+
+
+class ModelSource:
+    """A loaded model. Subclasses: TorchModelSource (nn.Module / TorchScript / ExportedProgram), OnnxModelSource."""
+
+    kind: str = ""
+    spec: str = ""
+    #: what the spec says about the inputs (names and maybe shapes); None = unknown until data or --input says
+    declared_inputs: Optional[list[InputSpec]] = None
+    input_names: Optional[list[str]] = None
+
+    def describe(self) -> dict[str, Any]:
+        return {"spec": self.spec, "kind": self.kind}
+
+    def export_onnx(self, path: Path, specs: list[InputSpec], opset: int) -> list[str]:  # pragma: no cover
+        """Write ONNX to ``path``; return the output names."""
+        raise NotImplementedError
+
+    def reference(self, specs: list[InputSpec], output_names: list[str]) -> Runner:  # pragma: no cover
+        raise NotImplementedError
+
+
+def load_source(spec: str) -> ModelSource:
+    if spec.endswith(".onnx"):
+        return OnnxModelSource(spec)
+    if spec.endswith((".pt", ".pth", ".torchscript")):
+        return TorchScriptSource(spec)
+    if spec.endswith(".pt2"):
+        return ExportedProgramSource(spec)
+    if ":" in spec:
+        return FactorySource(spec)
+    raise ModelLoadError(
+        f"cannot understand model spec {spec!r}",
+        "a spec is pkg.module:factory, path/to/file.py:factory, a TorchScript .pt, a torch.export .pt2, or an .onnx",
+        "for example --model mypkg.models:build or --model model.py:make_model",
+    )
+
+
+class TorchModelSource(ModelSource):
+    module: Any
+    example_inputs: Optional[tuple] = None
+
+    def reference(self, specs: list[InputSpec], output_names: list[str]) -> Runner:
+        from edgeexport.targets.torch_ref import TorchRunner
+
+        return TorchRunner(self.module, [TensorInfo(s.name, s.shape, s.dtype) for s in specs], output_names)
+
+    def export_args(self, specs: list[InputSpec]) -> tuple:
+        """Example tensors for export: named dynamic dims of size 1 are widened to 2 so they stay dynamic."""
+        import torch
+
+        args = []
+        examples = list(self.example_inputs) if self.example_inputs is not None else [None] * len(specs)
+        for spec, ex in zip(specs, examples):
+            if ex is None:
+                shape = [d if isinstance(d, int) else 2 for d in spec.shape]
+                ex = torch.zeros(shape, dtype=getattr(torch, spec.dtype))
+            for axis in spec.dynamic_dims:
+                if ex.shape[axis] == 1:
+                    ex = torch.cat([ex, ex], dim=axis)
+            args.append(ex)
+        return tuple(args)
+
+    def output_names(self, specs: list[InputSpec]) -> list[str]:
+        from edgeexport.targets.torch_ref import output_names_for
+
+        with torch_quiet():
+            import torch
+
+            with torch.inference_mode():
+                try:
+                    out = self.module(*self.export_args(specs))
+                except Exception as e:
+                    raise ModelLoadError(
+                        f"the model's forward raised {type(e).__name__} on example inputs "
+                        f"{[s.describe() for s in specs]}",
+                        _short(e),
+                        "check the input shapes/dtypes (--input NAME:SHAPE:DTYPE) or the model code",
+                    ) from None
+        return output_names_for(out)
+
+    def export_onnx(self, path: Path, specs: list[InputSpec], opset: int) -> list[str]:
+        import torch
+
+        names = self.output_names(specs)
+        dynamic = tuple(spec.dynamic_dims or None for spec in specs)
+        with torch_quiet() as log:
+            try:
+                torch.onnx.export(
+                    self.module,
+                    self.export_args(specs),
+                    str(path),
+                    input_names=[s.name for s in specs],
+                    output_names=names,
+                    opset_version=opset,
+                    dynamo=True,
+                    external_data=False,
+                    dynamic_shapes=dynamic if any(dynamic) else None,
+                    verbose=False,
+                )
+            except Exception as e:
+                raise export_error(e, log.getvalue()) from None
+        return names
+
+
+def export_error(e: Exception, log: str) -> ExportError:
+    text = f"{e}\n{log}"
+    ops = sorted(set(re.findall(r"\b(?:aten|prim|[a-z_][a-z0-9_]*)(?:::|\.)[a-z_][a-z0-9_]*(?:\.default|\.Tensor)?\b", text)))
+    ops = [o for o in ops if "::" in o or o.endswith((".default", ".Tensor"))][:5]
+    nodes = sorted(set(re.findall(r"node[ :'\"]+([A-Za-z_][A-Za-z0-9_]*)", text)))[:5]
+    constraint = "Constraints violated" in text or "specialized" in text.lower()
+    why = _short(e)
+    if ops:
+        why = f"operator(s) {', '.join(ops)} could not be converted" + (f" (node {', '.join(nodes)})" if nodes else "") + f": {why}"
+    fix = "rewrite that part of the model with standard ops, register an ONNX translation, or export a different opset (--opset)"
+    if constraint:
+        fix = "the model fixes a dimension you declared dynamic; declare it with a number in --input, or make the code shape-agnostic"
+    return ExportError("PyTorch -> ONNX export failed", why, fix)
+
+
+def _short(e: BaseException, limit: int = 600) -> str:
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip() or type(e).__name__
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+class FactorySource(TorchModelSource):
+    kind = "factory"
+
+    def __init__(self, spec: str) -> None:
+        self.spec = spec
+        target, _, attr = spec.rpartition(":")
+        if not target or not attr:
+            raise ModelLoadError(f"model spec {spec!r} has no factory name", "", "use module:function or file.py:function")
+        fn = _resolve_callable(target, attr, spec)
+        try:
+            with torch_quiet():
+                result = fn()
+        except Exception as e:
+            raise ModelLoadError(f"the model factory {spec!r} raised {type(e).__name__}", _short(e),
+                                 "fix the factory; it must return an nn.Module") from None
+        self._take(result, spec)
+
+    def _take(self, result: Any, spec: str) -> None:
+        import torch
+
+        example = None
+        declared = None
+        if isinstance(result, dict):
+            if "model" not in result:
+                raise ModelLoadError(f"factory {spec!r} returned a dict without a 'model' key", "", "return {'model': m, ...}")
+            module, example, declared = result["model"], result.get("example_inputs"), result.get("inputs")
+        elif isinstance(result, tuple) and len(result) == 2:
+            module, example = result
+        else:
+            module = result
+        if not isinstance(module, torch.nn.Module):
+            raise ModelLoadError(
+                f"factory {spec!r} returned {type(module).__name__}, not a torch.nn.Module",
+                "",
+                "return an nn.Module, (module, example_inputs) or {'model': module, 'example_inputs': ...}",
+            )
+        self.module = module.eval()
+        params = [p for p in inspect.signature(module.forward).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        self.input_names = [p.name for p in params]
+        if isinstance(example, dict):
+            self.input_names = list(example)
+            example = tuple(example.values())
+        elif isinstance(example, torch.Tensor):
+            example = (example,)
+        if example is not None:
+            example = tuple(example)
+            if self.input_names and len(self.input_names) >= len(example):
+                self.input_names = self.input_names[: len(example)]
+            else:
+                self.input_names = [f"input_{i}" for i in range(len(example))]
+            self.example_inputs = example
+            self.declared_inputs = [_spec_from_tensor(n, t) for n, t in zip(self.input_names, example)]
+        if declared:
+            self.declared_inputs = [parse_input_spec(s) if isinstance(s, str) else InputSpec(**s) for s in declared]
+            self.input_names = [s.name for s in self.declared_inputs]
+
+
+def _resolve_callable(target: str, attr: str, spec: str):
+    if target.endswith(".py"):
+        path = Path(target)
+        if not path.is_file():
+            raise ModelLoadError(f"model file {target!r} not found", "", "check the path before ':'")
+        mod_name = f"_edgeexport_user_{abs(hash(str(path.resolve())))}"
+        sys.path.insert(0, str(path.resolve().parent))
+        try:
+            modspec = importlib.util.spec_from_file_location(mod_name, path)
+            assert modspec and modspec.loader
+            module = importlib.util.module_from_spec(modspec)
+            sys.modules[mod_name] = module
+            with torch_quiet():
+                modspec.loader.exec_module(module)
+        except Exception as e:
+            raise ModelLoadError(f"importing {target!r} raised {type(e).__name__}", _short(e), "fix the file") from None
+        finally:
+            sys.path.remove(str(path.resolve().parent))
+    else:
+        try:
+            with torch_quiet():
+                module = importlib.import_module(target)
+        except ModuleNotFoundError as e:
+            raise ModelLoadError(f"cannot import module {target!r} for model spec {spec!r}", str(e),
+                                 "install the package, or use path/to/file.py:factory") from None
+        except Exception as e:
+            raise ModelLoadError(f"importing {target!r} raised {type(e).__name__}", _short(e), "fix the module") from None
+    fn = getattr(module, attr, None)
+    if fn is None or not callable(fn):
+        available = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))[:10]
+        raise ModelLoadError(f"{target!r} has no callable {attr!r}", f"callables there: {', '.join(available) or 'none'}",
+                             "name the factory function after ':'")
+    return fn
+
+
+class TorchScriptSource(TorchModelSource):
+    kind = "torchscript"
+
+    def __init__(self, spec: str) -> None:
+        import torch
+
+        self.spec = spec
+        if not Path(spec).is_file():
+            raise ModelLoadError(f"model file {spec!r} not found", "", "check the --model path")
+        try:
+            self.module = torch.jit.load(spec, map_location="cpu").eval()
+        except Exception as e:
+            raise ModelLoadError(
+                f"{spec!r} is not a TorchScript archive", _short(e, 200),
+                "a .pt must be saved with torch.jit.save; for a state_dict, use a factory (file.py:factory) that loads it",
+            ) from None
+        try:
+            args = self.module.forward.schema.arguments[1:]
+            self.input_names = [a.name for a in args]
+        except Exception:  # pragma: no cover - scripted modules always carry a schema
+            self.input_names = None
+
+    def export_onnx(self, path: Path, specs: list[InputSpec], opset: int) -> list[str]:
+        import torch
+
+        names = self.output_names(specs)
+        axes = {s.name: {i: d for i, d in s.dynamic_dims.items()} for s in specs if s.dynamic_dims}
+        with torch_quiet() as log:
+            try:
+                torch.onnx.export(self.module, self.export_args(specs), str(path), input_names=[s.name for s in specs],
+                                  output_names=names, opset_version=opset, dynamo=False, dynamic_axes=axes or None)
+            except Exception as e:
+                raise export_error(e, log.getvalue()) from None
+        return names
+
+
+class ExportedProgramSource(TorchModelSource):
+    kind = "exported_program"
+
+    def __init__(self, spec: str) -> None:
+        import torch
+
+        self.spec = spec
+        if not Path(spec).is_file():
+            raise ModelLoadError(f"model file {spec!r} not found", "", "check the --model path")
+        try:
+            with torch_quiet():
+                self.program = torch.export.load(spec)
+        except Exception as e:
+            raise ModelLoadError(f"{spec!r} is not a torch.export archive", _short(e, 200),
+                                 "save it with torch.export.save(torch.export.export(model, args), path)") from None
+        self.module = self.program.module()
+        self.input_names = list(self.program.graph_signature.user_inputs)
+        ex = getattr(self.program, "example_inputs", None)
+        if ex and ex[0] and not ex[1]:
+            self.example_inputs = tuple(ex[0])
+            self.declared_inputs = [_spec_from_tensor(n, t) for n, t in zip(self.input_names, ex[0])]
+
+    def export_onnx(self, path: Path, specs: list[InputSpec], opset: int) -> list[str]:
+        import torch
+
+        names = self.output_names(specs)
+        with torch_quiet() as log:
+            try:
+                torch.onnx.export(self.program, self.export_args(specs), str(path), input_names=[s.name for s in specs],
+                                  output_names=names, opset_version=opset, dynamo=True, external_data=False)
+            except Exception as e:
+                raise export_error(e, log.getvalue()) from None
+        return names
+
+
+class OnnxModelSource(ModelSource):
+    kind = "onnx"
+
+    def __init__(self, spec: str) -> None:
+        import onnx
+
+        self.spec = spec
+        if not Path(spec).is_file():
+            raise ModelLoadError(f"model file {spec!r} not found", "", "check the --model path")
+        try:
+            self.model = onnx.load(spec, load_external_data=True)
+            onnx.checker.check_model(self.model)
+        except Exception as e:
+            raise ModelLoadError(f"{spec!r} is not a valid ONNX model", _short(e, 300),
+                                 "re-export it, or pass the PyTorch model instead") from None
+        inits = {i.name for i in self.model.graph.initializer}
+        self.declared_inputs = []
+        for vi in self.model.graph.input:
+            if vi.name in inits:
+                continue
+            self.declared_inputs.append(onnx_input_spec(vi))
+        self.input_names = [s.name for s in self.declared_inputs]
+        self._outputs = [o.name for o in self.model.graph.output]
+
+    def export_onnx(self, path: Path, specs: list[InputSpec], opset: int) -> list[str]:
+        import shutil
+
+        shutil.copyfile(self.spec, path)
+        return list(self._outputs)
+
+    def reference(self, specs: list[InputSpec], output_names: list[str]) -> Runner:
+        from edgeexport.targets.onnxruntime import OrtRunner
+
+        return OrtRunner(self.spec)
+
+
+def onnx_input_spec(vi) -> InputSpec:
+    from onnx import helper
+
+    t = vi.type.tensor_type
+    dtype = str(helper.tensor_dtype_to_np_dtype(t.elem_type))
+    shape: list[Any] = []
+    for i, d in enumerate(t.shape.dim):
+        if d.HasField("dim_value") and d.dim_value > 0:
+            shape.append(int(d.dim_value))
+        else:
+            name = re.sub(r"[^A-Za-z0-9_]", "_", d.dim_param) if d.dim_param else f"{vi.name}_dim{i}"
+            shape.append(name if re.match(r"^[A-Za-z_]", name) else f"d_{name}")
+    return InputSpec(name=vi.name, shape=shape, dtype=dtype)
+

@@ -1,0 +1,164 @@
+"""Comparator and ValidationReport: the built model against the reference, on held-out samples.
+
+Every output's metrics are collected before any decision. The report passes only if every checked metric is
+within tolerance; it prints as a table and serializes to JSON.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Optional
+
+import numpy as np
+
+from edgeexport.targets.base import Runner
+from edgeexport.util import progress
+
+_EPS = 1e-12
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> float:
+    na, nb = np.linalg.norm(a), np.linalg.norm(b)
+    if na < _EPS and nb < _EPS:
+        return 1.0
+    if na < _EPS or nb < _EPS:
+        return 0.0
+    return float(np.dot(a, b) / (na * nb))
+
+
+def is_classifier_like(ref: np.ndarray) -> bool:
+    """[batch, classes] float logits/probabilities with at least 2 classes."""
+    return ref.ndim == 2 and ref.shape[1] >= 2 and ref.dtype.kind == "f"
+
+
+def output_metrics(refs: list[np.ndarray], outs: list[np.ndarray]) -> dict[str, Any]:
+    """Metrics for one output over all samples (each list item is one sample's output)."""
+    ref = np.concatenate([r.reshape(r.shape[0] if r.ndim else 1, -1) for r in refs]).astype(np.float64)
+    out = np.concatenate([o.reshape(o.shape[0] if o.ndim else 1, -1) for o in outs]).astype(np.float64)
+    diff = out - ref
+    cos = [_cos(r, o) for r, o in zip(ref, out)]
+    signal = float(np.sum(ref * ref))
+    noise = float(np.sum(diff * diff))
+    snr = 200.0 if noise <= _EPS * max(signal, 1.0) else (10 * np.log10(max(signal, _EPS) / noise))
+    m: dict[str, Any] = {
+        "max_abs": float(np.max(np.abs(diff))) if diff.size else 0.0,
+        "mean_abs": float(np.mean(np.abs(diff))) if diff.size else 0.0,
+        "rel_err": float(np.sqrt(noise) / max(np.sqrt(signal), _EPS)),
+        "cosine": float(np.mean(cos)),
+        "cosine_min": float(np.min(cos)),
+        "snr_db": float(min(snr, 200.0)),
+        "samples": len(refs),
+    }
+    if all(is_classifier_like(r) for r in refs):
+        ref_top = np.concatenate([r.argmax(-1) for r in refs])
+        out_top = np.concatenate([o.argmax(-1) for o in outs])
+        m["top1"] = float(np.mean(ref_top == out_top))
+        if refs[0].shape[1] >= 5:
+            ref_top5 = np.concatenate([np.argsort(-r, axis=-1)[:, :5] for r in refs])
+            m["top5_contains_ref_top1"] = float(np.mean([t in row for t, row in zip(
+                out_top, ref_top5)]))
+    return m
+
+
+@dataclass
+class Check:
+    output: str
+    metric: str
+    value: float
+    limit: float
+    kind: str  # "min" or "max"
+
+    @property
+    def passed(self) -> bool:
+        return self.value >= self.limit if self.kind == "min" else self.value <= self.limit
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"output": self.output, "metric": self.metric, "value": self.value, "limit": self.limit,
+                "kind": self.kind, "passed": self.passed}
+
+
+@dataclass
+class ValidationReport:
+    outputs: dict[str, dict[str, Any]]
+    tolerance: dict[str, float]
+    checks: list[Check] = field(default_factory=list)
+    task: Optional[dict[str, Any]] = None
+    samples: int = 0
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+    def failures(self) -> list[Check]:
+        return [c for c in self.checks if not c.passed]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"passed": self.passed, "samples": self.samples, "tolerance": self.tolerance,
+                "outputs": self.outputs, "task": self.task, "checks": [c.to_dict() for c in self.checks]}
+
+    def table(self) -> str:
+        cols = ["output", "max_abs", "mean_abs", "rel_err", "cosine", "snr_db", "top1"]
+        rows = [cols]
+        for name, m in self.outputs.items():
+            rows.append([name] + [_fmt(m.get(c)) for c in cols[1:]])
+        widths = [max(len(r[i]) for r in rows) for i in range(len(cols))]
+        lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        if self.task:
+            lines.append(f"task accuracy on {self.task['samples']} labelled holdout samples: reference "
+                         f"{self.task['reference_accuracy']:.2%}, built {self.task['accuracy']:.2%} "
+                         f"(drop {self.task['drop_points']:+.2f} points)")
+        for c in self.checks:
+            op = ">=" if c.kind == "min" else "<="
+            lines.append(f"  [{'ok' if c.passed else 'FAIL'}] {c.output}: {c.metric} = {_fmt(c.value)} (needs {op} {_fmt(c.limit)})")
+        return "\n".join(lines)
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e5):
+            return f"{v:.2e}"
+        return f"{v:.4f}"
+    return str(v)
+
+
+def collect(reference: Runner, candidate: Runner, feeds: Iterable[dict[str, np.ndarray]],
+            total: Optional[int] = None) -> tuple[dict[str, list[np.ndarray]], dict[str, list[np.ndarray]]]:
+    refs: dict[str, list[np.ndarray]] = {}
+    outs: dict[str, list[np.ndarray]] = {}
+    for feed in progress(feeds, "validating", total=total):
+        r = reference.infer(feed)
+        o = candidate.infer(feed)
+        for name, value in r.items():
+            refs.setdefault(name, []).append(np.asarray(value))
+            outs.setdefault(name, []).append(np.asarray(o[name]))
+    return refs, outs
+
+
+def compare(refs: dict[str, list[np.ndarray]], outs: dict[str, list[np.ndarray]], tolerance: dict[str, float],
+            labels: Optional[np.ndarray] = None) -> ValidationReport:
+    """Compute every output's metrics, then check them against ``tolerance``."""
+    metrics = {name: output_metrics(refs[name], outs[name]) for name in refs}
+    report = ValidationReport(metrics, dict(tolerance), samples=len(next(iter(refs.values()), [])))
+    for name, m in metrics.items():
+        for key, kind in (("cosine", "min"), ("snr_db", "min"), ("top1", "min"), ("max_abs", "max")):
+            if key in tolerance and key in m:
+                report.checks.append(Check(name, key, m[key], tolerance[key], kind))
+    first = next(iter(refs), None)
+    if labels is not None and first is not None and "top1" in metrics[first]:
+        ref_pred = np.concatenate([r.argmax(-1) for r in refs[first]])
+        out_pred = np.concatenate([o.argmax(-1) for o in outs[first]])
+        if len(ref_pred) == len(labels):
+            ref_acc = float(np.mean(ref_pred == labels))
+            acc = float(np.mean(out_pred == labels))
+            report.task = {"metric": "accuracy", "output": first, "samples": int(len(labels)),
+                           "reference_accuracy": ref_acc, "accuracy": acc, "drop_points": (ref_acc - acc) * 100}
+            if "accuracy_drop" in tolerance:
+                report.checks.append(Check(first, "accuracy_drop", report.task["drop_points"],
+                                           tolerance["accuracy_drop"], "max"))
+    return report

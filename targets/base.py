@@ -1,0 +1,148 @@
+"""The Target and Runner interfaces every backend implements.
+
+A Target checks a config (every rule about its format lives in its own module), builds an Artifact from the
+exported ONNX, and loads an Artifact into a Runner. Runners share one contract so validation and benchmarking treat
+every backend alike: public methods check inputs, ``_impl`` methods do the work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping, Optional
+
+import numpy as np
+
+from edgeexport.errors import CalibrationError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from edgeexport.calibration import CalibrationSet
+    from edgeexport.config import BuildConfig
+    from edgeexport.source import ModelSource
+
+
+@dataclass
+class Problem:
+    """A reason a config cannot be built by a target. ``field`` names the offending setting."""
+
+    field: str
+    message: str
+    fix: str = ""
+
+
+@dataclass
+class TensorInfo:
+    name: str
+    shape: list  # ints, or str for named dynamic dims, or None for unknown
+    dtype: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+
+@dataclass
+class Artifact:
+    """What a target produced: files in ``root`` plus everything the manifest should say about them."""
+
+    target: str
+    precision: str
+    root: Path
+    files: list[str]  # relative to root; files[0] is the model file the runtime loads
+    settings: dict[str, Any] = field(default_factory=dict)  # quantization / conversion settings, resolved
+    runtime: dict[str, str] = field(default_factory=dict)  # runtime package -> version needed on the device
+    notes: list[str] = field(default_factory=list)  # things the user should know (fallbacks, rewrites)
+
+    @property
+    def model_path(self) -> Path:
+        return self.root / self.files[0]
+
+
+class Runner:
+    """Runs a model. Use as a context manager; call :meth:`infer` with a dict of numpy arrays."""
+
+    inputs: list[TensorInfo]
+    outputs: list[TensorInfo]
+
+    def __enter__(self) -> "Runner":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release runtime resources."""
+
+    def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        check_feeds(self.inputs, feeds)
+        return self._infer_impl(feeds)
+
+    def _infer_impl(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:  # pragma: no cover
+        raise NotImplementedError
+
+
+def check_feeds(inputs: list[TensorInfo], feeds: Mapping[str, np.ndarray]) -> None:
+    """Raise a CalibrationError naming exactly which input has the wrong name, rank, shape or dtype."""
+    expected = {i.name: i for i in inputs}
+    missing = sorted(set(expected) - set(feeds))
+    extra = sorted(set(feeds) - set(expected))
+    if missing or extra:
+        raise CalibrationError(
+            "input names do not match the model",
+            f"model inputs are {sorted(expected)}; got {sorted(feeds)}"
+            + (f" (missing {missing})" if missing else "")
+            + (f" (unexpected {extra})" if extra else ""),
+            "name the arrays after the model's inputs (see 'edgeexport inspect' or --input)",
+        )
+    for name, info in expected.items():
+        arr = feeds[name]
+        if not isinstance(arr, np.ndarray):
+            raise CalibrationError(f"input {name!r} is a {type(arr).__name__}, not a numpy array", "", "pass numpy arrays")
+        if str(arr.dtype) != info.dtype:
+            raise CalibrationError(
+                f"input {name!r} has dtype {arr.dtype}, the model expects {info.dtype}",
+                "dtypes are not converted silently",
+                f"cast it with arr.astype(np.{info.dtype})",
+            )
+        if len(arr.shape) != len(info.shape) or any(
+            isinstance(d, int) and d != s for d, s in zip(info.shape, arr.shape)
+        ):
+            raise CalibrationError(
+                f"input {name!r} has shape {list(arr.shape)}, the model expects {info.shape}",
+                "named dimensions may vary; numbered ones must match",
+                "reshape the data, or declare the input with --input NAME:SHAPE:DTYPE",
+            )
+
+
+class Target:
+    """Base class for a backend. Subclasses live in ``targets/<name>.py`` and never import each other."""
+
+    name: str = ""
+    extra: str = ""  # pip extra that brings its runtime, '' for core
+    precisions: tuple[str, ...] = ()
+    description: str = ""
+
+    def check(self, config: "BuildConfig") -> list[Problem]:
+        problems = []
+        if config.precision not in self.precisions:
+            problems.append(
+                Problem(
+                    "precision",
+                    f"target {self.name!r} does not support precision {config.precision!r}",
+                    f"use one of {', '.join(self.precisions)}",
+                )
+            )
+        return problems
+
+    def build(
+        self, source: "ModelSource", config: "BuildConfig", calibration: "CalibrationSet", workdir: Path,
+        onnx_path: Path,
+    ) -> Artifact:  # pragma: no cover
+        """Build from the ONNX the pipeline exported once (``onnx_path``); write only under ``workdir``."""
+        raise NotImplementedError
+
+    def load(self, artifact: Artifact, threads: Optional[int] = None) -> Runner:  # pragma: no cover
+        raise NotImplementedError
+
+    def requirements(self, artifact: Artifact) -> list[str]:
+        """Lines of requirements.txt for the device."""
+        return ["numpy"]
