@@ -50,6 +50,11 @@ def read_source(cfg: CalibrationConfig, specs: list[InputSpec]) -> RawData:
 
 
 def _np_load(path: Path):
+    with open(path, "rb") as f:
+        magic = f.read(6)
+    if not (magic.startswith(b"PK\x03\x04") or magic == b"\x93NUMPY"):
+        raise CalibrationError(f"{str(path)!r} is not a numpy .npy/.npz file", "its first bytes are not numpy's",
+                               "save the data with np.savez / np.save")
     try:
         return np.load(path, allow_pickle=False)
     except ValueError as e:

@@ -108,12 +108,14 @@ def quantize_dynamic(src: Path, dst: Path, opts: dict[str, Any]) -> dict[str, An
     with quiet() as log:
         try:
             ort_quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=opts["per_channel"],
+                                 reduce_range=opts["reduce_range"],
                                  op_types_to_quantize=opts["op_types"], nodes_to_exclude=opts["exclude_nodes"])
         except Exception as e:
             raise TargetError("ONNX Runtime dynamic quantization failed", f"{type(e).__name__}: {e}",
                               "try --precision int8 (static) or exclude the failing op types") from None
     return {"quantization": "dynamic", "weight_type": "int8", "activations": "quantized at run time (uint8)",
-            "per_channel": opts["per_channel"], "op_types": opts["op_types"] or "ORT default",
+            "per_channel": opts["per_channel"], "reduce_range": opts["reduce_range"],
+            "op_types": opts["op_types"] or "ORT default",
             "exclude_nodes": opts["exclude_nodes"]}
 
 

@@ -92,7 +92,8 @@ def verify(root, manifest=None):
         if not path.is_file():
             raise BundleError(f"bundle file {rel} is missing")
         if "size" in entry and path.stat().st_size != entry["size"]:
-            raise BundleError(f"bundle file {rel} has {path.stat().st_size} bytes, the manifest says {entry['size']}")
+            raise BundleError(f"checksum mismatch for {rel}: it has {path.stat().st_size} bytes, the manifest says "
+                              f"{entry['size']}; the file was modified or corrupted after the build")
         if _sha256(path) != digest:
             raise BundleError(f"checksum mismatch for {rel}: the file was modified or corrupted after the build")
     if manifest["model_file"] not in listed:

@@ -10,6 +10,7 @@ labels, for calibration and held-out validation.
 from __future__ import annotations
 
 import argparse
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +53,7 @@ def make_net():
     return DigitsCNN()
 
 
+@functools.lru_cache(maxsize=2)
 def train(epochs: int = 12, seed: int = SEED):
     import torch
     import torch.nn.functional as F

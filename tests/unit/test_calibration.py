@@ -1,0 +1,140 @@
+import numpy as np
+import pytest
+
+from edgeexport.calibration import load_calibration, split
+from edgeexport.config import CalibrationConfig, ImagePreprocess, InputSpec
+from edgeexport.errors import CalibrationError
+
+SPEC = [InputSpec(name="x", shape=[1, 4])]
+
+
+def _npz(tmp_path, name="d.npz", **arrays):
+    path = tmp_path / name
+    np.savez(path, **arrays)
+    return str(path)
+
+
+def test_split_is_deterministic_disjoint_and_sized():
+    cfg = CalibrationConfig(samples=30, holdout=10, seed=3)
+    a_cal, a_hold = split(100, cfg)
+    b_cal, b_hold = split(100, cfg)
+    assert (a_cal == b_cal).all() and (a_hold == b_hold).all()
+    assert len(a_cal) == 30 and len(a_hold) == 10 and not set(a_cal) & set(a_hold)
+    c_cal, _ = split(100, CalibrationConfig(samples=30, holdout=10, seed=4))
+    assert not (c_cal == a_cal).all()
+    d_cal, d_hold = split(1000, CalibrationConfig())
+    assert len(d_hold) == 200 and len(d_cal) == 256
+
+
+def test_fewer_samples_than_asked_for(tmp_path):
+    with pytest.raises(CalibrationError, match="asked for 90 calibration samples but only 80"):
+        split(100, CalibrationConfig(samples=90, holdout=20))
+    with pytest.raises(CalibrationError, match="at least 2"):
+        split(1, CalibrationConfig())
+    with pytest.raises(CalibrationError, match="leaves no calibration samples"):
+        split(10, CalibrationConfig(holdout=10))
+
+
+def test_holdout_never_reaches_calibration(tmp_path):
+    x = np.arange(50 * 4, dtype=np.float32).reshape(50, 4)
+    cs = load_calibration(CalibrationConfig(path=_npz(tmp_path, x=x), holdout=10), SPEC)
+    cal_rows = {tuple(f["x"][0]) for f in cs.calibration()}
+    hold_rows = {tuple(f["x"][0]) for f in cs.holdout()}
+    assert len(cal_rows) == 40 and len(hold_rows) == 10 and not cal_rows & hold_rows
+    assert next(cs.calibration())["x"].shape == (1, 4)
+    assert cs.summary()["sha256"] == load_calibration(CalibrationConfig(path=_npz(tmp_path, "e.npz", x=x)), SPEC).sha256
+
+
+@pytest.mark.parametrize("arrays,match", [
+    ({"y": np.zeros((5, 4), np.float32)}, "do not match the model inputs"),
+    ({"x": np.zeros((5, 3), np.float32)}, "dimension 1 is 3 but the model needs 4"),
+    ({"x": np.zeros((5,), np.float32)}, "expected rank"),
+    ({"x": np.zeros((5, 4), np.complex64)}, "not done silently"),
+    ({"x": np.array([[0, 0, 0, np.nan]] * 5, np.float32)}, "NaN or Inf in 5 sample"),
+    ({"x": np.array([[0, 0, 0, np.inf]] + [[0, 0, 0, 0]] * 4, np.float32)}, "first at index 0"),
+])
+def test_mismatched_data_is_refused(tmp_path, arrays, match):
+    with pytest.raises(CalibrationError, match=match):
+        load_calibration(CalibrationConfig(path=_npz(tmp_path, **arrays)), SPEC)
+
+
+def test_float64_is_cast_and_recorded(tmp_path):
+    cs = load_calibration(CalibrationConfig(path=_npz(tmp_path, x=np.zeros((5, 4)))), SPEC)
+    assert next(cs.holdout())["x"].dtype == np.float32
+    assert any("float64 -> float32" in n for n in cs.summary()["notes"])
+
+
+def test_labels_from_npz_and_count_check(tmp_path):
+    x = np.zeros((6, 4), np.float32)
+    cs = load_calibration(CalibrationConfig(path=_npz(tmp_path, x=x, labels=np.arange(6)), holdout=2), SPEC)
+    assert cs.holdout_labels() is not None and len(cs.holdout_labels()) == 2
+    with pytest.raises(CalibrationError, match="5 labels for 6 samples"):
+        load_calibration(CalibrationConfig(path=_npz(tmp_path, "f.npz", x=x, labels=np.arange(5))), SPEC)
+
+
+def test_pickled_data_is_never_loaded(tmp_path):
+    path = tmp_path / "p.npy"
+    np.save(path, np.array([{"a": 1}] * 3, dtype=object), allow_pickle=True)
+    with pytest.raises(CalibrationError, match="never unpickles"):
+        load_calibration(CalibrationConfig(path=str(path)), SPEC)
+
+
+def test_garbage_and_missing_files(tmp_path):
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"this is not a zip file")
+    with pytest.raises(CalibrationError, match="not a numpy"):
+        load_calibration(CalibrationConfig(path=str(bad)), SPEC)
+    with pytest.raises(CalibrationError, match="does not exist"):
+        load_calibration(CalibrationConfig(path=str(tmp_path / "nope.npz")), SPEC)
+    with pytest.raises(CalibrationError, match="unsupported file type"):
+        (tmp_path / "d.csv").write_text("1,2")
+        load_calibration(CalibrationConfig(path=str(tmp_path / "d.csv")), SPEC)
+
+
+def test_no_data_is_an_error_not_random_data():
+    with pytest.raises(CalibrationError) as e:
+        load_calibration(CalibrationConfig(), SPEC)
+    assert "synthetic" in e.value.fix
+
+
+def test_synthetic_only_when_asked_and_flagged():
+    cs = load_calibration(CalibrationConfig(path="synthetic:20"), SPEC)
+    summary = cs.summary()
+    assert summary["synthetic"] is True and summary["total_samples"] == 20
+    assert any("SYNTHETIC" in n for n in summary["notes"])
+
+
+def _write_digit_pngs(folder, n=12, mode="L"):
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    folder.mkdir()
+    for i, img in enumerate(load_digits().images[:n]):
+        Image.fromarray((img * 16).astype(np.uint8)).convert(mode).save(folder / f"{i:02d}.png")
+
+
+def test_image_folder_with_preprocessing(tmp_path):
+    _write_digit_pngs(tmp_path / "imgs")
+    spec = [InputSpec(name="image", shape=[1, 1, 8, 8])]
+    pre = ImagePreprocess(color="gray", scale=1 / 256, mean=[0.5], std=[0.5])
+    cs = load_calibration(CalibrationConfig(path=str(tmp_path / "imgs"), preprocess=pre, holdout=2), spec)
+    x = next(cs.holdout())["image"]
+    assert x.shape == (1, 1, 8, 8) and x.dtype == np.float32 and -1.0 <= x.min() and x.max() <= 1.0
+    assert cs.summary()["preprocess"]["size"] == [8, 8] and cs.summary()["kind"] == "images"
+    # NHWC RGB at another size
+    spec3 = [InputSpec(name="image", shape=[1, 16, 16, 3])]
+    cs3 = load_calibration(CalibrationConfig(path=str(tmp_path / "imgs"), preprocess=ImagePreprocess(layout="nhwc")), spec3)
+    assert next(cs3.calibration())["image"].shape == (1, 16, 16, 3)
+
+
+def test_image_folder_errors(tmp_path):
+    spec = [InputSpec(name="image", shape=[1, 1, 8, 8])]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CalibrationError, match="no images found"):
+        load_calibration(CalibrationConfig(path=str(tmp_path / "empty"), preprocess=ImagePreprocess(color="gray")), spec)
+    _write_digit_pngs(tmp_path / "imgs", n=3)
+    (tmp_path / "imgs" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    with pytest.raises(CalibrationError, match="cannot decode image .*broken.png"):
+        load_calibration(CalibrationConfig(path=str(tmp_path / "imgs"), preprocess=ImagePreprocess(color="gray")), spec)
+    with pytest.raises(CalibrationError, match="channel"):
+        load_calibration(CalibrationConfig(path=str(tmp_path / "imgs")), spec)  # rgb into a 1-channel input

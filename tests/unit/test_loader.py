@@ -1,0 +1,146 @@
+"""The bundle loader as a device runs it: verify before load, refuse tampering and escapes, check inputs."""
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from edgeexport.bundle import loader
+
+
+@pytest.fixture
+def bundle(tiny_bundle, tmp_path):
+    dst = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, dst)
+    return dst
+
+
+def _edit_manifest(bundle, fn):
+    path = bundle / "manifest.json"
+    m = json.loads(path.read_text())
+    fn(m)
+    path.write_text(json.dumps(m))
+
+
+def _rehash(bundle, rel):
+    def fix(m):
+        for f in m["files"]:
+            if f["path"] == rel:
+                data = (bundle / rel).read_bytes()
+                f["sha256"], f["size"] = hashlib.sha256(data).hexdigest(), len(data)
+    _edit_manifest(bundle, fix)
+
+
+def test_load_run_and_selftest(bundle):
+    model = loader.load(bundle)
+    x = np.random.default_rng(0).standard_normal((1, 6)).astype(np.float32)
+    out = model({"x": x})
+    assert set(out) == {"output"} and out["output"].shape == (1, 4)
+    np.testing.assert_array_equal(model(x)["output"], out["output"])  # single array for one-input models
+    assert model.selftest(verbose=False)
+
+
+def test_bundle_layout(bundle):
+    m = json.loads((bundle / "manifest.json").read_text())
+    names = {f["path"] for f in m["files"]}
+    assert {"model.onnx", "loader.py", "requirements.txt", "report.md", "golden/000.npz"} <= names
+    for key in ("versions", "inputs", "outputs", "quantization", "calibration", "validation", "benchmark", "config"):
+        assert key in m
+    assert {"torch", "onnx", "onnxruntime", "edgeexport"} <= set(m["versions"])
+    assert m["inputs"] == [{"name": "x", "shape": [1, 6], "dtype": "float32"}]
+
+
+@pytest.mark.parametrize("bad,match", [
+    ({"x": np.zeros((1, 5), np.float32)}, "shape"),
+    ({"x": np.zeros((1, 6), np.float64)}, "dtype float64"),
+    ({"y": np.zeros((1, 6), np.float32)}, "input names"),
+    ({"x": [[0.0] * 6]}, "numpy array"),
+])
+def test_inputs_are_checked(bundle, bad, match):
+    with pytest.raises(loader.InputError, match=match):
+        loader.load(bundle)(bad)
+
+
+def test_tampered_model_is_refused(bundle):
+    with open(bundle / "model.onnx", "r+b") as f:
+        f.seek(100)
+        byte = f.read(1)
+        f.seek(100)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(loader.BundleError, match="checksum mismatch for model.onnx"):
+        loader.load(bundle)
+
+
+def test_missing_file_and_fields(bundle):
+    (bundle / "golden" / "000.npz").unlink()
+    with pytest.raises(loader.BundleError, match="golden/000.npz is missing"):
+        loader.load(bundle)
+    _edit_manifest(bundle, lambda m: m.pop("files"))
+    with pytest.raises(loader.BundleError, match="lacks required fields: files"):
+        loader.load(bundle)
+
+
+def test_unknown_schema_version(bundle):
+    _edit_manifest(bundle, lambda m: m.update(schema_version=99))
+    with pytest.raises(loader.BundleError, match="schema_version 99"):
+        loader.load(bundle)
+
+
+@pytest.mark.parametrize("path", ["../outside.onnx", "/etc/passwd", "golden/../../x", "a\\b", "C:evil"])
+def test_paths_that_escape_are_refused(bundle, path):
+    _edit_manifest(bundle, lambda m: m["files"].append({"path": path, "sha256": "0"}))
+    with pytest.raises(loader.BundleError, match="unsafe path|escapes|leaves"):
+        loader.load(bundle)
+
+
+def test_symlinked_model_is_refused(bundle, tmp_path):
+    outside = tmp_path / "elsewhere.onnx"
+    shutil.move(bundle / "model.onnx", outside)
+    os.symlink(outside, bundle / "model.onnx")
+    with pytest.raises(loader.BundleError, match="link"):
+        loader.load(bundle)
+
+
+def test_garbage_manifest(bundle):
+    (bundle / "manifest.json").write_text("{not json")
+    with pytest.raises(loader.BundleError, match="not valid JSON"):
+        loader.load(bundle)
+    (bundle / "manifest.json").write_text("[1, 2]")
+    with pytest.raises(loader.BundleError, match="JSON object"):
+        loader.load(bundle)
+
+
+def test_selftest_cli_exit_codes(bundle):
+    ok = subprocess.run([sys.executable, str(bundle / "loader.py"), "--selftest"], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert "selftest passed" in ok.stdout
+    # golden outputs that no longer match (re-hashed so verification passes): selftest must fail with exit 1
+    with np.load(bundle / "golden" / "000.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["output/output"] = arrays["output/output"] + 1.0
+    with open(bundle / "golden" / "000.npz", "wb") as f:
+        np.savez(f, **arrays)
+    _rehash(bundle, "golden/000.npz")
+    bad = subprocess.run([sys.executable, str(bundle / "loader.py"), "--selftest"], capture_output=True, text=True)
+    assert bad.returncode == 1 and "MISMATCH" in bad.stdout
+    # tampering: exit 2 with the reason, no traceback
+    (bundle / "requirements.txt").write_text("torch\n")
+    tampered = subprocess.run([sys.executable, str(bundle / "loader.py"), "--selftest"], capture_output=True, text=True)
+    assert tampered.returncode == 2 and "checksum mismatch for requirements.txt" in tampered.stderr
+    assert "Traceback" not in tampered.stderr
+
+
+def test_loader_imports_only_numpy_and_stdlib():
+    import ast
+
+    tree = ast.parse(open(loader.__file__).read())
+    top = {n.names[0].name.split(".")[0] for n in tree.body if isinstance(n, ast.Import)}
+    top |= {n.module.split(".")[0] for n in tree.body if isinstance(n, ast.ImportFrom) and n.module}
+    assert top <= {"__future__", "argparse", "hashlib", "json", "os", "sys", "pathlib", "numpy"}
+    src = open(loader.__file__).read()
+    assert "import torch" not in src and "pickle" not in src.replace("never unpickles", "").replace("allow_pickle=False", "")
