@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 
+import numpy as np
+
 from edgeexport.bundle.manifest import PRECISION_LABELS, golden_tolerance, now_iso, versions
 from edgeexport.bundle.writer import check_output_path, write_bundle
 from edgeexport.calibration import CalibrationSet, load_calibration
@@ -21,6 +23,7 @@ from edgeexport.targets import get_target
 from edgeexport.validate import ValidationReport, collect, compare
 
 Log = Callable[[str], None]
+_POSITIONAL_SOURCES = ("torchscript", "exported_program")
 
 
 def _stderr(msg: str) -> None:
@@ -91,8 +94,27 @@ def resolve_inputs(config: BuildConfig, source: ModelSource) -> list[InputSpec]:
                               "", "use the ONNX model's input names")
         return list(config.inputs)
     if source.declared_inputs:
-        return list(source.declared_inputs)
+        specs = list(source.declared_inputs)
+        only = _single_array_name(config.calibration.path)
+        if source.kind in _POSITIONAL_SOURCES and len(specs) == 1 and only and only != specs[0].name:
+            # TorchScript/.pt2 arg names are often generic ('input'); with one input and one array, the exported
+            # graph's input takes the data's name (printed, and recorded in the manifest's inputs)
+            specs = [specs[0].model_copy(update={"name": only})]
+        return specs
     return _specs_from_data(config, source)
+
+
+def _single_array_name(path: Optional[str]) -> Optional[str]:
+    from edgeexport.calibration.sources import LABELS_KEY
+
+    if not path or not path.endswith(".npz") or not Path(path).is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            names = [n for n in z.files if n != LABELS_KEY]
+    except Exception:  # unreadable data is reported properly when it is loaded
+        return None
+    return names[0] if len(names) == 1 else None
 
 
 def _specs_from_data(config: BuildConfig, source: ModelSource) -> list[InputSpec]:
@@ -106,6 +128,8 @@ def _specs_from_data(config: BuildConfig, source: ModelSource) -> list[InputSpec
                                "the model does not carry example inputs", hint)
     placeholder = [InputSpec(name=n, shape=[1]) for n in names]
     raw = read_npz(Path(path), placeholder) if path.endswith(".npz") else read_npy(Path(path), placeholder)
+    if source.kind in _POSITIONAL_SOURCES and len(names) == 1 and len(raw.arrays) == 1:
+        names = list(raw.arrays)  # one input, one array: the ONNX input takes the data's name
     if sorted(raw.arrays) != sorted(names):
         raise CalibrationError(f"calibration arrays {sorted(raw.arrays)} do not match the model inputs {names}", "", hint)
     return [InputSpec(name=n, shape=[1, *raw.arrays[n].shape[1:]], dtype=str(raw.arrays[n].dtype)) for n in names]

@@ -136,17 +136,24 @@ class TorchModelSource(ModelSource):
 
 
 def export_error(e: Exception, log: str) -> ExportError:
-    text = f"{e}\n{log}"
-    ops = sorted(set(re.findall(r"\b(?:aten|prim|[a-z_][a-z0-9_]*)(?:::|\.)[a-z_][a-z0-9_]*(?:\.default|\.Tensor)?\b", text)))
-    ops = [o for o in ops if "::" in o or o.endswith((".default", ".Tensor"))][:5]
-    nodes = sorted(set(re.findall(r"node[ :'\"]+([A-Za-z_][A-Za-z0-9_]*)", text)))[:5]
-    constraint = "Constraints violated" in text or "specialized" in text.lower()
-    why = _short(e)
-    if ops:
-        why = f"operator(s) {', '.join(ops)} could not be converted" + (f" (node {', '.join(nodes)})" if nodes else "") + f": {why}"
-    fix = "rewrite that part of the model with standard ops, register an ONNX translation, or export a different opset (--opset)"
-    if constraint:
-        fix = "the model fixes a dimension you declared dynamic; declare it with a number in --input, or make the code shape-agnostic"
+    """Turn an exporter exception into an error that names the operator and the node that failed."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", f"{e}\n{e.__cause__ or ''}\n{log}")
+    ops = re.findall(r"OpOverload\(op='([\w.]+)', overload='(\w+)'\)", text)
+    op_names = sorted({f"{a}.{b}" for a, b in ops}) or sorted(set(re.findall(r"\b(aten::\w+|prim::\w+)", text)))
+    nodes = sorted(set(re.findall(r"translating node %(\w+)", text)))
+    summary = text.split("## Exception summary", 1)[-1] if "## Exception summary" in text else str(e)
+    if op_names:
+        why = f"no ONNX translation for operator {', '.join(op_names[:3])}"
+        if nodes:
+            why += f" (graph node {', '.join('%' + n for n in nodes[:3])})"
+    else:
+        why = _short(Exception(summary))
+    if "Constraints violated" in text or "specialized" in text.lower():
+        fix = ("the model fixes a dimension you declared dynamic; declare it with a number in --input, "
+               "or make the code shape-agnostic")
+    else:
+        fix = ("rewrite that part of the model with standard ops, register an ONNX translation for it "
+               "(torch.onnx.export custom_translation_table), or try another --opset")
     return ExportError("PyTorch -> ONNX export failed", why, fix)
 
 

@@ -1,0 +1,107 @@
+"""Every model spec form, end to end on the real torch exporter and onnxruntime."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from edgeexport.bundle import loader
+from tests.conftest import make_cfg, quiet_build
+
+pytestmark = pytest.mark.slow
+
+
+def _net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)).eval()
+
+
+def _check(out, tiny_npz, dynamic=False):
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["validation"]["passed"]
+    model = loader.load(out)
+    x = np.load(tiny_npz)["x"][:3]
+    if dynamic:
+        assert model(x)["output"].shape == (3, 4)
+    assert model.selftest(verbose=False)
+    return m
+
+
+def test_file_factory(tiny_model, tiny_npz, tmp_path):
+    quiet_build(make_cfg(model=f"{tiny_model}:build", calibration={"path": str(tiny_npz)}, out=str(tmp_path / "b")))
+    assert _check(tmp_path / "b", tiny_npz)["source"]["kind"] == "factory"
+
+
+def test_file_factory_with_declared_dynamic_batch(tiny_model, tiny_npz, tmp_path):
+    quiet_build(make_cfg(model=f"{tiny_model}:dynamic", precision="int8", calibration={"path": str(tiny_npz)},
+                         out=str(tmp_path / "b")))
+    m = _check(tmp_path / "b", tiny_npz, dynamic=True)
+    assert m["inputs"][0]["shape"] == ["batch", 6]
+
+
+def test_torchscript(tiny_npz, tmp_path):
+    path = tmp_path / "m.pt"
+    torch.jit.trace(_net(), torch.zeros(1, 6)).save(str(path))
+    quiet_build(make_cfg(model=str(path), calibration={"path": str(tiny_npz)}, out=str(tmp_path / "b")))
+    m = _check(tmp_path / "b", tiny_npz)
+    assert m["source"]["kind"] == "torchscript" and m["inputs"][0]["name"] == "x"  # named after the npz array
+
+
+def test_torchscript_with_declared_dynamic_input(tiny_npz, tmp_path):
+    path = tmp_path / "m.pt"
+    torch.jit.script(_net()).save(str(path))
+    from edgeexport.config import parse_input_spec
+
+    quiet_build(make_cfg(model=str(path), inputs=[parse_input_spec("x:batchx6").model_dump()],
+                         calibration={"path": str(tiny_npz)}, out=str(tmp_path / "b")))
+    _check(tmp_path / "b", tiny_npz, dynamic=True)
+
+
+def test_exported_program(tiny_npz, tmp_path):
+    path = tmp_path / "m.pt2"
+    ep = torch.export.export(_net(), (torch.zeros(1, 6),))
+    torch.export.save(ep, str(path))
+    quiet_build(make_cfg(model=str(path), precision="int8-dynamic", calibration={"path": str(tiny_npz)},
+                         out=str(tmp_path / "b")))
+    assert _check(tmp_path / "b", tiny_npz)["source"]["kind"] == "exported_program"
+
+
+def test_exported_program_with_dynamic_dim_gets_user_name(tiny_npz, tmp_path):
+    path = tmp_path / "m.pt2"
+    ep = torch.export.export(_net(), (torch.zeros(2, 6),), dynamic_shapes=({0: torch.export.Dim("b")},))
+    torch.export.save(ep, str(path))
+    from edgeexport.config import parse_input_spec
+
+    quiet_build(make_cfg(model=str(path), inputs=[parse_input_spec("x:batchx6").model_dump()],
+                         calibration={"path": str(tiny_npz)}, out=str(tmp_path / "b")))
+    m = _check(tmp_path / "b", tiny_npz, dynamic=True)
+    assert m["inputs"][0]["shape"] == ["batch", 6] and m["outputs"][0]["shape"] == ["batch", 4]
+
+
+def test_onnx_source_uses_onnx_as_reference(tiny_npz, tmp_path):
+    path = tmp_path / "m.onnx"
+    torch.onnx.export(_net(), (torch.zeros(1, 6),), str(path), input_names=["x"], output_names=["y"],
+                      dynamo=True, external_data=False)
+    quiet_build(make_cfg(model=str(path), precision="int8", calibration={"path": str(tiny_npz)}, out=str(tmp_path / "b")))
+    m = _check(tmp_path / "b", tiny_npz)
+    assert m["source"]["kind"] == "onnx" and m["outputs"][0]["name"] == "y"
+
+
+def test_package_factory_and_image_folder(tmp_path):
+    """pkg.module:factory with a folder of real digit images (PNG) as calibration data."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, img in enumerate(load_digits().images[-60:]):
+        Image.fromarray((img * 16).clip(0, 255).astype(np.uint8)).save(folder / f"{i:03d}.png")
+    from edgeexport.config import ImagePreprocess
+
+    quiet_build(make_cfg(model="edgeexport.models.digits:model", precision="int8", out=str(tmp_path / "b"),
+                         calibration={"path": str(folder),
+                                      "preprocess": ImagePreprocess(color="gray", scale=1 / 256).model_dump()}))
+    m = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert m["calibration"]["kind"] == "images" and m["calibration"]["preprocess"]["color"] == "gray"
+    assert m["config"]["calibration"]["preprocess"]["size"] == [8, 8]
