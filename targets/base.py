@@ -120,9 +120,15 @@ class Target:
     extra: str = ""  # pip extra that brings its runtime, '' for core
     precisions: tuple[str, ...] = ()
     description: str = ""
+    #: target_options this target understands: name -> (default, one-line meaning)
+    options_spec: dict[str, tuple[Any, str]] = {}
 
     def check(self, config: "BuildConfig") -> list[Problem]:
         problems = []
+        for key in config.target_options:
+            if key not in self.options_spec:
+                problems.append(Problem(f"target_options.{key}", f"unknown option for target {self.name!r}: {key!r}",
+                                        f"known: {', '.join(self.options_spec) or 'none'}"))
         if config.precision not in self.precisions:
             problems.append(
                 Problem(

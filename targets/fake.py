@@ -21,6 +21,7 @@ class FakeTarget(Target):
     name = "fake"
     precisions = ("fp32",)
     description = "testing only: ONNX copied as is, outputs optionally perturbed (target_options.noise)"
+    options_spec = {"noise": (0.0, "relative size of seeded Gaussian noise added to every output")}
 
     def check(self, config) -> list[Problem]:
         problems = super().check(config)

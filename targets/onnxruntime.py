@@ -38,14 +38,11 @@ class OrtTarget(Target):
     extra = ""
     precisions = ("fp32", "fp16", "int8-dynamic", "int8")
     description = "ONNX Runtime (CPU and any ORT execution provider)"
+    options_spec = OPTIONS
 
     def check(self, config: "BuildConfig") -> list[Problem]:
         problems = super().check(config)
         opts = config.target_options
-        for key in opts:
-            if key not in OPTIONS:
-                problems.append(Problem(f"target_options.{key}", f"unknown option for target 'ort': {key!r}",
-                                        f"known: {', '.join(OPTIONS)}"))
         for key in ("per_channel", "reduce_range"):
             if key in opts and not isinstance(opts[key], bool):
                 problems.append(Problem(f"target_options.{key}", f"{key} must be true or false", ""))

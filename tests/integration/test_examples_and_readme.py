@@ -1,0 +1,47 @@
+"""Examples are run, and the README's set-up commands are real."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+
+def _env():
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    return env
+
+
+@pytest.mark.parametrize("example", sorted(p.name for p in (REPO / "examples").iterdir() if (p / "run.sh").exists()))
+def test_example_runs(example, tmp_path):
+    r = subprocess.run(["bash", str(REPO / "examples" / example / "run.sh"), str(tmp_path / "out")], cwd=REPO,
+                       env=_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert (REPO / "examples" / example / "README.md").is_file()
+    if example == "digits":
+        assert "selftest passed" in r.stdout and "of 50 digits right" in r.stdout
+    if example == "custom_model":
+        assert "batch of 8 -> (8, 4)" in r.stdout
+
+
+def test_readme_lists_the_two_setup_commands_first():
+    text = (REPO / "README.md").read_text()
+    setup = text.split("## Set up", 1)[1].split("##", 1)[0]
+    assert setup.index("make demo") < setup.index("make test")
+
+
+def test_make_demo(tmp_path):
+    """`make demo` as the README gives it (the venv already exists under `make test`)."""
+    if not (REPO / ".venv" / "bin" / "edgeexport").exists():
+        pytest.skip("make demo is exercised from the project's .venv (run the suite with `make test`)")
+    r = subprocess.run(["make", "demo"], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "selftest passed" in r.stdout
+    assert "validation" not in r.stderr.lower() or "FAIL" not in r.stderr
+    assert (REPO / "build" / "demo" / "bundle" / "manifest.json").is_file()
