@@ -135,11 +135,22 @@ def _specs_from_data(config: BuildConfig, source: ModelSource) -> list[InputSpec
     return [InputSpec(name=n, shape=[1, *raw.arrays[n].shape[1:]], dtype=str(raw.arrays[n].dtype)) for n in names]
 
 
-def finalize_onnx(path: Path, specs: list[InputSpec]) -> None:
-    """Give the graph's dynamic dims the user's names (exporters invent names such as 's31')."""
+# torch.onnx records per-node debug metadata (stack traces, FX nodes, class paths) that can triple a small model's
+# file. The module path of each node ('name_scopes') is kept: it maps graph nodes back to the user's layers.
+_KEEP_NODE_METADATA = {"pkg.torch.onnx.name_scopes"}
+
+
+def finalize_onnx(path: Path, specs: list[InputSpec]) -> dict[str, Any]:
+    """Name the dynamic dims as the user did (exporters invent names such as 's31'), drop exporter debug metadata."""
     import onnx
 
     model = onnx.load(str(path))
+    before = model.ByteSize()
+    for node in model.graph.node:
+        keep = [(p.key, p.value) for p in node.metadata_props if p.key in _KEEP_NODE_METADATA]
+        del node.metadata_props[:]
+        for key, value in keep:
+            node.metadata_props.add(key=key, value=value)
     rename: dict[str, str] = {}
     by_name = {s.name: s for s in specs}
     for vi in model.graph.input:
@@ -158,6 +169,7 @@ def finalize_onnx(path: Path, specs: list[InputSpec]) -> None:
                     d.dim_param = rename[d.dim_param]
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
+    return {"stripped_debug_metadata_bytes": before - model.ByteSize(), "renamed_dims": rename}
 
 
 def build(config: BuildConfig, log: Log = _stderr) -> BuildResult:
@@ -169,7 +181,7 @@ def build(config: BuildConfig, log: Log = _stderr) -> BuildResult:
         onnx_path = workdir / "exported.onnx"
         log(f"==> exporting ONNX (opset {config.opset}) from {source.kind}")
         output_names = source.export_onnx(onnx_path, config.inputs, config.opset)
-        finalize_onnx(onnx_path, config.inputs)
+        export_info = finalize_onnx(onnx_path, config.inputs)
         log(f"==> building {config.target} / {config.precision}")
         artifact = target.build(source, config, calib, workdir, onnx_path)
         for note in artifact.notes:
@@ -195,6 +207,7 @@ def build(config: BuildConfig, log: Log = _stderr) -> BuildResult:
             io = {"inputs": [t.to_dict() for t in cand.inputs], "outputs": [t.to_dict() for t in cand.outputs]}
         io["inputs"] = [s.model_dump() for s in config.inputs]  # declared names/dims, not the runtime's view
         manifest = make_manifest(config, source, calib, artifact, report, bench, golden, io)
+        manifest["export"].update(export_info)
         texts = {"requirements.txt": "\n".join(target.requirements(artifact)) + "\n",
                  "report.md": render_markdown(manifest)}
         files = {name: artifact.root / name for name in artifact.files}
