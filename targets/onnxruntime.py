@@ -149,10 +149,16 @@ def quantize_static(src: Path, dst: Path, opts: dict[str, Any], config: "BuildCo
 
     pre = workdir / "preprocessed.onnx"
     notes = _preprocess(src, pre)
+    probe = [f for f, _ in zip(calibration.calibration(), range(_PROBE_SAMPLES))]
+    nonfinite = nonfinite_nodes(pre, probe)
+    if nonfinite:
+        notes.append(f"kept {len(nonfinite)} node(s) in float because their tensors hold -inf/inf/NaN on calibration "
+                     f"data (e.g. additive attention masks), which no 8-bit range can represent: "
+                     f"{', '.join(nonfinite[:5])}{' ...' if len(nonfinite) > 5 else ''}")
+        opts = dict(opts, exclude_nodes=sorted(set(opts["exclude_nodes"]) | set(nonfinite)))
     method = config.calibration.method
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                "percentile": CalibrationMethod.Percentile}
-    extra = {"CalibPercentile": config.calibration.percentile} if method == "percentile" else {}
     n = len(calibration.calib_idx)
 
     def run(m: str, extra_options: dict[str, Any]) -> None:
@@ -167,18 +173,24 @@ def quantize_static(src: Path, dst: Path, opts: dict[str, Any], config: "BuildCo
                 extra_options=extra_options,
             )
 
-    used = method
-    try:
-        run(method, extra)
-    except Exception as e:
-        if method != "entropy":
-            raise TargetError(f"ONNX Runtime static quantization ({method}) failed", f"{type(e).__name__}: {e}",
-                              "try another --calib-method, or exclude the failing nodes") from None
-        # Entropy calibration breaks on tensors holding -inf (e.g. additive attention masks): "Too many bins".
-        used = "percentile"
-        notes.append(f"entropy calibration failed ({type(e).__name__}: {str(e)[:120]}); "
-                     f"fell back to percentile {config.calibration.percentile}")
-        run("percentile", {"CalibPercentile": config.calibration.percentile})
+    # Histogram calibrators (entropy, percentile) break on tensors holding -inf/huge values, e.g. additive attention
+    # masks ("Too many bins", "range is not finite"). Fall back, in order, and say so.
+    chain = {"entropy": ["entropy", "percentile", "minmax"], "percentile": ["percentile", "minmax"]}.get(method, [method])
+    failures: list[str] = []
+    used = ""
+    for m in chain:
+        try:
+            run(m, {"CalibPercentile": config.calibration.percentile} if m == "percentile" else {})
+            used = m
+            break
+        except Exception as e:
+            failures.append(f"{m}: {type(e).__name__}: {str(e)[:160]}")
+    if not used:
+        raise TargetError(f"ONNX Runtime static quantization failed ({', '.join(chain)} calibration)",
+                          "; ".join(failures),
+                          "exclude the failing nodes (--option exclude_nodes=[...]) or try --precision int8-dynamic")
+    if failures:
+        notes.append(f"{method} calibration failed ({failures[0]}); used {used} instead")
     settings = {
         "quantization": "static", "format": "onnx-qdq", "calibration_method": used,
         "calibration_method_requested": method, "calibration_samples": n, "weight_type": "int8",
@@ -189,6 +201,39 @@ def quantize_static(src: Path, dst: Path, opts: dict[str, Any], config: "BuildCo
     if used == "percentile":
         settings["percentile"] = config.calibration.percentile
     return settings, notes
+
+
+_PROBE_SAMPLES = 8
+
+
+def nonfinite_nodes(model_path: Path, feeds: list[dict[str, np.ndarray]]) -> list[str]:
+    """Names of nodes that produce or consume float tensors holding non-finite values on ``feeds``."""
+    import onnx
+    import onnxruntime as ort
+
+    if not feeds:
+        return []
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(model_path)))
+    float_types = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE}
+    typed = {vi.name: vi for vi in list(model.graph.value_info) + list(model.graph.output)}
+    existing = {o.name for o in model.graph.output}
+    for node in model.graph.node:
+        for name in node.output:
+            vi = typed.get(name)
+            if vi is not None and name not in existing and vi.type.tensor_type.elem_type in float_types:
+                model.graph.output.append(vi)
+                existing.add(name)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    bad: set[str] = set()
+    for feed in feeds:
+        for name, value in zip(names, sess.run(None, feed)):
+            if value.dtype.kind == "f" and not np.isfinite(value).all():
+                bad.add(name)
+    return sorted({n.name or n.output[0] for n in model.graph.node if bad & (set(n.output) | set(n.input))})
 
 
 class OrtRunner(Runner):

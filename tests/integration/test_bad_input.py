@@ -120,3 +120,49 @@ def test_synthetic_data_is_loud(cli, tiny_model, tmp_path):
     m = json.loads((out / "manifest.json").read_text())
     assert m["calibration"]["synthetic"] is True and any("SYNTHETIC" in n for n in m["notes"])
     assert "SYNTHETIC" in (out / "report.md").read_text()
+
+
+MASKED_ATTENTION = '''
+import torch, torch.nn as nn
+
+class Masked(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.q = nn.Linear(8, 8)
+        self.register_buffer("mask", torch.triu(torch.full((8, 8), float("-inf")), diagonal=1))
+
+    def forward(self, rows):
+        scores = self.q(rows) @ rows.transpose(1, 2) + self.mask
+        return torch.softmax(scores, -1) @ rows
+
+def build():
+    return {"model": Masked(), "inputs": ["rows:batchx8x8:float32"]}
+'''
+
+
+@pytest.mark.parametrize("method", ["entropy", "percentile"])
+def test_minus_inf_attention_mask_falls_back_with_a_message(cli, rows_npz, tmp_path, method):
+    """Histogram calibrators fail on -inf masks: the build says so, keeps those nodes float and still validates."""
+    (tmp_path / "masked.py").write_text(MASKED_ATTENTION)
+    out = tmp_path / "b"
+    r = cli("build", "--model", f"{tmp_path / 'masked.py'}:build", "--calib", rows_npz, "--precision", "int8",
+            "--calib-method", method, "--out", out, "--no-bench")
+    assert r.exit_code == 0, r.stderr
+    assert f"{method} calibration failed" in r.stderr and "used minmax instead" in r.stderr
+    assert "kept 2 node(s) in float" in r.stderr
+    m = json.loads((out / "manifest.json").read_text())
+    q = m["quantization"]
+    assert q["calibration_method_requested"] == method and q["calibration_method"] == "minmax"
+    assert len(q["exclude_nodes"]) == 2 and any("used minmax" in n for n in m["notes"])
+
+
+def test_entropy_and_percentile_calibration_on_real_digits(digits_npz, tmp_path):
+    from tests.conftest import make_cfg, quiet_build
+
+    for method in ("entropy", "percentile"):
+        result = quiet_build(make_cfg(model="edgeexport.models.digits:model", precision="int8",
+                                      out=str(tmp_path / method), bench={"enabled": False},
+                                      calibration={"path": str(digits_npz), "method": method}))
+        assert result.manifest["quantization"]["calibration_method"] == method and not result.manifest["notes"][1:]
+        assert result.report.task["drop_points"] <= 1.0

@@ -130,3 +130,20 @@ def test_dynamic_batch_transformer(cli, rows_npz, tmp_path):
     assert batched.shape == (5, 10)
     single = np.concatenate([model(x[i : i + 1])["output"] for i in range(5)])
     np.testing.assert_allclose(batched, single, rtol=1e-4, atol=1e-4)
+
+
+def test_labels_from_a_separate_file(cli, digits_npz, tmp_path):
+    data = np.load(digits_npz)
+    images = tmp_path / "images.npy"
+    np.save(images, data["image"])
+    labels = tmp_path / "labels.txt"
+    labels.write_text("\n".join(str(v) for v in data["labels"]))
+    out = tmp_path / "b"
+    r = cli("build", "--model", MODEL, "--calib", images, "--labels", labels, "--precision", "fp32", "--out", out,
+            "--no-bench", "--json")
+    assert r.exit_code == 0, r.stderr
+    task = json.loads(r.stdout)["validation"]["task"]
+    assert task["reference_accuracy"] > 0.95 and task["drop_points"] == pytest.approx(0.0, abs=1e-9)
+    labels.write_text("1\n2\n")
+    r = cli("build", "--model", MODEL, "--calib", images, "--labels", labels, "--out", tmp_path / "c")
+    assert r.exit_code == 1 and "2 labels for 540 samples" in r.stderr
