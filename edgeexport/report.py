@@ -28,8 +28,8 @@ def render_markdown(manifest: dict[str, Any]) -> str:
         "",
         f"- precision: {manifest.get('precision_label', manifest['precision'])}",
         f"- model file: `{manifest['model_file']}` (source: `{manifest.get('source', {}).get('spec')}`)",
-        f"- inputs: " + ", ".join(f"`{i['name']}` {i['shape']} {i['dtype']}" for i in manifest["inputs"]),
-        f"- outputs: " + ", ".join(f"`{o['name']}` {o['shape']} {o['dtype']}" for o in manifest["outputs"]),
+        "- inputs: " + ", ".join(f"`{i['name']}` {i['shape']} {i['dtype']}" for i in manifest["inputs"]),
+        "- outputs: " + ", ".join(f"`{o['name']}` {o['shape']} {o['dtype']}" for o in manifest["outputs"]),
         f"- calibration data: `{cal.get('source')}` ({cal.get('calibration_samples')} calibration / "
         f"{cal.get('holdout_samples')} held-out samples, sha256 {str(cal.get('sha256'))[:16]}...)"
         + (" **SYNTHETIC random data**" if cal.get("synthetic") else ""),
@@ -69,7 +69,7 @@ def inspect_text(manifest: dict[str, Any]) -> str:
         f"precision:  {manifest.get('precision_label', manifest['precision'])}",
         f"model file: {manifest['model_file']} ({size / 1024:.1f} KiB)",
         f"created:    {manifest.get('created')} with " + ", ".join(f"{k} {v}" for k, v in manifest.get("versions", {}).items()),
-        f"runtime:    " + ", ".join(f"{k}>={v}" for k, v in manifest.get("runtime", {}).items()),
+        "runtime:    " + ", ".join(f"{k}>={v}" for k, v in manifest.get("runtime", {}).items()),
         "inputs:",
         *[f"  {i['name']}: {i['shape']} {i['dtype']}" for i in manifest["inputs"]],
         "outputs:",

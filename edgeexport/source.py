@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
 
 from edgeexport.config import InputSpec, parse_input_spec
 from edgeexport.errors import ExportError, ModelLoadError
@@ -115,24 +114,23 @@ class TorchModelSource(ModelSource):
         import torch
 
         names = self.output_names(specs)
-        dynamic = tuple(spec.dynamic_dims or None for spec in specs)
         with torch_quiet() as log:
             try:
-                torch.onnx.export(
-                    self.module,
-                    self.export_args(specs),
-                    str(path),
-                    input_names=[s.name for s in specs],
-                    output_names=names,
-                    opset_version=opset,
-                    dynamo=True,
-                    external_data=False,
-                    dynamic_shapes=dynamic if any(dynamic) else None,
-                    verbose=False,
-                )
+                torch.onnx.export(self._exportable(), self.export_args(specs), str(path),
+                                  input_names=[s.name for s in specs], output_names=names, opset_version=opset,
+                                  **self._export_options(specs))
             except Exception as e:
                 raise export_error(e, log.getvalue()) from None
         return names
+
+    def _exportable(self) -> Any:
+        return self.module
+
+    def _export_options(self, specs: list[InputSpec]) -> dict[str, Any]:
+        """torch.onnx.export options: the dynamo exporter, weights inside the file, the declared dynamic dims."""
+        dynamic = tuple(spec.dynamic_dims or None for spec in specs)
+        return {"dynamo": True, "external_data": False, "verbose": False,
+                "dynamic_shapes": dynamic if any(dynamic) else None}
 
 
 def export_error(e: Exception, log: str) -> ExportError:
@@ -278,18 +276,10 @@ class TorchScriptSource(TorchModelSource):
         except Exception:  # pragma: no cover - scripted modules always carry a schema
             self.input_names = None
 
-    def export_onnx(self, path: Path, specs: list[InputSpec], opset: int) -> list[str]:
-        import torch
-
-        names = self.output_names(specs)
-        axes = {s.name: {i: d for i, d in s.dynamic_dims.items()} for s in specs if s.dynamic_dims}
-        with torch_quiet() as log:
-            try:
-                torch.onnx.export(self.module, self.export_args(specs), str(path), input_names=[s.name for s in specs],
-                                  output_names=names, opset_version=opset, dynamo=False, dynamic_axes=axes or None)
-            except Exception as e:
-                raise export_error(e, log.getvalue()) from None
-        return names
+    def _export_options(self, specs: list[InputSpec]) -> dict[str, Any]:
+        """TorchScript needs the TorchScript-based exporter (the dynamo one cannot trace a ScriptModule)."""
+        axes = {s.name: dict(s.dynamic_dims) for s in specs if s.dynamic_dims}
+        return {"dynamo": False, "dynamic_axes": axes or None}
 
 
 class ExportedProgramSource(TorchModelSource):
@@ -314,17 +304,11 @@ class ExportedProgramSource(TorchModelSource):
             self.example_inputs = tuple(ex[0])
             self.declared_inputs = [_spec_from_tensor(n, t) for n, t in zip(self.input_names, ex[0])]
 
-    def export_onnx(self, path: Path, specs: list[InputSpec], opset: int) -> list[str]:
-        import torch
+    def _exportable(self) -> Any:
+        return self.program
 
-        names = self.output_names(specs)
-        with torch_quiet() as log:
-            try:
-                torch.onnx.export(self.program, self.export_args(specs), str(path), input_names=[s.name for s in specs],
-                                  output_names=names, opset_version=opset, dynamo=True, external_data=False)
-            except Exception as e:
-                raise export_error(e, log.getvalue()) from None
-        return names
+    def _export_options(self, specs: list[InputSpec]) -> dict[str, Any]:
+        return {"dynamo": True, "external_data": False, "verbose": False}  # the program carries its own dims
 
 
 class OnnxModelSource(ModelSource):

@@ -102,7 +102,7 @@ def quantize_dynamic(src: Path, dst: Path, opts: dict[str, Any]) -> dict[str, An
     from onnxruntime.quantization import QuantType
     from onnxruntime.quantization import quantize_dynamic as ort_quantize_dynamic
 
-    with quiet() as log:
+    with quiet():
         try:
             ort_quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=opts["per_channel"],
                                  reduce_range=opts["reduce_range"],

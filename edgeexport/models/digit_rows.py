@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeexport.models.digits import SEED, load_data
+from edgeexport.models.digits import SEED, fit, load_data
 
 INPUT_NAME = "rows"
 
@@ -47,24 +47,12 @@ def _rows(x: np.ndarray) -> np.ndarray:
 
 @functools.lru_cache(maxsize=2)
 def train(epochs: int = 25, seed: int = SEED):
+    """The trained transformer (cached: repeated factory calls in one process reuse it)."""
     import torch
-    import torch.nn.functional as F
 
     torch.manual_seed(seed)
     x_train, y_train, _, _ = load_data()
-    net = make_net()
-    opt = torch.optim.AdamW(net.parameters(), lr=3e-3)
-    xt, yt = torch.from_numpy(_rows(x_train)), torch.from_numpy(y_train)
-    gen = torch.Generator().manual_seed(seed)
-    net.train()
-    for _ in range(epochs):
-        perm = torch.randperm(len(xt), generator=gen)
-        for i in range(0, len(xt), 64):
-            idx = perm[i : i + 64]
-            opt.zero_grad()
-            F.cross_entropy(net(xt[idx]), yt[idx]).backward()
-            opt.step()
-    return net.eval()
+    return fit(make_net(), _rows(x_train), y_train, epochs, 3e-3, seed)
 
 
 def model():

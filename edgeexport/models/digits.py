@@ -53,15 +53,13 @@ def make_net():
     return DigitsCNN()
 
 
-@functools.lru_cache(maxsize=2)
-def train(epochs: int = 12, seed: int = SEED):
+def fit(net, x_train: np.ndarray, y_train: np.ndarray, epochs: int, lr: float, seed: int = SEED):
+    """Minibatch AdamW on cross-entropy, seeded; returns the net in eval mode."""
     import torch
     import torch.nn.functional as F
 
     torch.manual_seed(seed)
-    x_train, y_train, _, _ = load_data()
-    net = make_net()
-    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr)
     xt, yt = torch.from_numpy(x_train), torch.from_numpy(y_train)
     gen = torch.Generator().manual_seed(seed)
     net.train()
@@ -73,6 +71,16 @@ def train(epochs: int = 12, seed: int = SEED):
             F.cross_entropy(net(xt[idx]), yt[idx]).backward()
             opt.step()
     return net.eval()
+
+
+@functools.lru_cache(maxsize=2)
+def train(epochs: int = 12, seed: int = SEED):
+    """The trained CNN (cached: repeated factory calls in one process reuse it)."""
+    import torch
+
+    torch.manual_seed(seed)
+    x_train, y_train, _, _ = load_data()
+    return fit(make_net(), x_train, y_train, epochs, 3e-3, seed)
 
 
 def model():
