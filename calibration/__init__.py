@@ -66,7 +66,8 @@ class CalibrationSet:
     def holdout_labels(self) -> Optional[np.ndarray]:
         if self.data.labels is None:
             return None
-        return self.data.labels[self.holdout_idx]
+        labels = self.data.labels[self.holdout_idx]
+        return None if (labels < 0).any() else labels
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -79,6 +80,7 @@ class CalibrationSet:
             "holdout_samples": int(len(self.holdout_idx)),
             "split_seed": self.seed,
             "has_labels": self.data.labels is not None,
+            "validation_source": getattr(self.data, "validation_description", None),
             "preprocess": self.data.preprocess,
             "notes": list(self.data.notes),
         }
@@ -124,13 +126,42 @@ def split(n: int, cfg: CalibrationConfig) -> tuple[np.ndarray, np.ndarray]:
 
 
 def load_calibration(cfg: CalibrationConfig, specs: list[InputSpec]) -> CalibrationSet:
-    from edgeexport.calibration.sources import read_source
+    from edgeexport.calibration.sources import read_path, read_source
 
     raw = read_source(cfg, specs)
     check_arrays(raw, specs)
     n = len(next(iter(raw.arrays.values())))
-    calib_idx, holdout_idx = split(n, cfg)
-    return CalibrationSet(raw, specs, calib_idx, holdout_idx, cfg.seed, content_hash(raw.arrays, raw.labels))
+    if not cfg.validation_path:
+        calib_idx, holdout_idx = split(n, cfg)
+        return CalibrationSet(raw, specs, calib_idx, holdout_idx, cfg.seed, content_hash(raw.arrays, raw.labels))
+    val = read_path(cfg.validation_path, cfg.model_copy(update={"labels": None}), specs)
+    check_arrays(val, specs)
+    return _with_separate_validation(raw, val, specs, cfg)
+
+
+def _with_separate_validation(raw: RawData, val: RawData, specs: list[InputSpec], cfg: CalibrationConfig) -> CalibrationSet:
+    """Calibrate on ``raw``, validate on ``val`` (a different source): one set, indices into both."""
+    n_cal, n_val = (len(next(iter(d.arrays.values()))) for d in (raw, val))
+    samples = cfg.samples if cfg.samples is not None else min(MAX_DEFAULT_CALIB, n_cal)
+    holdout = cfg.holdout if cfg.holdout is not None else n_val
+    for asked, have, what, flag in ((samples, n_cal, "calibration", "--calib-samples"), (holdout, n_val, "validation", "--holdout")):
+        if asked > have:
+            raise CalibrationError(f"asked for {asked} {what} samples but the {what} data has {have}", "",
+                                   f"pass {flag} {have} or fewer, or provide more data")
+    rng = np.random.default_rng(cfg.seed)
+    calib_idx = rng.permutation(n_cal)[:samples]
+    holdout_idx = n_cal + rng.permutation(n_val)[:holdout]
+    labels = None
+    if raw.labels is not None or val.labels is not None:
+        fill = lambda d, n: d.labels if d.labels is not None else np.full(n, -1, dtype=np.int64)  # noqa: E731
+        labels = np.concatenate([fill(raw, n_cal), fill(val, n_val)])
+    arrays = {k: np.concatenate([raw.arrays[k], val.arrays[k]]) for k in raw.arrays}
+    merged = RawData(arrays, labels, raw.kind, raw.description, raw.synthetic or val.synthetic,
+                     raw.notes + [f"validation data: {n}" for n in val.notes] +
+                     [f"held-out validation samples come from a separate source: {val.description}"],
+                     raw.preprocess, raw.files)
+    merged.validation_description = val.description  # type: ignore[attr-defined]
+    return CalibrationSet(merged, specs, calib_idx, holdout_idx, cfg.seed, content_hash(arrays, labels))
 
 
 _SAFE_CASTS = {("float64", "float32"), ("float16", "float32"), ("int32", "int64"), ("int64", "int32")}

@@ -24,15 +24,27 @@ def read_source(cfg: CalibrationConfig, specs: list[InputSpec]) -> RawData:
             "pass --calib data.npz (arrays keyed by input name) or --calib images/; "
             "to accept random data knowingly, pass --calib synthetic:64",
         )
-    m = _SYNTHETIC.match(cfg.path)
+    return read_path(cfg.path, cfg, specs)
+
+
+def read_path(path_text: str, cfg: CalibrationConfig, specs: list[InputSpec]) -> RawData:
+    """One source: synthetic:N, a glob of images, a folder of images, an .npz or an .npy (+ --labels)."""
+    m = _SYNTHETIC.match(path_text)
     if m:
         raw = synthetic(specs, int(m.group(1)), cfg.seed)
+    elif any(ch in path_text for ch in "*?["):
+        import glob
+
+        files = sorted(Path(f) for f in glob.glob(path_text, recursive=True)
+                       if Path(f).is_file() and Path(f).suffix.lower() in IMAGE_EXTS)
+        raw = read_images(files, path_text, specs, cfg.preprocess or ImagePreprocess())
     else:
-        path = Path(cfg.path)
+        path = Path(path_text)
         if not path.exists():
             raise CalibrationError(f"calibration path {str(path)!r} does not exist", "", "check the --calib path")
         if path.is_dir():
-            raw = read_images(path, specs, cfg.preprocess or ImagePreprocess())
+            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+            raw = read_images(files, str(path), specs, cfg.preprocess or ImagePreprocess())
         elif path.suffix == ".npz":
             raw = read_npz(path, specs)
         elif path.suffix == ".npy":
@@ -151,6 +163,9 @@ def _image_spec(specs: list[InputSpec], pre: ImagePreprocess) -> tuple[InputSpec
             "save the inputs as an .npz keyed by input name instead",
         )
     spec = specs[0]
+    if not spec.dtype.startswith("float"):
+        raise CalibrationError(f"input {spec.name!r} is {spec.dtype}; images are preprocessed to float",
+                               "", "save integer image inputs as an .npz instead")
     c_axis, h_axis, w_axis = (1, 2, 3) if pre.layout == "nchw" else (3, 1, 2)
     channels = spec.shape[c_axis]
     want_c = 1 if pre.color == "gray" else 3
@@ -175,26 +190,17 @@ def _image_spec(specs: list[InputSpec], pre: ImagePreprocess) -> tuple[InputSpec
 
 
 def preprocess_image(img, pre: ImagePreprocess, h: int, w: int) -> np.ndarray:
-    """PIL image -> float32 array [C,H,W] or [H,W,C] (no batch axis)."""
-    from PIL import Image
+    """PIL image -> float32 array; the bundle's loader does the very same on the device (one implementation)."""
+    from edgeexport.bundle.loader import preprocess_image as shared
 
-    img = img.convert("L" if pre.color == "gray" else "RGB").resize((w, h), Image.BILINEAR)
-    arr = np.asarray(img, dtype=np.float32)
-    if arr.ndim == 2:
-        arr = arr[:, :, None]
-    if pre.color == "bgr":
-        arr = arr[:, :, ::-1]
-    arr = arr * pre.scale
-    c = arr.shape[2]
-    mean = np.asarray(pre.mean if len(pre.mean) in (1, c) else pre.mean[:1], dtype=np.float32)
-    std = np.asarray(pre.std if len(pre.std) in (1, c) else pre.std[:1], dtype=np.float32)
-    arr = (arr - mean) / std
-    if pre.layout == "nchw":
-        arr = arr.transpose(2, 0, 1)
-    return np.ascontiguousarray(arr, dtype=np.float32)
+    c = 1 if pre.color == "gray" else 3
+    spec = pre.model_copy(update={"size": [h, w],
+                                  "mean": pre.mean if len(pre.mean) == c else pre.mean * c,
+                                  "std": pre.std if len(pre.std) == c else pre.std * c})
+    return shared(img, spec.model_dump())
 
 
-def read_images(folder: Path, specs: list[InputSpec], pre: ImagePreprocess) -> RawData:
+def read_images(files: list[Path], where: str, specs: list[InputSpec], pre: ImagePreprocess) -> RawData:
     try:
         from PIL import Image, UnidentifiedImageError
     except ImportError:  # pragma: no cover - pillow is a core dependency
@@ -205,10 +211,9 @@ def read_images(folder: Path, specs: list[InputSpec], pre: ImagePreprocess) -> R
     for name, values in (("mean", pre.mean), ("std", pre.std)):
         if len(values) not in (1, channels):
             raise CalibrationError(f"--{name} has {len(values)} values for {channels} channel(s)", "", f"give 1 or {channels} values")
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
     if not files:
         raise CalibrationError(
-            f"no images found in {str(folder)!r}",
+            f"no images found in {where!r}",
             f"looked for files ending in {', '.join(sorted(IMAGE_EXTS))}",
             "point --calib at a folder of real input images",
         )
@@ -224,5 +229,5 @@ def read_images(folder: Path, specs: list[InputSpec], pre: ImagePreprocess) -> R
             ) from None
     arr = np.stack(out)
     resolved = pre.model_copy(update={"size": [h, w]}).model_dump()
-    return RawData({spec.name: arr.astype(spec.dtype)}, None, "images", str(folder), preprocess=resolved,
-                   files=[str(f.relative_to(folder)) for f in files])
+    return RawData({spec.name: arr.astype(spec.dtype)}, None, "images", where, preprocess=resolved,
+                   files=[str(f) for f in files])

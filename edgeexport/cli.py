@@ -21,11 +21,10 @@ _PARAM_PATHS: dict[str, tuple[str, ...]] = {
     "target": ("target",), "model": ("model",), "precision": ("precision",), "opset": ("opset",),
     "out": ("out",), "force": ("force",), "calib": ("calibration", "path"), "labels": ("calibration", "labels"),
     "calib_method": ("calibration", "method"), "calib_samples": ("calibration", "samples"),
-    "holdout": ("calibration", "holdout"), "seed": ("calibration", "seed"),
+    "holdout": ("calibration", "holdout"), "seed": ("calibration", "seed"), "val": ("calibration", "validation_path"),
     "percentile": ("calibration", "percentile"), "bench_runs": ("bench", "runs"), "threads": ("bench", "threads"),
     "golden": ("golden_samples",),
 }
-_PREPROCESS_PARAMS = ("image_size", "color", "mean", "std", "layout", "scale")
 
 
 def _floats(text: str, name: str) -> list[float]:
@@ -71,7 +70,7 @@ def config_from_options(ctx: click.Context, params: dict[str, Any]):
         if not (sep and h.isdigit() and w.isdigit()):
             raise UsageError(f"--image-size {params['image_size']!r} is not HxW", "", "e.g. --image-size 224x224")
         pre["size"] = [int(h), int(w)]
-    for key in ("color", "layout", "scale"):
+    for key in ("color", "layout", "scale", "resize_shorter"):
         if params[key] is not None:
             pre[key] = params[key]
     for key in ("mean", "std"):
@@ -105,17 +104,19 @@ def main() -> None:
 @click.option("-c", "--config", type=click.Path(dir_okay=False), help="Replay a YAML config written by --dry-run.")
 @click.option("--target", default="ort", show_default=True, help="Backend: ort.")
 @click.option("--model", help="pkg.module:factory, file.py:factory, TorchScript .pt, torch.export .pt2, or .onnx.")
-@click.option("--calib", help="Calibration/validation data: .npz (arrays by input name), .npy, an image folder, "
-              "or synthetic:N (random data, recorded as such).")
+@click.option("--calib", help="Calibration/validation data: .npz (arrays by input name), .npy, an image folder or "
+              "a quoted glob ('photos/*.jpg'), or synthetic:N (random data, recorded as such).")
 @click.option("--precision", type=click.Choice(PRECISIONS), default="int8", show_default=True)
 @click.option("--input", "inputs", multiple=True, help="NAME:SHAPE[:DTYPE], e.g. image:batchx3x224x224:float32.")
-@click.option("--labels", help="Labels (.npy/.npz/.txt) aligned with the samples, for task accuracy.")
+@click.option("--val", help="Separate validation data (same kinds as --calib); default: hold out part of --calib.")
+@click.option("--labels", help="Labels (.npy/.npz/.txt) aligned with the --calib samples, for task accuracy.")
 @click.option("--calib-method", type=click.Choice(CALIB_METHODS), default="minmax", show_default=True)
 @click.option("--calib-samples", type=int, help="Calibration samples [default: all but the holdout, at most 256].")
 @click.option("--holdout", type=int, help="Held-out validation samples [default: 20%, at most 200].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the calibration/holdout split.")
 @click.option("--percentile", type=float, default=99.999, show_default=True, help="For --calib-method percentile.")
 @click.option("--image-size", help="Resize images to HxW [default: the input's H and W].")
+@click.option("--resize-shorter", type=int, help="Resize the shorter side to N, then center-crop to the image size.")
 @click.option("--color", type=click.Choice(["rgb", "bgr", "gray"]), help="Image channel order [default: rgb].")
 @click.option("--mean", help="Per-channel mean after scaling, e.g. 0.485,0.456,0.406 [default: 0].")
 @click.option("--std", help="Per-channel std after scaling, e.g. 0.229,0.224,0.225 [default: 1].")

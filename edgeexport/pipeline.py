@@ -70,8 +70,12 @@ def resolve(config: BuildConfig, log: Log = _stderr) -> tuple[BuildConfig, Model
     if calib.data.synthetic:
         log("WARNING: calibration and validation use SYNTHETIC random data (you asked for it with --calib synthetic:N);"
             " the metrics say nothing about real inputs. The manifest records this.")
-    log(f"    data: {summary['source']} ({summary['total_samples']} samples: {summary['calibration_samples']} "
-        f"calibration, {summary['holdout_samples']} held out for validation, seed {summary['split_seed']})")
+    if summary["validation_source"]:
+        log(f"    data: {summary['calibration_samples']} calibration samples from {summary['source']}, "
+            f"{summary['holdout_samples']} validation samples from {summary['validation_source']} (seed {summary['split_seed']})")
+    else:
+        log(f"    data: {summary['source']} ({summary['total_samples']} samples: {summary['calibration_samples']} "
+            f"calibration, {summary['holdout_samples']} held out for validation, seed {summary['split_seed']})")
     for note in calib.data.notes:
         log(f"    note: {note}")
     resolved = config.model_copy(update={"inputs": specs})
@@ -250,6 +254,7 @@ def make_manifest(config: BuildConfig, source: ModelSource, calib: CalibrationSe
         "export": {"opset": config.opset, "exporter": "torch.onnx" if source.kind != "onnx" else "none (ONNX given)"},
         "quantization": artifact.settings,
         "calibration": calib.summary(),
+        "preprocess": calib.data.preprocess,
         "validation": report.to_dict(),
         "benchmark": bench,
         "golden": {"count": len(golden), "tolerance": golden_tolerance(artifact.precision, [o for _, o in golden]),

@@ -54,9 +54,8 @@ def output_metrics(refs: list[np.ndarray], outs: list[np.ndarray]) -> dict[str, 
         out_top = np.concatenate([o.argmax(-1) for o in outs])
         m["top1"] = float(np.mean(ref_top == out_top))
         if refs[0].shape[1] >= 5:
-            ref_top5 = np.concatenate([np.argsort(-r, axis=-1)[:, :5] for r in refs])
-            m["top5_contains_ref_top1"] = float(np.mean([t in row for t, row in zip(
-                out_top, ref_top5)]))
+            out_top5 = np.concatenate([np.argsort(-o, axis=-1)[:, :5] for o in outs])
+            m["top5"] = float(np.mean([t in row for t, row in zip(ref_top, out_top5)]))
     return m
 
 
@@ -100,7 +99,7 @@ class ValidationReport:
                 "outputs": self.outputs, "task": self.task, "checks": [c.to_dict() for c in self.checks]}
 
     def table(self) -> str:
-        cols = ["output", "max_abs", "mean_abs", "rel_err", "cosine", "snr_db", "top1"]
+        cols = ["output", "max_abs", "mean_abs", "rel_err", "cosine", "snr_db", "top1", "top5"]
         rows = [cols]
         for name, m in self.outputs.items():
             rows.append([name] + [_fmt(m.get(c)) for c in cols[1:]])
@@ -146,7 +145,7 @@ def compare(refs: dict[str, list[np.ndarray]], outs: dict[str, list[np.ndarray]]
     metrics = {name: output_metrics(refs[name], outs[name]) for name in refs}
     report = ValidationReport(metrics, dict(tolerance), samples=len(next(iter(refs.values()), [])))
     for name, m in metrics.items():
-        for key, kind in (("cosine", "min"), ("snr_db", "min"), ("top1", "min"), ("max_abs", "max")):
+        for key, kind in (("cosine", "min"), ("snr_db", "min"), ("top1", "min"), ("top5", "min"), ("max_abs", "max")):
             if key in tolerance and key in m:
                 report.checks.append(Check(name, key, m[key], tolerance[key], kind))
     first = next(iter(refs), None)

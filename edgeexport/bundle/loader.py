@@ -101,6 +101,45 @@ def verify(root, manifest=None):
     return manifest
 
 
+def preprocess_image(image, pre):
+    """Image -> float32 array [C,H,W] or [H,W,C] (no batch axis), exactly as calibration saw it.
+
+    ``image``: a path, a PIL image, or an HxW / HxWxC uint8 array. ``pre``: the manifest's preprocessing dict
+    (size, resize_shorter, color, scale, mean, std, layout). Needs Pillow for decoding and resizing.
+    """
+    try:
+        from PIL import Image
+    except ImportError:
+        raise BundleError("preprocessing images needs Pillow on the device: pip install pillow") from None
+    if isinstance(image, (str, Path)):
+        with Image.open(image) as im:
+            im.load()
+            image = im.copy()
+    elif isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    h, w = pre["size"]
+    img = image.convert("L" if pre["color"] == "gray" else "RGB")
+    if pre.get("resize_shorter"):
+        n = pre["resize_shorter"]
+        iw, ih = img.size
+        r = n / min(iw, ih)
+        img = img.resize((max(w, round(iw * r)), max(h, round(ih * r))), Image.BILINEAR)
+        left, top = (img.size[0] - w) // 2, (img.size[1] - h) // 2
+        img = img.crop((left, top, left + w, top + h))
+    else:
+        img = img.resize((w, h), Image.BILINEAR)
+    arr = np.asarray(img, dtype=np.float32)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    if pre["color"] == "bgr":
+        arr = arr[:, :, ::-1]
+    arr = arr * np.float32(pre["scale"])
+    arr = (arr - np.asarray(pre["mean"], dtype=np.float32)) / np.asarray(pre["std"], dtype=np.float32)
+    if pre["layout"] == "nchw":
+        arr = arr.transpose(2, 0, 1)
+    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
 def _version_tuple(v):
     out = []
     for part in str(v).split("+")[0].split(".")[:3]:
@@ -181,6 +220,13 @@ class Model:
                 raise InputError(f"input {name!r} has shape {list(arr.shape)}; the model needs {shape} "
                                  "(named dimensions may vary)")
         return inputs
+
+    def preprocess(self, image):
+        """Turn an image (path, PIL image or uint8 array) into the model's input, batch of one, as calibrated."""
+        pre = self.manifest.get("preprocess")
+        if not pre:
+            raise InputError("this bundle records no image preprocessing (it was not calibrated on images)")
+        return preprocess_image(image, pre)[None]
 
     def __call__(self, inputs):
         return self._backend.run(self.check_inputs(inputs))

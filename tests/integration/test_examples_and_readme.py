@@ -28,6 +28,16 @@ def test_example_runs(example, tmp_path):
         assert "selftest passed" in r.stdout and "of 50 digits right" in r.stdout
     if example == "custom_model":
         assert "batch of 8 -> (8, 4)" in r.stdout
+    if example == "efficientnet_lite0":
+        import json
+
+        assert "refused, as it must be" in r.stdout and "selftest passed" in r.stdout
+        m = json.loads((tmp_path / "out" / "int8" / "manifest.json").read_text())
+        out = m["validation"]["outputs"]["output"]
+        assert 0.75 <= out["top1"] <= 1.0 and out["top5"] >= 0.9 and m["validation"]["samples"] == 64
+        assert m["calibration"]["validation_source"].endswith("val") and m["preprocess"]["resize_shorter"] == 256
+        assert not (tmp_path / "out" / "broken").exists()
+        assert r.stdout.count(": class ") == 4
 
 
 def test_readme_lists_the_two_setup_commands_first():

@@ -138,3 +138,37 @@ def test_image_folder_errors(tmp_path):
         load_calibration(CalibrationConfig(path=str(tmp_path / "imgs"), preprocess=ImagePreprocess(color="gray")), spec)
     with pytest.raises(CalibrationError, match="channel"):
         load_calibration(CalibrationConfig(path=str(tmp_path / "imgs")), spec)  # rgb into a 1-channel input
+
+
+def test_separate_validation_source(tmp_path):
+    cal = np.arange(40 * 4, dtype=np.float32).reshape(40, 4)
+    val = -np.arange(1, 11 * 4 + 1, dtype=np.float32).reshape(11, 4)
+    cfg = CalibrationConfig(path=_npz(tmp_path, "c.npz", x=cal), validation_path=_npz(tmp_path, "v.npz", x=val))
+    cs = load_calibration(cfg, SPEC)
+    assert all(f["x"].min() >= 0 for f in cs.calibration()) and all(f["x"].max() < 0 for f in cs.holdout())
+    assert len(cs.calib_idx) == 40 and len(cs.holdout_idx) == 11
+    assert cs.summary()["validation_source"].endswith("v.npz")
+    with pytest.raises(CalibrationError, match="asked for 12 validation samples but the validation data has 11"):
+        load_calibration(cfg.model_copy(update={"holdout": 12}), SPEC)
+
+
+def test_image_glob_resize_shorter_and_center_crop(tmp_path):
+    from PIL import Image
+
+    from edgeexport.bundle.loader import preprocess_image
+
+    (tmp_path / "g").mkdir()
+    wide = np.zeros((20, 40, 3), np.uint8)
+    wide[:, 10:30] = 255  # a white center block: after shorter-side resize to 10 and a 10x10 center crop, all white
+    Image.fromarray(wide).save(tmp_path / "g" / "a.png")
+    Image.fromarray(wide).save(tmp_path / "g" / "b.png")
+    (tmp_path / "g" / "notes.txt").write_text("not an image")
+    pre = ImagePreprocess(resize_shorter=10)
+    spec = [InputSpec(name="image", shape=[1, 3, 10, 10])]
+    cs = load_calibration(CalibrationConfig(path=str(tmp_path / "g" / "*"), preprocess=pre, holdout=1), spec)
+    assert cs.num_samples == 2 and cs.summary()["preprocess"]["resize_shorter"] == 10
+    x = next(cs.holdout())["image"]
+    assert x.shape == (1, 3, 10, 10) and x.min() > 0.8  # only the white centre survived the crop
+    # the device-side loader's preprocessing gives the very same array
+    direct = preprocess_image(tmp_path / "g" / "a.png", cs.summary()["preprocess"])
+    np.testing.assert_array_equal(direct, cs.data.arrays["image"][0])

@@ -144,3 +144,17 @@ def test_loader_imports_only_numpy_and_stdlib():
     assert top <= {"__future__", "argparse", "hashlib", "json", "os", "sys", "pathlib", "numpy"}
     src = open(loader.__file__).read()
     assert "import torch" not in src and "pickle" not in src.replace("never unpickles", "").replace("allow_pickle=False", "")
+
+
+def test_preprocess_needs_recorded_preprocessing(bundle):
+    with pytest.raises(loader.InputError, match="no image preprocessing"):
+        loader.load(bundle).preprocess(np.zeros((8, 8, 3), np.uint8))
+
+
+def test_preprocess_matches_the_manifest(bundle):
+    pre = {"size": [4, 6], "resize_shorter": None, "color": "bgr", "scale": 1.0, "mean": [0.0], "std": [2.0],
+           "layout": "nhwc"}
+    img = np.zeros((4, 6, 3), np.uint8)
+    img[..., 0] = 10  # red channel
+    out = loader.preprocess_image(img, pre)
+    assert out.shape == (4, 6, 3) and out[..., 2].max() == 5.0 and out[..., 0].max() == 0.0  # BGR, /std
