@@ -32,6 +32,7 @@ class RawData:
     notes: list[str] = field(default_factory=list)
     preprocess: Optional[dict[str, Any]] = None
     files: Optional[list[str]] = None  # image files, in sample order
+    text: Optional[dict[str, Any]] = None  # tokenization settings when the source was text
 
 
 @dataclass
@@ -82,6 +83,7 @@ class CalibrationSet:
             "has_labels": self.data.labels is not None,
             "validation_source": getattr(self.data, "validation_description", None),
             "preprocess": self.data.preprocess,
+            "text": self.data.text,
             "notes": list(self.data.notes),
         }
 
@@ -125,16 +127,16 @@ def split(n: int, cfg: CalibrationConfig) -> tuple[np.ndarray, np.ndarray]:
     return perm[holdout : holdout + samples], perm[:holdout]
 
 
-def load_calibration(cfg: CalibrationConfig, specs: list[InputSpec]) -> CalibrationSet:
+def load_calibration(cfg: CalibrationConfig, specs: list[InputSpec], tokenizer: Optional[Any] = None) -> CalibrationSet:
     from edgeexport.calibration.sources import read_path, read_source
 
-    raw = read_source(cfg, specs)
+    raw = read_source(cfg, specs, tokenizer)
     check_arrays(raw, specs)
     n = len(next(iter(raw.arrays.values())))
     if not cfg.validation_path:
         calib_idx, holdout_idx = split(n, cfg)
         return CalibrationSet(raw, specs, calib_idx, holdout_idx, cfg.seed, content_hash(raw.arrays, raw.labels))
-    val = read_path(cfg.validation_path, cfg.model_copy(update={"labels": None}), specs)
+    val = read_path(cfg.validation_path, cfg.model_copy(update={"labels": None}), specs, tokenizer)
     check_arrays(val, specs)
     return _with_separate_validation(raw, val, specs, cfg)
 
@@ -159,7 +161,7 @@ def _with_separate_validation(raw: RawData, val: RawData, specs: list[InputSpec]
     merged = RawData(arrays, labels, raw.kind, raw.description, raw.synthetic or val.synthetic,
                      raw.notes + [f"validation data: {n}" for n in val.notes] +
                      [f"held-out validation samples come from a separate source: {val.description}"],
-                     raw.preprocess, raw.files)
+                     raw.preprocess, raw.files, raw.text)
     merged.validation_description = val.description  # type: ignore[attr-defined]
     return CalibrationSet(merged, specs, calib_idx, holdout_idx, cfg.seed, content_hash(arrays, labels))
 

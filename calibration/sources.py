@@ -16,7 +16,7 @@ LABELS_KEY = "labels"
 _SYNTHETIC = re.compile(r"^synthetic:(\d+)$")
 
 
-def read_source(cfg: CalibrationConfig, specs: list[InputSpec]) -> RawData:
+def read_source(cfg: CalibrationConfig, specs: list[InputSpec], tokenizer: Optional[Path] = None) -> RawData:
     if not cfg.path:
         raise CalibrationError(
             "no calibration data given",
@@ -24,10 +24,10 @@ def read_source(cfg: CalibrationConfig, specs: list[InputSpec]) -> RawData:
             "pass --calib data.npz (arrays keyed by input name) or --calib images/; "
             "to accept random data knowingly, pass --calib synthetic:64",
         )
-    return read_path(cfg.path, cfg, specs)
+    return read_path(cfg.path, cfg, specs, tokenizer)
 
 
-def read_path(path_text: str, cfg: CalibrationConfig, specs: list[InputSpec]) -> RawData:
+def read_path(path_text: str, cfg: CalibrationConfig, specs: list[InputSpec], tokenizer: Optional[Path] = None) -> RawData:
     """One source: synthetic:N, a glob of images, a folder of images, an .npz or an .npy (+ --labels)."""
     m = _SYNTHETIC.match(path_text)
     if m:
@@ -49,11 +49,14 @@ def read_path(path_text: str, cfg: CalibrationConfig, specs: list[InputSpec]) ->
             raw = read_npz(path, specs)
         elif path.suffix == ".npy":
             raw = read_npy(path, specs)
+        elif path.suffix == ".txt":
+            raw = read_text(path, specs, tokenizer, cfg.max_length)
         else:
             raise CalibrationError(
                 f"cannot read calibration data from {str(path)!r}",
                 f"unsupported file type {path.suffix or '(none)'!r}",
-                "use an .npz (arrays keyed by input name), an .npy (single-input models) or a folder of images",
+                "use an .npz (arrays keyed by input name), an .npy (single-input models), a folder of images, "
+                "or a .txt with one text sample per line (models with a tokenizer)",
             )
     if cfg.labels:
         raw.labels = read_labels(Path(cfg.labels))
@@ -126,6 +129,40 @@ def read_labels(path: Path) -> np.ndarray:
     if labels.ndim != 1 or labels.dtype.kind not in "iu":
         raise CalibrationError(f"labels in {str(path)!r} must be a 1-D integer array", f"got {labels.dtype} {labels.shape}", "")
     return labels
+
+
+def read_text(path: Path, specs: list[InputSpec], tokenizer: Optional[Path], max_length: int) -> RawData:
+    """One sample per non-empty line, tokenized with the model's own tokenizer (``tokenizers`` package),
+    truncated and padded to ``max_length``; the same settings go to the device's loader."""
+    if tokenizer is None:
+        raise CalibrationError(f"{str(path)!r} is text but the model has no tokenizer",
+                               "text calibration needs the model's tokenizer.json (hf:PATH models carry one)",
+                               "tokenize the text yourself and pass an .npz keyed by input name")
+    from edgeexport.bundle.loader import make_tokenizer
+
+    try:
+        lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+    except UnicodeDecodeError as e:
+        raise CalibrationError(f"{str(path)!r} is not UTF-8 text", str(e), "save it as UTF-8") from None
+    texts = [ln for ln in lines if ln]
+    if not texts:
+        raise CalibrationError(f"{str(path)!r} has no non-empty lines", "", "put one text sample per line")
+    settings = {"tokenizer": "tokenizer/tokenizer.json", "max_length": max_length, "padding": "max_length",
+                "truncation": True}
+    tok = make_tokenizer(tokenizer, settings)
+    encodings = tok.encode_batch(texts)
+    fields = {"input_ids": "ids", "attention_mask": "attention_mask", "token_type_ids": "type_ids"}
+    arrays = {}
+    for spec in specs:
+        if spec.name not in fields:
+            raise CalibrationError(f"the model input {spec.name!r} cannot be made from text", "",
+                                   "pass an .npz keyed by input name")
+        arrays[spec.name] = np.array([getattr(e, fields[spec.name]) for e in encodings], dtype=spec.dtype)
+    truncated = sum(1 for e in encodings if e.overflowing)
+    notes = [f"{len(lines) - len(texts)} empty line(s) skipped"] if len(lines) != len(texts) else []
+    if truncated:
+        notes.append(f"{truncated} of {len(texts)} text samples were truncated to {max_length} tokens")
+    return RawData(arrays, None, "text", str(path), notes=notes, text=settings)
 
 
 def synthetic(specs: list[InputSpec], n: int, seed: int) -> RawData:

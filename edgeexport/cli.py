@@ -23,7 +23,7 @@ _PARAM_PATHS: dict[str, tuple[str, ...]] = {
     "calib_method": ("calibration", "method"), "calib_samples": ("calibration", "samples"),
     "holdout": ("calibration", "holdout"), "seed": ("calibration", "seed"), "val": ("calibration", "validation_path"),
     "percentile": ("calibration", "percentile"), "bench_runs": ("bench", "runs"), "threads": ("bench", "threads"),
-    "golden": ("golden_samples",),
+    "golden": ("golden_samples",), "task": ("task",), "max_length": ("calibration", "max_length"),
 }
 
 
@@ -103,10 +103,14 @@ def main() -> None:
 @main.command()
 @click.option("-c", "--config", type=click.Path(dir_okay=False), help="Replay a YAML config written by --dry-run.")
 @click.option("--target", default="ort", show_default=True, help="Backend: ort.")
-@click.option("--model", help="pkg.module:factory, file.py:factory, TorchScript .pt, torch.export .pt2, or .onnx.")
+@click.option("--model", help="pkg.module:factory, file.py:factory, TorchScript .pt, torch.export .pt2, .onnx, "
+              "or hf:PATH (Hugging Face folder; needs the [hf] extra).")
 @click.option("--calib", help="Calibration/validation data: .npz (arrays by input name), .npy, an image folder or "
               "a quoted glob ('photos/*.jpg'), or synthetic:N (random data, recorded as such).")
 @click.option("--precision", type=click.Choice(PRECISIONS), default="int8", show_default=True)
+@click.option("--task", help="hf: models: the optimum task [default: feature-extraction]; feature-extraction also "
+              "selects embedding metrics.")
+@click.option("--max-length", type=int, help="Text: tokens per sample, truncated and padded [default: 128].")
 @click.option("--input", "inputs", multiple=True, help="NAME:SHAPE[:DTYPE], e.g. image:batchx3x224x224:float32.")
 @click.option("--val", help="Separate validation data (same kinds as --calib); default: hold out part of --calib.")
 @click.option("--labels", help="Labels (.npy/.npz/.txt) aligned with the --calib samples, for task accuracy.")

@@ -33,6 +33,7 @@ TOLERANCE_KEYS = {
     "cosine": "min mean cosine similarity",
     "snr_db": "min signal-to-noise ratio in dB",
     "top1": "min top-1 agreement with the reference (classifier-like outputs)",
+    "pooled_cosine": "min mean cosine of mean-pooled token embeddings (encoders; off unless set)",
     "top5": "min share of samples whose reference top-1 is in the built model's top-5 (off unless set)",
     "accuracy_drop": "max drop in task accuracy, percentage points (needs labels)",
     "max_abs": "max absolute error (off unless set)",
@@ -125,6 +126,7 @@ class CalibrationConfig(_Strict):
     method: Literal["minmax", "entropy", "percentile"] = "minmax"
     percentile: float = Field(default=99.999, gt=50.0, le=100.0)
     seed: int = 0
+    max_length: int = Field(default=128, ge=1, le=8192)  # text: tokens per sample (truncate, pad to this length)
     labels: Optional[str] = None
     preprocess: Optional[ImagePreprocess] = None
 
@@ -142,6 +144,7 @@ class BuildConfig(_Strict):
     target: str = "ort"
     precision: str = "fp32"
     model: str
+    task: Optional[str] = None  # hf: the optimum task (default feature-extraction); also selects metrics
     inputs: list[InputSpec] = Field(default_factory=list)
     opset: int = Field(default=18, ge=13, le=23)
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)

@@ -62,10 +62,10 @@ def resolve(config: BuildConfig, log: Log = _stderr) -> tuple[BuildConfig, Model
         )
     check_output_path(Path(config.out), config.force)
     log(f"==> loading model {config.model}")
-    source = load_source(config.model)
+    source = load_source(config.model, config.task)
     specs = resolve_inputs(config, source)
     log(f"    inputs: {', '.join(s.describe() for s in specs)}")
-    calib = load_calibration(config.calibration, specs)
+    calib = load_calibration(config.calibration, specs, getattr(source, "tokenizer_file", None))
     summary = calib.summary()
     if calib.data.synthetic:
         log("WARNING: calibration and validation use SYNTHETIC random data (you asked for it with --calib synthetic:N);"
@@ -78,7 +78,7 @@ def resolve(config: BuildConfig, log: Log = _stderr) -> tuple[BuildConfig, Model
             f"calibration, {summary['holdout_samples']} held out for validation, seed {summary['split_seed']})")
     for note in calib.data.notes:
         log(f"    note: {note}")
-    resolved = config.model_copy(update={"inputs": specs})
+    resolved = config.model_copy(update={"inputs": specs, "task": config.task or getattr(source, "task", None)})
     if calib.data.preprocess:
         from edgeexport.config import ImagePreprocess
 
@@ -193,8 +193,8 @@ def build(config: BuildConfig, log: Log = _stderr) -> BuildResult:
         tolerance = config.resolved_tolerance()
         log(f"==> validating on {len(calib.holdout_idx)} held-out samples")
         with source.reference(config.inputs, output_names) as ref, target.load(artifact, config.bench.threads) as cand:
-            refs, outs = collect(ref, cand, calib.holdout(), total=len(calib.holdout_idx))
-            report = compare(refs, outs, tolerance, calib.holdout_labels())
+            refs, outs, masks = collect(ref, cand, calib.holdout(), total=len(calib.holdout_idx))
+            report = compare(refs, outs, tolerance, calib.holdout_labels(), masks=masks, task=config.task)
             log(report.table())
             if not report.passed:
                 err = ValidationFailed(
@@ -212,9 +212,10 @@ def build(config: BuildConfig, log: Log = _stderr) -> BuildResult:
         io["inputs"] = [s.model_dump() for s in config.inputs]  # declared names/dims, not the runtime's view
         manifest = make_manifest(config, source, calib, artifact, report, bench, golden, io)
         manifest["export"].update(export_info)
-        texts = {"requirements.txt": "\n".join(target.requirements(artifact)) + "\n",
-                 "report.md": render_markdown(manifest)}
+        requirements = target.requirements(artifact) + (["tokenizers"] if manifest.get("text") else [])
+        texts = {"requirements.txt": "\n".join(requirements) + "\n", "report.md": render_markdown(manifest)}
         files = {name: artifact.root / name for name in artifact.files}
+        files.update(getattr(source, "bundle_files", dict)())
         log(f"==> writing bundle to {config.out}")
         out = write_bundle(Path(config.out), files, golden, manifest, texts, config.force)
     return BuildResult(config, out, manifest, report)
@@ -255,6 +256,8 @@ def make_manifest(config: BuildConfig, source: ModelSource, calib: CalibrationSe
         "quantization": artifact.settings,
         "calibration": calib.summary(),
         "preprocess": calib.data.preprocess,
+        "text": text_settings(config, source, calib),
+        "task": config.task,
         "validation": report.to_dict(),
         "benchmark": bench,
         "golden": {"count": len(golden), "tolerance": golden_tolerance(artifact.precision, [o for _, o in golden]),
@@ -262,6 +265,16 @@ def make_manifest(config: BuildConfig, source: ModelSource, calib: CalibrationSe
         "config": config.model_dump(mode="json"),
         "notes": list(artifact.notes) + list(calib.data.notes),
     }
+
+
+def text_settings(config: BuildConfig, source: ModelSource, calib: CalibrationSet) -> Optional[dict[str, Any]]:
+    """How the device's loader turns strings into inputs (None for models without a tokenizer)."""
+    if calib.data.text:
+        return calib.data.text
+    if getattr(source, "tokenizer_file", None) is not None:
+        return {"tokenizer": "tokenizer/tokenizer.json", "max_length": config.calibration.max_length,
+                "padding": "max_length", "truncation": True}
+    return None
 
 
 def dry_run(config: BuildConfig, log: Log = _stderr) -> str:

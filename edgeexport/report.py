@@ -14,9 +14,10 @@ def _f(v: Any, digits: int = 4) -> str:
 def validation_rows(manifest: dict[str, Any]) -> list[str]:
     val = manifest.get("validation") or {}
     lines = ["| output | max abs | mean abs | rel err | cosine | SNR dB | top-1 |", "|---|---|---|---|---|---|---|"]
-    for name, m in (val.get("outputs") or {}).items():
+    for name, m in (val.get("outputs") or {}).items():  # token outputs: unpadded cosine/SNR (what is checked)
+        cos, snr = m.get("cosine_unpadded", m.get("cosine")), m.get("snr_db_unpadded", m.get("snr_db"))
         lines.append(f"| {name} | {_f(m.get('max_abs'))} | {_f(m.get('mean_abs'))} | {_f(m.get('rel_err'))} | "
-                     f"{_f(m.get('cosine'), 6)} | {_f(m.get('snr_db'))} | {_f(m.get('top1'))} |")
+                     f"{_f(cos, 6)} | {_f(snr)} | {_f(m.get('top1'))} |")
     return lines
 
 

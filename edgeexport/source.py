@@ -51,7 +51,11 @@ class ModelSource:
         raise NotImplementedError
 
 
-def load_source(spec: str) -> ModelSource:
+def load_source(spec: str, task: Optional[str] = None) -> ModelSource:
+    if spec.startswith("hf:"):
+        from edgeexport.source_hf import HFModelSource
+
+        return HFModelSource(spec, task)
     if spec.endswith(".onnx"):
         return OnnxModelSource(spec)
     if spec.endswith((".pt", ".pth", ".torchscript")):
@@ -62,7 +66,8 @@ def load_source(spec: str) -> ModelSource:
         return FactorySource(spec)
     raise ModelLoadError(
         f"cannot understand model spec {spec!r}",
-        "a spec is pkg.module:factory, path/to/file.py:factory, a TorchScript .pt, a torch.export .pt2, or an .onnx",
+        "a spec is pkg.module:factory, path/to/file.py:factory, a TorchScript .pt, a torch.export .pt2, an .onnx, "
+        "or hf:PATH (a Hugging Face model folder)",
         "for example --model mypkg.models:build or --model model.py:make_model",
     )
 

@@ -31,7 +31,27 @@ def is_classifier_like(ref: np.ndarray) -> bool:
     return ref.ndim == 2 and ref.shape[1] >= 2 and ref.dtype.kind == "f"
 
 
-def output_metrics(refs: list[np.ndarray], outs: list[np.ndarray]) -> dict[str, Any]:
+EMBEDDING_TASKS = {"feature-extraction", "sentence-similarity", "embedding"}
+
+
+def _masked_metrics(refs: list[np.ndarray], outs: list[np.ndarray], masks: list[np.ndarray]) -> dict[str, float]:
+    """Token outputs [batch, seq, hidden]: cosine over real (unpadded) tokens, and of mean-pooled embeddings."""
+    tok_cos, pooled_cos = [], []
+    signal = noise = 0.0
+    for r, o, m in zip(refs, outs, masks):
+        for rb, ob, mb in zip(r, o, m.astype(bool)):
+            rv, ov = rb[mb].astype(np.float64), ob[mb].astype(np.float64)
+            tok_cos.append(_cos(rv.ravel(), ov.ravel()))
+            pooled_cos.append(_cos(rv.mean(0), ov.mean(0)))
+            signal += float(np.sum(rv * rv))
+            noise += float(np.sum((ov - rv) ** 2))
+    snr = 200.0 if noise <= _EPS * max(signal, 1.0) else min(200.0, 10 * np.log10(max(signal, _EPS) / noise))
+    return {"cosine_unpadded": float(np.mean(tok_cos)), "snr_db_unpadded": float(snr),
+            "pooled_cosine": float(np.mean(pooled_cos)), "pooled_cosine_min": float(np.min(pooled_cos))}
+
+
+def output_metrics(refs: list[np.ndarray], outs: list[np.ndarray], masks: Optional[list[np.ndarray]] = None,
+                   classifier: Optional[bool] = None) -> dict[str, Any]:
     """Metrics for one output over all samples (each list item is one sample's output)."""
     ref = np.concatenate([r.reshape(r.shape[0] if r.ndim else 1, -1) for r in refs]).astype(np.float64)
     out = np.concatenate([o.reshape(o.shape[0] if o.ndim else 1, -1) for o in outs]).astype(np.float64)
@@ -49,7 +69,11 @@ def output_metrics(refs: list[np.ndarray], outs: list[np.ndarray]) -> dict[str, 
         "snr_db": float(min(snr, 200.0)),
         "samples": len(refs),
     }
-    if all(is_classifier_like(r) for r in refs):
+    if masks is not None and all(r.ndim == 3 and r.shape[:2] == mk.shape for r, mk in zip(refs, masks)):
+        m.update(_masked_metrics(refs, outs, masks))
+    if classifier is None:
+        classifier = all(is_classifier_like(r) for r in refs)
+    if classifier:
         ref_top = np.concatenate([r.argmax(-1) for r in refs])
         out_top = np.concatenate([o.argmax(-1) for o in outs])
         m["top1"] = float(np.mean(ref_top == out_top))
@@ -99,10 +123,10 @@ class ValidationReport:
                 "outputs": self.outputs, "task": self.task, "checks": [c.to_dict() for c in self.checks]}
 
     def table(self) -> str:
-        cols = ["output", "max_abs", "mean_abs", "rel_err", "cosine", "snr_db", "top1", "top5"]
+        cols = ["output", "max_abs", "mean_abs", "rel_err", "cosine", "snr_db", "top1", "top5", "pooled_cosine"]
         rows = [cols]
-        for name, m in self.outputs.items():
-            rows.append([name] + [_fmt(m.get(c)) for c in cols[1:]])
+        for name, m in self.outputs.items():  # token outputs show their unpadded cosine/SNR (what is checked)
+            rows.append([name] + [_fmt(m.get(f"{c}_unpadded", m.get(c))) for c in cols[1:]])
         widths = [max(len(r[i]) for r in rows) for i in range(len(cols))]
         lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
@@ -126,28 +150,41 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def collect(reference: Runner, candidate: Runner, feeds: Iterable[dict[str, np.ndarray]],
-            total: Optional[int] = None) -> tuple[dict[str, list[np.ndarray]], dict[str, list[np.ndarray]]]:
+def collect(reference: Runner, candidate: Runner, feeds: Iterable[dict[str, np.ndarray]], total: Optional[int] = None
+            ) -> tuple[dict[str, list[np.ndarray]], dict[str, list[np.ndarray]], Optional[list[np.ndarray]]]:
+    """Run both on every feed. Returns reference outputs, built outputs, and attention masks (if the model has one)."""
     refs: dict[str, list[np.ndarray]] = {}
     outs: dict[str, list[np.ndarray]] = {}
+    masks: list[np.ndarray] = []
     for feed in progress(feeds, "validating", total=total):
+        if "attention_mask" in feed:
+            masks.append(feed["attention_mask"])
         r = reference.infer(feed)
         o = candidate.infer(feed)
         for name, value in r.items():
             refs.setdefault(name, []).append(np.asarray(value))
             outs.setdefault(name, []).append(np.asarray(o[name]))
-    return refs, outs
+    return refs, outs, (masks or None)
 
 
 def compare(refs: dict[str, list[np.ndarray]], outs: dict[str, list[np.ndarray]], tolerance: dict[str, float],
-            labels: Optional[np.ndarray] = None) -> ValidationReport:
-    """Compute every output's metrics, then check them against ``tolerance``."""
-    metrics = {name: output_metrics(refs[name], outs[name]) for name in refs}
+            labels: Optional[np.ndarray] = None, masks: Optional[list[np.ndarray]] = None,
+            task: Optional[str] = None) -> ValidationReport:
+    """Compute every output's metrics, then check them against ``tolerance``.
+
+    For token outputs with an attention mask, the ``cosine`` limit applies to the unpadded tokens (padding
+    positions are never consumed). Embedding tasks get no top-k metrics (an embedding's argmax means nothing).
+    """
+    classifier = False if task in EMBEDDING_TASKS else None
+    metrics = {name: output_metrics(refs[name], outs[name], masks, classifier) for name in refs}
     report = ValidationReport(metrics, dict(tolerance), samples=len(next(iter(refs.values()), [])))
     for name, m in metrics.items():
         for key, kind in (("cosine", "min"), ("snr_db", "min"), ("top1", "min"), ("top5", "min"), ("max_abs", "max")):
             if key in tolerance and key in m:
-                report.checks.append(Check(name, key, m[key], tolerance[key], kind))
+                metric = f"{key}_unpadded" if f"{key}_unpadded" in m else key
+                report.checks.append(Check(name, metric, m[metric], tolerance[key], kind))
+        if "pooled_cosine" in tolerance and "pooled_cosine" in m:
+            report.checks.append(Check(name, "pooled_cosine", m["pooled_cosine"], tolerance["pooled_cosine"], "min"))
     first = next(iter(refs), None)
     if labels is not None and first is not None and "top1" in metrics[first]:
         ref_pred = np.concatenate([r.argmax(-1) for r in refs[first]])

@@ -140,6 +140,20 @@ def preprocess_image(image, pre):
     return np.ascontiguousarray(arr, dtype=np.float32)
 
 
+def make_tokenizer(path, settings):
+    """A ``tokenizers`` tokenizer configured as at build time (truncate and pad to max_length)."""
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        raise BundleError("text input needs the tokenizers package: pip install tokenizers") from None
+    tok = Tokenizer.from_file(str(path))
+    tok.enable_truncation(max_length=int(settings["max_length"]))
+    if settings.get("padding") == "max_length":
+        pad_id = tok.token_to_id("[PAD]")
+        tok.enable_padding(length=int(settings["max_length"]), pad_id=pad_id if pad_id is not None else 0)
+    return tok
+
+
 def _version_tuple(v):
     out = []
     for part in str(v).split("+")[0].split(".")[:3]:
@@ -192,6 +206,7 @@ class Model:
         self.inputs = manifest["inputs"]
         self.outputs = manifest["outputs"]
         self._backend = backend
+        self._tokenizer = None
 
     def __repr__(self):
         ins = ", ".join(f"{i['name']}:{i['shape']}:{i['dtype']}" for i in self.inputs)
@@ -228,7 +243,26 @@ class Model:
             raise InputError("this bundle records no image preprocessing (it was not calibrated on images)")
         return preprocess_image(image, pre)[None]
 
+    def encode(self, texts):
+        """Strings -> input feeds, tokenized exactly as calibration and validation were (one row per text)."""
+        text = self.manifest.get("text")
+        if not text:
+            raise InputError("this bundle has no tokenizer: pass arrays keyed by input name")
+        if self._tokenizer is None:
+            self._tokenizer = make_tokenizer(_safe_path(self.root, text["tokenizer"]), text)
+        encodings = self._tokenizer.encode_batch([texts] if isinstance(texts, str) else list(texts))
+        fields = {"input_ids": "ids", "attention_mask": "attention_mask", "token_type_ids": "type_ids"}
+        return {i["name"]: np.array([getattr(e, fields[i["name"]]) for e in encodings], dtype=i["dtype"])
+                for i in self.inputs}
+
     def __call__(self, inputs):
+        if isinstance(inputs, str) or (isinstance(inputs, (list, tuple)) and inputs and isinstance(inputs[0], str)):
+            feeds = self.encode(inputs)
+            if all(isinstance(i["shape"][0], str) for i in self.inputs):
+                return self._backend.run(self.check_inputs(feeds))
+            rows = [self._backend.run(self.check_inputs({k: v[j:j + 1] for k, v in feeds.items()}))
+                    for j in range(len(next(iter(feeds.values()))))]
+            return {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
         return self._backend.run(self.check_inputs(inputs))
 
     def golden(self):

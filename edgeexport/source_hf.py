@@ -1,0 +1,120 @@
+"""Hugging Face model directories (``hf:PATH``): exported with optimum's ONNX exporter (the ``[hf]`` extra).
+
+optimum knows each architecture's input/output names and dynamic axes; the reference is the same model in
+PyTorch eager mode, loaded the way optimum loads it (transformers or sentence-transformers). The tokenizer files
+travel into the bundle so the device can turn strings into input ids with the ``tokenizers`` package alone.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from edgeexport.config import InputSpec
+from edgeexport.errors import ExportError, ModelLoadError, missing_extra
+from edgeexport.source import ModelSource, _short
+from edgeexport.targets.base import Runner, TensorInfo
+from edgeexport.util import quiet
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+_DIM_NAMES = {"batch_size": "batch", "sequence_length": "sequence"}
+
+
+class HFModelSource(ModelSource):
+    kind = "hf"
+
+    def __init__(self, spec: str, task: str | None) -> None:
+        self.spec = spec
+        self.path = Path(spec[len("hf:"):])
+        self.task = task or "feature-extraction"
+        if not (self.path / "config.json").is_file():
+            raise ModelLoadError(f"{str(self.path)!r} is not a Hugging Face model directory (no config.json)", "",
+                                 "point hf: at a folder saved with save_pretrained()")
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub at build time
+        try:
+            import optimum.exporters.onnx.model_configs  # noqa: F401  (registers the ONNX export configs)
+            from optimum.exporters.tasks import TasksManager
+        except ImportError:
+            raise missing_extra("optimum-onnx", "hf", "exporting Hugging Face models") from None
+        try:
+            with quiet():
+                self.library = TasksManager.infer_library_from_model(str(self.path))
+                self.module = TasksManager.get_model_from_task(self.task, str(self.path), library_name=self.library)
+                self.module.eval()
+                ctor = TasksManager.get_exporter_config_constructor(
+                    exporter="onnx", model=self.module, task=self.task, library_name=self.library)
+                onnx_config = ctor(self._config())
+        except Exception as e:
+            raise ModelLoadError(f"cannot load {str(self.path)!r} for task {self.task!r}", _short(e, 400),
+                                 "check --task (e.g. feature-extraction, text-classification) and the folder") from None
+        self.declared_inputs = [
+            InputSpec(name=name, shape=[_DIM_NAMES.get(axes.get(i, ""), axes.get(i)) or 1 for i in range(2)],
+                      dtype="int64")
+            for name, axes in onnx_config.inputs.items()
+        ]
+        self.input_names = [s.name for s in self.declared_inputs]
+        self._outputs = list(onnx_config.outputs)
+
+    def _config(self) -> Any:
+        cfg = getattr(self.module, "config", None)
+        if cfg is None:  # sentence-transformers wraps the transformer
+            cfg = self.module[0].auto_model.config
+        return cfg
+
+    @property
+    def tokenizer_file(self) -> Path | None:
+        f = self.path / "tokenizer.json"
+        return f if f.is_file() else None
+
+    def bundle_files(self) -> dict[str, Path]:
+        return {f"tokenizer/{n}": self.path / n for n in TOKENIZER_FILES if (self.path / n).is_file()}
+
+    def describe(self) -> dict[str, Any]:
+        return {"spec": self.spec, "kind": self.kind, "task": self.task, "library": self.library}
+
+    def export_onnx(self, path: Path, specs: list[InputSpec], opset: int) -> list[str]:
+        from optimum.exporters.onnx import main_export
+
+        with tempfile.TemporaryDirectory(prefix="edgeexport-hf-") as tmp, quiet() as log:
+            try:
+                main_export(str(self.path), output=tmp, task=self.task, opset=opset, do_validation=False,
+                            library_name=self.library, device="cpu")
+            except Exception as e:
+                raise ExportError("optimum's ONNX export failed", _short(e, 500) + _tail(log.getvalue()),
+                                  "check that optimum supports this architecture and task, or try another --opset") from None
+            shutil.copyfile(Path(tmp) / "model.onnx", path)
+            if (Path(tmp) / "model.onnx_data").exists():
+                raise ExportError("the model is over 2 GB", "optimum wrote external weights", "edge bundles need < 2 GB")
+        import onnx
+
+        model = onnx.load(str(path))
+        return [o.name for o in model.graph.output]
+
+    def reference(self, specs: list[InputSpec], output_names: list[str]) -> Runner:
+        return HFRunner(self.module, self.library, [TensorInfo(s.name, s.shape, s.dtype) for s in specs], output_names)
+
+
+def _tail(text: str) -> str:
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    return f" ({lines[-1][:200]})" if lines else ""
+
+
+class HFRunner(Runner):
+    """The Hugging Face model in PyTorch eager mode, returning the exported graph's outputs by name."""
+
+    def __init__(self, module: Any, library: str, inputs: list[TensorInfo], output_names: list[str]) -> None:
+        self.module, self.library, self.inputs = module, library, inputs
+        self.outputs = [TensorInfo(n, [], "float32") for n in output_names]
+
+    def _infer_impl(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in feeds.items()}
+        with torch.inference_mode():
+            out = self.module(tensors) if self.library == "sentence_transformers" else self.module(**tensors)
+        return {o.name: out[o.name].detach().cpu().numpy() for o in self.outputs}
