@@ -1,4 +1,5 @@
-"""The loader on a 'device': a fresh venv with only numpy + onnxruntime (no torch, no edgeexport)."""
+"""The loader on a 'device': a fresh venv with only numpy + onnxruntime (+ tokenizers for text models), and no
+torch, transformers or edgeexport."""
 
 import json
 import shutil
@@ -17,7 +18,7 @@ def device_python(tmp_path_factory):
     env_dir = tmp_path_factory.mktemp("device") / "venv"
     venv.EnvBuilder(with_pip=True).create(env_dir)
     py = env_dir / "bin" / "python"
-    subprocess.run([str(py), "-m", "pip", "install", "-q", "-c", str(REPO / "constraints.txt"), "numpy", "onnxruntime"],
+    subprocess.run([str(py), "-m", "pip", "install", "-q", "-c", str(REPO / "constraints.txt"), "numpy", "onnxruntime", "tokenizers"],
                    check=True, capture_output=True, text=True)
     return py
 
@@ -46,3 +47,32 @@ def test_bundle_runs_without_torch(device_python, cli, digits_npz, tmp_path):
     assert result["shape"] == [1, 10] and result["heavy"] == []
     reqs = (device_dir / "requirements.txt").read_text().split()
     assert reqs[0] == "numpy" and reqs[1].startswith("onnxruntime>=") and len(reqs) == 2
+
+
+def test_text_bundle_runs_without_torch_or_transformers(device_python, tmp_path):
+    from edgeexport.models.sentences import minilm_path, write_sentences
+    from tests.conftest import make_cfg, quiet_build
+
+    calib = write_sentences(tmp_path / "calib.txt", 120)
+    val = write_sentences(tmp_path / "val.txt", 40, skip=120)
+    out = tmp_path / "bundle"
+    result = quiet_build(make_cfg(model=f"hf:{minilm_path()}", precision="int8-dynamic", out=str(out),
+                                  calibration={"path": str(calib), "validation_path": str(val)},
+                                  bench={"enabled": False}))
+    assert result.report.outputs["sentence_embedding"]["cosine"] >= 0.99
+    device_dir = tmp_path / "on-device"
+    shutil.copytree(out, device_dir)
+    code = (
+        "import sys, json, numpy as np; from loader import load; m = load('.'); "
+        "e = m(['Bundles travel alone.', 'They carry a tokenizer.'])['sentence_embedding']; "
+        "ok = m.selftest(verbose=False); "
+        "mods = [k for k in ('torch', 'transformers', 'optimum', 'edgeexport') if k in sys.modules]; "
+        "print(json.dumps({'shape': list(e.shape), 'norms': np.linalg.norm(e, axis=1).tolist(), 'ok': ok, 'heavy': mods}))"
+    )
+    run = subprocess.run([str(device_python), "-c", code], cwd=device_dir, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    res = json.loads(run.stdout)
+    assert res["shape"] == [2, 384] and res["ok"] and res["heavy"] == []
+    assert all(abs(n - 1) < 0.05 for n in res["norms"])  # normalized sentence embeddings
+    probe = subprocess.run([str(device_python), "-c", "import transformers"], capture_output=True, text=True)
+    assert probe.returncode != 0
