@@ -28,6 +28,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/ort_vs_eager.py
+	$(BIN)/python benchmarks/minilm.py
 
 clean:
 	rm -rf build $(VENV)

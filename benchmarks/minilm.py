@@ -1,0 +1,147 @@
+#!/usr/bin/env python3
+"""all-MiniLM-L6-v2 at batch 1, sequence 128: PyTorch eager fp32 vs every ORT precision built by edgeexport, and
+the same model quantized by optimum's own ORTQuantizer (dynamic, AVX2 config), measured side by side in one run.
+
+Each edgeexport build is validated on held-out sentences. A precision the gate refuses is still timed (built again
+with the limits lifted) and marked REFUSED, so the table shows what the gate protects against.
+
+    python benchmarks/minilm.py [--rounds 5] [--runs 100] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("EDGEEXPORT_NO_PROGRESS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parent
+PRECISIONS = ("fp32", "fp16", "int8-dynamic", "int8")
+LOOSE = {"cosine": -1.0, "snr_db": -100.0}
+
+
+def build_all(model: str, calib: Path, val: Path, work: Path):
+    from edgeexport import pipeline
+    from edgeexport.config import make_config
+    from edgeexport.errors import ValidationFailed
+
+    built = {}
+    for precision in PRECISIONS:
+        cfg = {"model": model, "precision": precision, "out": str(work / precision), "bench": {"enabled": False},
+               "calibration": {"path": str(calib), "validation_path": str(val)}}
+        try:
+            result = pipeline.build(make_config(cfg), log=lambda _m: None)
+            gate = "passed"
+        except ValidationFailed:
+            cfg["out"] = str(work / f"{precision}-refused")
+            result = pipeline.build(make_config({**cfg, "tolerance": LOOSE}), log=lambda _m: None)
+            gate = "REFUSED"
+        built[precision] = (result, gate)
+    return built
+
+
+def optimum_dynamic(fp32_dir: Path, work: Path) -> Path:
+    from optimum.onnxruntime import ORTQuantizer
+    from optimum.onnxruntime.configuration import AutoQuantizationConfig
+
+    src = work / "optimum-src"
+    src.mkdir()
+    (src / "model.onnx").write_bytes((fp32_dir / "model.onnx").read_bytes())
+    quantizer = ORTQuantizer.from_pretrained(str(src), file_name="model.onnx")
+    quantizer.quantize(save_dir=str(work / "optimum-q"),
+                       quantization_config=AutoQuantizationConfig.avx2(is_static=False, per_channel=True))
+    return next((work / "optimum-q").glob("*.onnx"))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--runs", type=int, default=100)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default=str(ROOT / "results"))
+    args = parser.parse_args()
+    import torch
+
+    from edgeexport.bench import machine, time_calls
+    from edgeexport.bundle.manifest import versions
+    from edgeexport.models.sentences import minilm_path, write_sentences
+    from edgeexport.source import load_source
+    from edgeexport.targets.onnxruntime import OrtRunner
+    from edgeexport.calibration import load_calibration
+    from edgeexport.config import CalibrationConfig
+    from edgeexport.validate import collect, compare
+
+    model = f"hf:{minilm_path()}"
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        calib = write_sentences(work / "calib.txt", 300)
+        val = write_sentences(work / "val.txt", 100, skip=300)
+        print("building fp32, fp16, int8-dynamic, int8 ...", file=sys.stderr)
+        built = build_all(model, calib, val, work)
+        fp32_result = built["fp32"][0]
+        runners = {f"ort {p}": OrtRunner(str(r.out / "model.onnx"), threads=args.threads) for p, (r, _) in built.items()}
+        try:
+            runners["optimum ORTQuantizer dynamic (avx2)"] = OrtRunner(str(optimum_dynamic(fp32_result.out, work)),
+                                                                        threads=args.threads)
+            optimum_note = "optimum ORTQuantizer installed beside edgeexport (optimum-onnx)"
+        except Exception as e:  # reported, not hidden
+            optimum_note = f"optimum ORTQuantizer unavailable: {type(e).__name__}: {e}"
+        source = load_source(model)
+        specs = fp32_result.config.inputs
+        output_names = [o["name"] for o in fp32_result.manifest["outputs"]]
+        data = load_calibration(CalibrationConfig(path=str(calib), validation_path=str(val)), specs,
+                                source.tokenizer_file)
+        reference = source.reference(specs, output_names)
+        metrics = {}
+        for name, runner in runners.items():
+            refs, outs, masks = collect(reference, runner, data.holdout())
+            report = compare(refs, outs, {}, masks=masks, task="feature-extraction")
+            metrics[name] = report.outputs["sentence_embedding"]
+        feed = next(data.holdout())
+        torch.set_num_threads(args.threads)
+        timings = {name: [] for name in ["pytorch eager fp32", *runners]}
+        for _ in range(args.rounds):  # interleaved rounds: drift hits every variant alike
+            timings["pytorch eager fp32"].append(
+                time_calls(lambda: reference._infer_impl(feed), warmup=5, runs=args.runs)["median_ms"])
+            for name, runner in runners.items():
+                timings[name].append(time_calls(lambda r=runner: r._infer_impl(feed), warmup=5, runs=args.runs)["median_ms"])
+        eager = float(np.median(timings["pytorch eager fp32"]))
+        gates = {f"ort {p}": g for p, (_, g) in built.items()}
+        sizes = {f"ort {p}": (r.out / "model.onnx").stat().st_size for p, (r, _) in built.items()}
+        for name in timings:
+            ms = float(np.median(timings[name]))
+            m = metrics.get(name, {})
+            rows.append({"variant": name, "median_ms": ms, "speedup": eager / ms,
+                         "size_bytes": sizes.get(name), "gate": gates.get(name, "-"),
+                         "cosine": m.get("cosine"), "cosine_min": m.get("cosine_min")})
+    meta = {"model": "all-MiniLM-L6-v2", "batch": 1, "sequence": 128, "threads": args.threads, "rounds": args.rounds,
+            "runs": args.runs, "held_out_sentences": 100, "optimum": optimum_note, "machine": machine(),
+            "versions": versions()}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "minilm.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    lines = [f"# all-MiniLM-L6-v2, batch 1, seq 128, {args.threads} threads (median of {args.rounds} rounds x "
+             f"{args.runs} runs)", "", f"Machine: {meta['machine'].get('cpu', '?')}. {optimum_note}. Accuracy: "
+             "sentence-embedding cosine vs PyTorch on 100 held-out sentences.", "",
+             "| variant | median ms | speed-up vs eager | size MiB | edgeexport gate | mean cosine | min cosine |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        size = "-" if r["size_bytes"] is None else f"{r['size_bytes'] / 2**20:.1f}"
+        cos = "-" if r["cosine"] is None else f"{r['cosine']:.4f}"
+        cmin = "-" if r["cosine_min"] is None else f"{r['cosine_min']:.4f}"
+        lines.append(f"| {r['variant']} | {r['median_ms']:.2f} | {r['speedup']:.2f}x | {size} | {r['gate']} | {cos} | {cmin} |")
+    table = "\n".join(lines) + "\n"
+    (out / "minilm.md").write_text(table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
