@@ -64,6 +64,8 @@ def config_from_options(ctx: click.Context, params: dict[str, Any]):
         import yaml
 
         data.setdefault("target_options", {})[key] = yaml.safe_load(value)
+    if params["io_dtype"]:
+        data.setdefault("target_options", {})["io_dtype"] = params["io_dtype"]
     pre: dict[str, Any] = {}
     if params["image_size"]:
         h, sep, w = params["image_size"].partition("x")
@@ -102,7 +104,7 @@ def main() -> None:
 
 @main.command()
 @click.option("-c", "--config", type=click.Path(dir_okay=False), help="Replay a YAML config written by --dry-run.")
-@click.option("--target", default="ort", show_default=True, help="Backend: ort.")
+@click.option("--target", default="ort", show_default=True, help="Backend: ort, tflite.")
 @click.option("--model", help="pkg.module:factory, file.py:factory, TorchScript .pt, torch.export .pt2, .onnx, "
               "or hf:PATH (Hugging Face folder; needs the [hf] extra).")
 @click.option("--calib", help="Calibration/validation data: .npz (arrays by input name), .npy, an image folder or "
@@ -129,6 +131,8 @@ def main() -> None:
 @click.option("--tolerance", multiple=True, help=f"KEY=VALUE overriding a default limit; keys: {', '.join(TOLERANCE_KEYS)}.")
 @click.option("--opset", type=int, default=18, show_default=True)
 @click.option("--option", multiple=True, help="Target option KEY=VALUE, e.g. reduce_range=false.")
+@click.option("--io-dtype", type=click.Choice(["float32", "int8", "uint8"]),
+              help="tflite int8: dtype of the model's inputs/outputs (int8/uint8 for accelerators, MCUs).")
 @click.option("--out", default="bundle", show_default=True, help="Output bundle folder.")
 @click.option("--force", is_flag=True, help="Replace an existing bundle at --out.")
 @click.option("--bench-runs", type=int, default=50, show_default=True, help="Timed runs in the build's benchmark.")

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from edgeexport.errors import ConfigError
 
-PRECISIONS = ("fp32", "fp16", "int8-dynamic", "int8")
+PRECISIONS = ("fp32", "fp16", "int8-dynamic", "dynamic-range", "int8")
 CALIB_METHODS = ("minmax", "entropy", "percentile")
 DTYPES = ("float32", "float16", "int64", "int32", "int8", "uint8", "bool")
 _NAME = re.compile(r"^[^\x00-\x1f]+$")
@@ -27,6 +27,7 @@ DEFAULT_TOLERANCES: dict[str, dict[str, float]] = {
     "fp32": {"cosine": 0.9999, "snr_db": 40.0, "top1": 0.99, "accuracy_drop": 0.5},
     "fp16": {"cosine": 0.999, "snr_db": 30.0, "top1": 0.95, "accuracy_drop": 0.5},
     "int8-dynamic": {"cosine": 0.98, "snr_db": 12.0, "top1": 0.95, "accuracy_drop": 1.0},
+    "dynamic-range": {"cosine": 0.98, "snr_db": 12.0, "top1": 0.95, "accuracy_drop": 1.0},
     "int8": {"cosine": 0.98, "snr_db": 12.0, "top1": 0.95, "accuracy_drop": 1.0},
 }
 TOLERANCE_KEYS = {

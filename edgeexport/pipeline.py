@@ -12,7 +12,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from edgeexport.bundle.manifest import PRECISION_LABELS, golden_tolerance, now_iso, versions
+from edgeexport.bundle.manifest import PRECISION_LABELS, TARGET_PRECISION_LABELS, golden_tolerance, now_iso, versions
 from edgeexport.bundle.writer import check_output_path, write_bundle
 from edgeexport.calibration import CalibrationSet, load_calibration
 from edgeexport.config import BuildConfig, InputSpec
@@ -65,6 +65,11 @@ def resolve(config: BuildConfig, log: Log = _stderr) -> tuple[BuildConfig, Model
     source = load_source(config.model, config.task)
     specs = resolve_inputs(config, source)
     log(f"    inputs: {', '.join(s.describe() for s in specs)}")
+    problems = target.check_inputs(specs)
+    if problems:
+        raise ConfigError(f"target {config.target!r} cannot take these inputs",
+                          "; ".join(f"{p.field}: {p.message}" for p in problems),
+                          "; ".join(p.fix for p in problems if p.fix) or "declare the inputs with --input")
     calib = load_calibration(config.calibration, specs, getattr(source, "tokenizer_file", None))
     summary = calib.summary()
     if calib.data.synthetic:
@@ -245,11 +250,13 @@ def make_manifest(config: BuildConfig, source: ModelSource, calib: CalibrationSe
         "created": now_iso(),
         "target": artifact.target,
         "precision": artifact.precision,
-        "precision_label": PRECISION_LABELS.get(artifact.precision, artifact.precision),
+        "precision_label": TARGET_PRECISION_LABELS.get((artifact.target, artifact.precision),
+                                                       PRECISION_LABELS.get(artifact.precision, artifact.precision)),
         "model_file": artifact.files[0],
         "inputs": io["inputs"],
         "outputs": io["outputs"],
         "runtime": artifact.runtime,
+        "runtime_config": artifact.runtime_config,
         "versions": versions(),
         "source": source.describe(),
         "export": {"opset": config.opset, "exporter": "torch.onnx" if source.kind != "onnx" else "none (ONNX given)"},

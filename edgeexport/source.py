@@ -88,6 +88,9 @@ class TorchModelSource(ModelSource):
         args = []
         examples = list(self.example_inputs) if self.example_inputs is not None else [None] * len(specs)
         for spec, ex in zip(specs, examples):
+            if ex is not None and (ex.ndim != len(spec.shape) or any(
+                    isinstance(d, int) and d != n for d, n in zip(spec.shape, ex.shape))):
+                ex = None  # the declared shape wins over the factory's example (e.g. a fixed batch of 1)
             if ex is None:
                 shape = [d if isinstance(d, int) else 2 for d in spec.shape]
                 ex = torch.zeros(shape, dtype=getattr(torch, spec.dtype))

@@ -14,7 +14,8 @@ from typing import Iterable, Iterator, Optional, TypeVar
 
 T = TypeVar("T")
 
-_CHATTY_LOGGERS = ("torch.onnx", "torch.export", "torch._dynamo", "torch.fx", "onnxscript", "root", "onnxruntime")
+_CHATTY_LOGGERS = ("torch.onnx", "torch.export", "torch._dynamo", "torch.fx", "onnxscript", "root", "onnxruntime",
+                   "optimum", "transformers", "sentence_transformers")
 
 
 @contextlib.contextmanager

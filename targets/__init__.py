@@ -11,9 +11,10 @@ from .base import Artifact, Problem, Runner, Target, TensorInfo  # noqa: F401
 # name -> (module, class name). Adding a target = one module here + an extra in pyproject.toml.
 REGISTRY: dict[str, tuple[str, str]] = {
     "ort": ("edgeexport.targets.onnxruntime", "OrtTarget"),
+    "tflite": ("edgeexport.targets.tflite", "TfliteTarget"),
     "fake": ("edgeexport.targets.fake", "FakeTarget"),
 }
-PUBLIC = ("ort",)  # shown in --help; 'fake' exists for testing orchestration
+PUBLIC = ("ort", "tflite")  # shown in --help; 'fake' exists for testing orchestration
 
 
 def get_target(name: str) -> Target:
@@ -21,7 +22,7 @@ def get_target(name: str) -> Target:
         raise UsageError(
             f"unknown target {name!r}",
             f"known targets: {', '.join(PUBLIC)}",
-            "pass --target ort",
+            "pass --target ort or --target tflite",
         )
     module, cls = REGISTRY[name]
     return getattr(importlib.import_module(module), cls)()

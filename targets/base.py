@@ -51,6 +51,7 @@ class Artifact:
     settings: dict[str, Any] = field(default_factory=dict)  # quantization / conversion settings, resolved
     runtime: dict[str, str] = field(default_factory=dict)  # runtime package -> version needed on the device
     notes: list[str] = field(default_factory=list)  # things the user should know (fallbacks, rewrites)
+    runtime_config: dict[str, Any] = field(default_factory=dict)  # what the device loader needs (e.g. layouts)
 
     @property
     def model_path(self) -> Path:
@@ -138,6 +139,10 @@ class Target:
                 )
             )
         return problems
+
+    def check_inputs(self, specs: list) -> list[Problem]:
+        """Rules about the resolved input specs (e.g. static shapes). Called once inputs are known."""
+        return []
 
     def build(
         self, source: "ModelSource", config: "BuildConfig", calibration: "CalibrationSet", workdir: Path,

@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -171,6 +172,7 @@ class _OrtBackend:
         except ImportError:
             raise BundleError("this bundle needs onnxruntime: pip install -r requirements.txt") from None
         built = manifest["runtime"].get("onnxruntime", "0")
+        self.runtime = "onnxruntime"
         if _version_tuple(ort.__version__)[:2] < _version_tuple(built)[:2]:
             print(f"warning: onnxruntime {ort.__version__} is older than {built}, which built this bundle; "
                   "if loading fails, upgrade onnxruntime", file=sys.stderr)
@@ -194,7 +196,72 @@ class _OrtBackend:
         return dict(zip(self.output_names, self.session.run(None, feeds)))
 
 
-_BACKENDS = {"ort": _OrtBackend}
+def _litert_interpreter():
+    """ai-edge-litert first; tflite_runtime or tensorflow.lite if that is what the device has."""
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+        return Interpreter, "ai-edge-litert"
+    except ImportError:
+        pass
+    try:
+        from tflite_runtime.interpreter import Interpreter
+        return Interpreter, "tflite-runtime"
+    except ImportError:
+        pass
+    try:
+        from tensorflow.lite import Interpreter
+        return Interpreter, "tensorflow"
+    except ImportError:
+        raise BundleError("this bundle needs a TFLite runtime: pip install ai-edge-litert") from None
+
+
+class _TfliteBackend:
+    """Runs a .tflite through its signature. Hides the layout (NHWC inside, the model's layout outside unless
+    layout='native') and int8/uint8 I/O (float in, float out). One lock: a TFLite interpreter is not thread-safe."""
+
+    def __init__(self, model_path, manifest, providers=None, threads=None, layout="model"):
+        if providers:
+            raise BundleError("execution providers are an onnxruntime setting; TFLite bundles take threads only")
+        interpreter_cls, self.runtime = _litert_interpreter()
+        self.interp = interpreter_cls(model_path=str(model_path), num_threads=int(threads) if threads else None)
+        self.runner = self.interp.get_signature_runner()
+        self.in_details = self.runner.get_input_details()
+        self.out_details = self.runner.get_output_details()
+        cfg = manifest.get("runtime_config", {})
+        self.in_perm = {} if layout == "native" else cfg.get("input_perm", {})
+        self.out_perm = {} if layout == "native" else cfg.get("output_perm", {})
+        self.lock = threading.Lock()
+
+    @staticmethod
+    def _quantize(x, d):
+        scale, zero = d["quantization"]
+        info = np.iinfo(d["dtype"])
+        return np.clip(np.round(x / scale + zero), info.min, info.max).astype(d["dtype"])
+
+    def run(self, feeds):
+        args = {}
+        for name, x in feeds.items():
+            if name in self.in_perm:
+                x = np.transpose(x, self.in_perm[name])
+            d = self.in_details[name]
+            if d["dtype"] in (np.int8, np.uint8) and x.dtype.kind == "f":
+                x = self._quantize(x, d)
+            args[name] = np.ascontiguousarray(x)
+        with self.lock:
+            out = self.runner(**args)
+        result = {}
+        for name, y in out.items():
+            d = self.out_details[name]
+            if d["dtype"] in (np.int8, np.uint8):
+                scale, zero = d["quantization"]
+                y = ((y.astype(np.float32) - zero) * scale).astype(np.float32)
+            if name in self.out_perm:
+                y = np.transpose(y, self.out_perm[name])
+            result[name] = np.array(y)
+        return result
+
+
+_BACKENDS = {"ort": _OrtBackend, "tflite": _TfliteBackend}
 
 
 class Model:
@@ -275,6 +342,8 @@ class Model:
 
     def selftest(self, verbose=True):
         """Run the golden pairs. Returns True when every output matches within the manifest's tolerance."""
+        if self.inputs is not self.manifest["inputs"]:
+            raise InputError("the golden pairs are in the model's layout: run the self-test on load(..., layout='model')")
         tol = self.manifest["golden"]["tolerance"]
         ok = True
         for n, (ins, expected) in enumerate(self.golden()):
@@ -294,8 +363,11 @@ class Model:
         return ok
 
 
-def load(root=None, providers=None, threads=None, verify_files=True):
-    """Verify the bundle at ``root`` (default: this file's folder) and load it."""
+def load(root=None, providers=None, threads=None, verify_files=True, layout="model"):
+    """Verify the bundle at ``root`` (default: this file's folder) and load it.
+
+    ``layout='native'`` (TFLite) feeds and returns tensors in the runtime's own layout (e.g. NHWC), skipping the
+    transposes; the default takes and returns the layout the PyTorch model used."""
     root = Path(root) if root is not None else Path(__file__).resolve().parent
     manifest = read_manifest(root)
     if verify_files:
@@ -304,8 +376,17 @@ def load(root=None, providers=None, threads=None, verify_files=True):
     if target not in _BACKENDS:
         raise BundleError(f"this loader cannot run target {target!r}; it knows {sorted(_BACKENDS)}")
     model_path = _safe_path(root, manifest["model_file"])
-    backend = _BACKENDS[target](model_path, manifest, providers=providers, threads=threads)
-    return Model(root, manifest, backend)
+    if target == "tflite":
+        backend = _TfliteBackend(model_path, manifest, providers=providers, threads=threads, layout=layout)
+    elif layout != "model":
+        raise BundleError(f"layout={layout!r} applies to TFLite bundles only")
+    else:
+        backend = _BACKENDS[target](model_path, manifest, providers=providers, threads=threads)
+    model = Model(root, manifest, backend)
+    if layout == "native":
+        model.inputs = manifest["runtime_config"]["native_inputs"]
+        model.outputs = manifest["runtime_config"]["native_outputs"]
+    return model
 
 
 def main(argv=None):

@@ -17,6 +17,12 @@ PRECISION_LABELS = {
     "fp16": "fp16 (float16 weights and compute, float32 inputs/outputs)",
     "int8-dynamic": "int8 dynamic (int8 weights; activations quantized at run time)",
     "int8": "int8 static (int8 weights and calibrated 8-bit activations, QDQ)",
+    "dynamic-range": "dynamic-range (int8 weights, float activations)",
+}
+# target-specific wording where it differs
+TARGET_PRECISION_LABELS = {
+    ("tflite", "fp16"): "fp16 (float16 weights, float32 compute on CPU; GPU delegates may run fp16)",
+    ("tflite", "int8"): "int8 full-integer (int8 weights and activations, every op quantized)",
 }
 
 # Golden-pair tolerance for the on-device self-test, per precision: fraction of each output's max magnitude
@@ -26,6 +32,7 @@ GOLDEN_TOLERANCE = {
     "fp32": (1e-4, 0.99999),
     "fp16": (5e-3, 0.9999),
     "int8-dynamic": (5e-2, 0.995),
+    "dynamic-range": (5e-2, 0.995),
     "int8": (5e-2, 0.995),
 }
 

@@ -8,6 +8,7 @@ from edgeexport.targets import REGISTRY, get_target
 from tests.conftest import make_cfg, quiet_build
 
 ROWS = "edgeexport.models.digit_rows:model"
+DIGITS = "edgeexport.models.digits:model"
 COMBOS = [(name, p) for name in REGISTRY for p in get_target(name).precisions]
 
 
@@ -19,26 +20,37 @@ def test_registry_targets_declare_themselves():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("target,precision", COMBOS)
-def test_build_load_infer_validate(target, precision, rows_npz, tmp_path):
+def test_build_load_infer_validate(target, precision, rows_npz, digits_npz, tmp_path):
     from edgeexport.bundle import loader
 
-    cfg = make_cfg(target=target, precision=precision, model=ROWS, out=str(tmp_path / "b"),
-                   calibration={"path": str(rows_npz)}, bench={"enabled": False})
+    from edgeexport.config import parse_input_spec
+
+    t = get_target(target)
+    if t.extra:
+        pytest.importorskip({"tflite": "onnx2tf"}.get(t.extra, t.extra), reason=f"needs the [{t.extra}] extra")
+    # dynamic-shape targets get the transformer with a dynamic batch; static-shape ones (TFLite) the digits CNN
+    dynamic = not t.check_inputs([parse_input_spec("rows:batchx8x8")])
+    model, data, name, shape = (ROWS, rows_npz, "rows", ["batch", 8, 8]) if dynamic else \
+        (DIGITS, digits_npz, "image", [1, 1, 8, 8])
+    cfg = make_cfg(target=target, precision=precision, model=model, out=str(tmp_path / "b"),
+                   calibration={"path": str(data)}, bench={"enabled": False})
     result = quiet_build(cfg)
     assert result.report.passed and result.report.task is not None
     manifest = result.manifest
     assert manifest["target"] == target and manifest["precision"] == precision
-    assert manifest["inputs"][0]["shape"] == ["batch", 8, 8]
+    assert manifest["inputs"][0]["shape"] == shape
     assert (tmp_path / "b" / manifest["model_file"]).is_file()
     # the artifact runs through its target's Runner at another batch size
     from edgeexport.targets.base import Artifact
 
     art = Artifact(target, precision, tmp_path / "b", [manifest["model_file"]], manifest["quantization"],
                    manifest["runtime"])
-    x = np.load(rows_npz)["rows"][:3]
-    with get_target(target).load(art) as runner:
-        out = runner.infer({"rows": x})
-    assert list(out) == [o["name"] for o in manifest["outputs"]] and out["output"].shape == (3, 10)
+    n = 3 if dynamic else 1
+    x = np.load(data)[name][:n]
+    art.runtime_config = manifest["runtime_config"]
+    with t.load(art) as runner:
+        out = runner.infer({name: x})
+    assert list(out) == [o["name"] for o in manifest["outputs"]] and out["output"].shape == (n, 10)
     if target in loader._BACKENDS:
         assert loader.load(tmp_path / "b").selftest(verbose=False)
 

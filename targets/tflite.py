@@ -1,0 +1,273 @@
+"""TFLite target: fp32, fp16, dynamic-range and full-integer int8, for phones and microcontroller-class devices.
+
+ONNX -> onnx2tf -> SavedModel -> tf.lite.TFLiteConverter (TensorFlow 2.21), behind the ``[tflite]`` extra.
+Names are honest: ``dynamic-range`` keeps float activations; ``int8`` is full-integer (every op quantized with the
+shared calibration data, checked after conversion). onnx2tf turns 4-D NCHW inputs into NHWC; the manifest records
+the permutations and the loader hides them unless asked for the native layout.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import re
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping, Optional
+
+import numpy as np
+
+from edgeexport.errors import MissingExtraError, TargetError
+from edgeexport.targets.base import Artifact, Problem, Runner, Target, TensorInfo
+from edgeexport.util import progress, quiet
+
+if TYPE_CHECKING:  # pragma: no cover
+    from edgeexport.calibration import CalibrationSet
+    from edgeexport.config import BuildConfig, InputSpec
+    from edgeexport.source import ModelSource
+
+NHWC = [0, 2, 3, 1]
+NCHW = [0, 3, 1, 2]
+
+
+def _require() -> None:
+    for module, package in (("tensorflow", "tensorflow"), ("onnx2tf", "onnx2tf"), ("ai_edge_litert", "ai-edge-litert")):
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            raise MissingExtraError(package, "tflite", "the TFLite target") from None
+
+
+class TfliteTarget(Target):
+    name = "tflite"
+    extra = "tflite"
+    precisions = ("fp32", "fp16", "dynamic-range", "int8")
+    description = "TFLite / LiteRT (.tflite) for Android, iOS, Linux SBCs and microcontrollers"
+    options_spec = {"io_dtype": ("float32", "int8 only: dtype of the model's inputs/outputs (float32, int8, uint8)")}
+
+    def check(self, config: "BuildConfig") -> list[Problem]:
+        problems = super().check(config)
+        if config.precision == "int8-dynamic":
+            problems[-1].fix = "TFLite calls weight-only int8 'dynamic-range': use --precision dynamic-range"
+        io = config.target_options.get("io_dtype", "float32")
+        if io not in ("float32", "int8", "uint8"):
+            problems.append(Problem("target_options.io_dtype", f"io_dtype must be float32, int8 or uint8, not {io!r}", ""))
+        elif io != "float32" and config.precision != "int8":
+            problems.append(Problem("target_options.io_dtype", f"io_dtype {io} needs --precision int8 (full-integer)",
+                                    "drop --io-dtype or use --precision int8"))
+        return problems
+
+    def check_inputs(self, specs: list["InputSpec"]) -> list[Problem]:
+        return [Problem(f"inputs.{s.name}", f"TFLite needs static shapes; {s.describe()} has dynamic dims",
+                        f"fix them with --input {s.name}:{'x'.join(str(d if isinstance(d, int) else 1) for d in s.shape)}:{s.dtype}")
+                for s in specs if s.dynamic_dims]
+
+    def build(self, source: "ModelSource", config: "BuildConfig", calibration: "CalibrationSet", workdir: Path,
+              onnx_path: Path) -> Artifact:
+        _require()
+        out_dir = workdir / "tflite"
+        io = config.target_options.get("io_dtype", "float32")
+        name = f"model_{config.precision}.tflite"
+        notes = []
+        try:
+            data, in_perm, out_perm, native_in, native_out = _convert_once(onnx_path, config, calibration, out_dir, io)
+        except TargetError as e:
+            missing = getattr(e, "missing_ops", [])
+            pseudo = [op for op in missing if op in _PSEUDO_OPS]
+            if not pseudo or len(pseudo) != len(missing):
+                raise
+            # e.g. exact GELU lowers to Erf, which has no TFLite builtin: onnx2tf can rebuild it from builtins
+            notes.append(f"TFLite has no builtin for {', '.join(pseudo)}; onnx2tf rebuilt it from builtin ops "
+                         "(an approximation, measured by the validation below)")
+            data, in_perm, out_perm, native_in, native_out = _convert_once(
+                onnx_path, config, calibration, workdir / "tflite-pseudo", io, pseudo)
+            out_dir = workdir / "tflite-pseudo"
+        (out_dir / name).write_bytes(data)
+        settings = {"format": "tflite", "converter": f"onnx2tf {_version('onnx2tf')} -> SavedModel -> "
+                    f"TFLiteConverter (tensorflow {_version('tensorflow')})", "io_dtype": io}
+        settings.update(inspect_tflite(out_dir / name, config.precision))
+        if in_perm:
+            notes.append(f"the .tflite takes NHWC for {', '.join(in_perm)}; the loader transposes from NCHW "
+                         "(load(..., layout='native') skips it)")
+        runtime_config = {"input_perm": in_perm, "output_perm": out_perm, "native_inputs": native_in,
+                          "native_outputs": native_out}
+        return Artifact("tflite", config.precision, out_dir, [name], settings,
+                        {"ai-edge-litert": _version("ai-edge-litert")}, notes, runtime_config)
+
+    def load(self, artifact: Artifact, threads: Optional[int] = None) -> Runner:
+        return TfliteRunner(artifact, threads)
+
+    def requirements(self, artifact: Artifact) -> list[str]:
+        major, minor = artifact.runtime["ai-edge-litert"].split(".")[:2]
+        return ["numpy", f"ai-edge-litert>={major}.{minor}"]
+
+
+_PSEUDO_OPS = {"Erf": "erf", "Gelu": "gelu", "Asin": "asin", "Acos": "acos", "Atan": "atan"}  # onnx2tf wants lowercase
+
+
+def _convert_once(onnx_path: Path, config: "BuildConfig", calibration: "CalibrationSet", out_dir: Path, io: str,
+                  pseudo: Optional[list[str]] = None):
+    out_dir.mkdir(parents=True, exist_ok=True)
+    saved_model = to_saved_model(onnx_path, config.inputs, out_dir, [_PSEUDO_OPS[p] for p in pseudo or []])
+    in_perm, out_perm, native_in, native_out = layouts(saved_model, config.inputs, onnx_path)
+    return convert(saved_model, config, calibration, in_perm, io), in_perm, out_perm, native_in, native_out
+
+
+def _version(pkg: str) -> str:
+    try:
+        return importlib.metadata.version(pkg)
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover
+        return "0"
+
+
+def to_saved_model(onnx_path: Path, specs: list["InputSpec"], out_dir: Path, pseudo: Optional[list[str]] = None) -> Path:
+    """onnx2tf on a *copy* (it rewrites its input in place). 4-D inputs become NHWC; `layouts` checks the rest.
+
+    (Forcing NCW on 3-D inputs with keep_ncw_or_nchw_or_ncdhw_input_names gave wrong numbers on a transformer
+    here; onnx2tf's own choice validated, so it is left to decide.)"""
+    import onnx2tf
+
+    src = out_dir / "input_copy.onnx"
+    shutil.copyfile(onnx_path, src)
+    saved_model = out_dir / "saved_model"
+    with quiet() as log:
+        try:
+            onnx2tf.convert(input_onnx_file_path=str(src), output_folder_path=str(saved_model), non_verbose=True,
+                            copy_onnx_input_output_names_to_tflite=True,
+                            replace_to_pseudo_operators=pseudo or None)
+        except BaseException as e:  # onnx2tf calls sys.exit on some failures
+            text = log.getvalue()
+            ops = sorted({ln.split("onnx_op_type:")[1].split()[0] for ln in text.splitlines() if "onnx_op_type:" in ln})
+            raise TargetError("onnx2tf could not convert the model to TensorFlow",
+                              (f"failing op(s): {', '.join(ops[-3:])}; " if ops else "") + f"{type(e).__name__}: {str(e)[:300]}",
+                              "declare static shapes with --input, try another --opset, or use --target ort") from None
+    if not (saved_model / "saved_model.pb").is_file():
+        raise TargetError("onnx2tf did not write a SavedModel", log.getvalue()[-300:], "use --target ort")
+    return saved_model
+
+
+def _signature(saved_model: Path) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
+    import tensorflow as tf
+
+    with quiet():
+        fn = tf.saved_model.load(str(saved_model)).signatures["serving_default"]
+    ins = {k: [int(d) for d in v.shape] for k, v in fn.structured_input_signature[1].items()}
+    outs = {k: [int(d) for d in v.shape] for k, v in fn.structured_outputs.items()}
+    return ins, outs
+
+
+def layouts(saved_model: Path, specs: list["InputSpec"], onnx_path: Path):
+    """Permutations model-layout -> TFLite layout (inputs) and back (outputs), and the native I/O metadata."""
+    import onnx
+
+    sig_in, sig_out = _signature(saved_model)
+    in_perm, native_in = {}, []
+    for s in specs:
+        got = sig_in.get(s.name)
+        if got is None:
+            raise TargetError(f"the SavedModel lost input {s.name!r}", f"it has {sorted(sig_in)}", "use --target ort")
+        if got != s.shape:
+            if len(s.shape) == 4 and got == [s.shape[i] for i in NHWC]:
+                in_perm[s.name] = NHWC
+            else:
+                raise TargetError(f"input {s.name!r} became {got} in TFLite (model: {s.shape})", "unknown layout change",
+                                  "use --target ort")
+        native_in.append({"name": s.name, "shape": got, "dtype": s.dtype})
+    graph = onnx.load(str(onnx_path)).graph
+    out_perm, native_out = {}, []
+    for o in graph.output:
+        want = [d.dim_value if d.HasField("dim_value") else None for d in o.type.tensor_type.shape.dim]
+        got = sig_out.get(o.name)
+        if got is None:
+            raise TargetError(f"the SavedModel lost output {o.name!r}", f"it has {sorted(sig_out)}", "use --target ort")
+        if len(want) == 4 and got != want and got == [want[i] for i in NHWC]:
+            out_perm[o.name] = NCHW
+        native_out.append({"name": o.name, "shape": got, "dtype": "float32"})
+    return in_perm, out_perm, native_in, native_out
+
+
+def convert(saved_model: Path, config: "BuildConfig", calibration: "CalibrationSet", in_perm: dict,
+            io: str) -> bytes:
+    import tensorflow as tf
+
+    conv = tf.lite.TFLiteConverter.from_saved_model(str(saved_model))
+    if config.precision == "fp16":
+        conv.optimizations = [tf.lite.Optimize.DEFAULT]
+        conv.target_spec.supported_types = [tf.float16]
+    elif config.precision == "dynamic-range":
+        conv.optimizations = [tf.lite.Optimize.DEFAULT]
+    elif config.precision == "int8":
+        n = len(calibration.calib_idx)
+
+        def representative():
+            for feed in progress(calibration.calibration(), f"calibrating ({n} samples)", total=n):
+                yield {k: (np.transpose(v, in_perm[k]) if k in in_perm else v) for k, v in feed.items()}
+
+        conv.optimizations = [tf.lite.Optimize.DEFAULT]
+        conv.representative_dataset = representative
+        conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        if io != "float32":
+            conv.inference_input_type = getattr(tf, io)
+            conv.inference_output_type = getattr(tf, io)
+    with quiet() as log:
+        try:
+            return conv.convert()
+        except Exception as e:
+            hint = ("an op has no int8 kernel: try --precision dynamic-range or fp16"
+                    if config.precision == "int8" else "rewrite the op named above with standard ops, or use --target ort")
+            missing = re.findall(r"'tf\.(\w+)' op is neither a custom op nor a flex op", str(e))
+            if missing:
+                err = TargetError(f"TFLite has no builtin op for {', '.join(sorted(set(missing)))}",
+                                  f"TFLiteConverter ({config.precision}): '{missing[0]}' is neither a builtin, custom "
+                                  "nor flex op", hint)
+                err.missing_ops = sorted(set(missing))  # type: ignore[attr-defined]
+                raise err from None
+            raise TargetError(f"TFLiteConverter failed ({config.precision})", f"{type(e).__name__}: {str(e)[:400]}"
+                              + (f" | {log.getvalue().strip()[-200:]}" if log.getvalue().strip() else ""), hint) from None
+
+
+def inspect_tflite(path: Path, precision: str) -> dict[str, Any]:
+    """What the file really holds: the dtypes of activations (tensors some op produces) and of constants.
+    A full-integer int8 file must have no float activation except its float I/O, if asked for."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    # without the default XNNPACK delegate, so every op (and every tensor it produces) stays visible
+    interp = Interpreter(model_path=str(path),
+                         experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    interp.allocate_tensors()
+    dtypes = {d["index"]: np.dtype(d["dtype"]) for d in interp.get_tensor_details()}
+    names = {d["index"]: d["name"] for d in interp.get_tensor_details()}
+    ops = interp._get_ops_details()
+    sig = interp.get_signature_runner()
+    io_idx = {d["index"] for d in list(sig.get_input_details().values()) + list(sig.get_output_details().values())}
+    produced = {int(i) for op in ops for i in op["outputs"]}
+    consumed = {int(i) for op in ops for i in op["inputs"] if i >= 0}
+    activations = produced - io_idx
+    constants = consumed - produced - io_idx
+    info = {"activation_dtypes": sorted({dtypes[i].name for i in activations}),
+            "constant_dtypes": sorted({dtypes[i].name for i in constants}),
+            "ops": sorted({op["op_name"] for op in ops})}
+    if precision == "int8":
+        floats = [names[i] for i in activations if dtypes[i].kind == "f"]
+        if floats:
+            raise TargetError("the int8 .tflite is not full-integer", f"float activations remain: {floats[:5]}",
+                              "use --precision dynamic-range, or --target ort")
+    return info
+
+
+class TfliteRunner(Runner):
+    """Build-time runner: the very backend the bundle's loader uses (edgeexport/bundle/loader.py)."""
+
+    def __init__(self, artifact: Artifact, threads: Optional[int] = None) -> None:
+        from edgeexport.bundle.loader import _TfliteBackend
+
+        manifest = {"runtime_config": artifact.runtime_config}
+        self.backend = _TfliteBackend(artifact.model_path, manifest, threads=threads)
+        native = {d["name"]: d for d in artifact.runtime_config["native_inputs"]}
+        inv = {k: list(np.argsort(v)) for k, v in artifact.runtime_config["input_perm"].items()}
+        self.inputs = [TensorInfo(n, [d["shape"][i] for i in inv[n]] if n in inv else d["shape"], d["dtype"])
+                       for n, d in native.items()]
+        self.outputs = [TensorInfo(d["name"], d["shape"], d["dtype"]) for d in artifact.runtime_config["native_outputs"]]
+
+    def _infer_impl(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.backend.run(dict(feeds))
