@@ -76,3 +76,37 @@ def test_text_bundle_runs_without_torch_or_transformers(device_python, tmp_path)
     assert all(abs(n - 1) < 0.05 for n in res["norms"])  # normalized sentence embeddings
     probe = subprocess.run([str(device_python), "-c", "import transformers"], capture_output=True, text=True)
     assert probe.returncode != 0
+
+
+@pytest.fixture(scope="module")
+def litert_python(tmp_path_factory):
+    env_dir = tmp_path_factory.mktemp("litert-device") / "venv"
+    venv.EnvBuilder(with_pip=True).create(env_dir)
+    py = env_dir / "bin" / "python"
+    subprocess.run([str(py), "-m", "pip", "install", "-q", "-c", str(REPO / "constraints.txt"), "numpy", "ai-edge-litert"],
+                   check=True, capture_output=True, text=True)
+    return py
+
+
+@pytest.mark.tflite
+def test_tflite_bundle_runs_with_numpy_and_litert_only(litert_python, digits_npz, tmp_path):
+    pytest.importorskip("onnx2tf", reason="needs the [tflite] extra")
+    from tests.conftest import make_cfg, quiet_build
+
+    out = tmp_path / "bundle"
+    quiet_build(make_cfg(target="tflite", precision="int8", model="edgeexport.models.digits:model", out=str(out),
+                         calibration={"path": str(digits_npz)}, bench={"enabled": False}))
+    device_dir = tmp_path / "on-device"
+    shutil.copytree(out, device_dir)
+    st = subprocess.run([str(litert_python), "loader.py", "--selftest"], cwd=device_dir, capture_output=True, text=True)
+    assert st.returncode == 0, st.stdout + st.stderr
+    code = ("import sys, json, numpy as np; from loader import load; m = load('.'); "
+            "y = m(np.zeros((1, 1, 8, 8), np.float32))['output']; "
+            "mods = [k for k in ('torch', 'tensorflow', 'onnxruntime', 'edgeexport') if k in sys.modules]; "
+            "print(json.dumps({'shape': list(y.shape), 'runtime': m._backend.runtime, 'heavy': mods}))")
+    run = subprocess.run([str(litert_python), "-c", code], cwd=device_dir, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    res = json.loads(run.stdout.strip().splitlines()[-1])
+    assert res == {"shape": [1, 10], "runtime": "ai-edge-litert", "heavy": []}
+    probe = subprocess.run([str(litert_python), "-c", "import tensorflow"], capture_output=True, text=True)
+    assert probe.returncode != 0

@@ -1,0 +1,138 @@
+"""TFLite target end to end: real TensorFlow converter, real LiteRT interpreter, real digits."""
+
+import json
+import threading
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnx2tf", reason="needs the [tflite] extra")
+pytestmark = [pytest.mark.slow, pytest.mark.tflite]
+
+from edgeexport.bundle import loader  # noqa: E402
+from tests.conftest import make_cfg, quiet_build  # noqa: E402
+
+MODEL = "edgeexport.models.digits:model"
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory, digits_npz):
+    root = tmp_path_factory.mktemp("tflite")
+    out = {}
+    for precision, opts in (("fp32", {}), ("fp16", {}), ("dynamic-range", {}), ("int8", {}),
+                            ("int8-io", {"io_dtype": "int8"}), ("uint8-io", {"io_dtype": "uint8"})):
+        p = "int8" if precision.endswith("-io") else precision
+        cfg = make_cfg(target="tflite", precision=p, model=MODEL, out=str(root / precision), target_options=opts,
+                       calibration={"path": str(digits_npz), "samples": 256, "holdout": 284}, bench={"runs": 5})
+        out[precision] = quiet_build(cfg)
+    return out
+
+
+def test_every_precision_validates_with_honest_names(bundles):
+    for name, result in bundles.items():
+        m = result.manifest
+        assert result.report.passed and loader.load(result.out).selftest(verbose=False), name
+        assert m["model_file"] == f"model_{m['precision']}.tflite"
+    assert bundles["dynamic-range"].manifest["quantization"]["activation_dtypes"] == ["float32"]
+    assert "float activations" in bundles["dynamic-range"].manifest["precision_label"]
+    assert "full-integer" in bundles["int8"].manifest["precision_label"]
+
+
+def test_int8_accuracy_within_one_point(bundles):
+    task = bundles["int8"].report.task
+    assert task["samples"] == 284 and task["drop_points"] <= 1.0 and task["accuracy"] > 0.95
+
+
+def _op_output_dtypes(path):
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    it = Interpreter(model_path=str(path), experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    it.allocate_tensors()
+    dtypes = {d["index"]: np.dtype(d["dtype"]) for d in it.get_tensor_details()}
+    return [(op["op_name"], dtypes[int(o)]) for op in it._get_ops_details() for o in op["outputs"]]
+
+
+def test_full_int8_really_has_int8_activations(bundles):
+    """Independent of the build's own check: every op output is int8, except the float I/O converters."""
+    res = bundles["int8"]
+    ops = _op_output_dtypes(res.out / res.manifest["model_file"])
+    compute = [(op, dt) for op, dt in ops if op not in ("QUANTIZE", "DEQUANTIZE")]
+    assert compute and all(dt == np.int8 for _, dt in compute), compute
+    assert [op for op, _ in ops].count("DEQUANTIZE") == 1  # only the final output back to float
+    io_ops = _op_output_dtypes(bundles["int8-io"].out / "model_int8.tflite")
+    assert all(dt == np.int8 for _, dt in io_ops)  # int8 in, int8 out: no float anywhere
+    dr = _op_output_dtypes(bundles["dynamic-range"].out / "model_dynamic-range.tflite")
+    assert any(dt == np.float32 for op, dt in dr if op == "CONV_2D")  # activations stay float: not "int8"
+
+
+@pytest.mark.parametrize("name,dtype", [("int8-io", np.int8), ("uint8-io", np.uint8)])
+def test_integer_io_is_quantized_by_the_loader(bundles, digits_npz, name, dtype):
+    res = bundles[name]
+    model = loader.load(res.out)
+    assert model._backend.in_details["image"]["dtype"] == dtype
+    x = np.load(digits_npz)["image"][:1]
+    out = model(x)["output"]
+    assert out.dtype == np.float32 and out.shape == (1, 10)
+    float_model = loader.load(bundles["int8"].out)
+    assert out.argmax() == float_model(x)["output"].argmax()
+
+
+def test_native_layout_skips_the_transpose(bundles, digits_npz):
+    res = bundles["fp32"]
+    assert res.manifest["runtime_config"]["input_perm"] == {"image": [0, 2, 3, 1]}
+    x = np.load(digits_npz)["image"][:1]
+    model_layout = loader.load(res.out)(x)["output"]
+    native = loader.load(res.out, layout="native")
+    assert native.inputs[0]["shape"] == [1, 8, 8, 1]
+    np.testing.assert_allclose(native(np.transpose(x, (0, 2, 3, 1)))["output"], model_layout, rtol=1e-6)
+    with pytest.raises(loader.InputError, match="shape"):
+        native(x)  # NCHW into the native (NHWC) model is refused, not silently wrong
+
+
+def test_one_model_from_eight_threads(bundles, digits_npz):
+    model = loader.load(bundles["int8"].out, threads=1)
+    xs = np.load(digits_npz)["image"][:40]
+    expected = [model(xs[i : i + 1])["output"] for i in range(len(xs))]
+    errors = []
+
+    def work(seed):
+        rng = np.random.default_rng(seed)
+        for _ in range(250):
+            i = int(rng.integers(len(xs)))
+            if not np.array_equal(model(xs[i : i + 1])["output"], expected[i]):
+                errors.append(i)
+
+    threads = [threading.Thread(target=work, args=(s,)) for s in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+
+
+def test_transformer_int8_is_refused_as_not_full_integer(cli, rows_npz, tmp_path):
+    out = tmp_path / "b"
+    base = ("build", "--target", "tflite", "--model", "edgeexport.models.digit_rows:model", "--calib", rows_npz,
+            "--input", "rows:1x8x8:float32", "--no-bench")
+    r = cli(*base, "--precision", "int8", "--out", out)
+    assert r.exit_code == 1 and "not full-integer" in r.stderr and "dynamic-range" in r.stderr
+    assert not out.exists()
+    r = cli(*base, "--precision", "dynamic-range", "--out", out)
+    assert r.exit_code == 0, r.stderr
+    assert "rebuilt it from builtin ops" in r.stderr  # exact GELU's Erf has no TFLite builtin
+    assert json.loads((out / "manifest.json").read_text())["validation"]["passed"]
+
+
+def test_tflite_rules(cli, rows_npz, digits_npz, tmp_path):
+    r = cli("build", "--target", "tflite", "--model", "edgeexport.models.digit_rows:model", "--calib", rows_npz,
+            "--precision", "fp32", "--out", tmp_path / "a")
+    assert r.exit_code == 2 and "static shapes" in r.stderr and "--input rows:1x8x8:float32" in r.stderr
+    r = cli("build", "--target", "tflite", "--model", MODEL, "--calib", digits_npz, "--precision", "int8-dynamic",
+            "--out", tmp_path / "b")
+    assert r.exit_code == 2 and "dynamic-range" in r.stderr
+    r = cli("build", "--target", "ort", "--model", MODEL, "--calib", digits_npz, "--precision", "dynamic-range",
+            "--out", tmp_path / "c")
+    assert r.exit_code == 2 and "does not support precision 'dynamic-range'" in r.stderr
+    r = cli("build", "--target", "tflite", "--model", MODEL, "--calib", digits_npz, "--precision", "fp16",
+            "--io-dtype", "int8", "--out", tmp_path / "d")
+    assert r.exit_code == 2 and "needs --precision int8" in r.stderr
