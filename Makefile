@@ -27,7 +27,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/ort_vs_eager.py
+	$(BIN)/python benchmarks/targets_vs_eager.py
 	$(BIN)/python benchmarks/minilm.py
 
 clean:
