@@ -8,6 +8,7 @@ the permutations and the loader hides them unless asked for the native layout.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.metadata
 import re
@@ -108,7 +109,7 @@ _PSEUDO_OPS = {"Erf": "erf", "Gelu": "gelu", "Asin": "asin", "Acos": "acos", "At
 def _convert_once(onnx_path: Path, config: "BuildConfig", calibration: "CalibrationSet", out_dir: Path, io: str,
                   pseudo: Optional[list[str]] = None):
     out_dir.mkdir(parents=True, exist_ok=True)
-    saved_model = to_saved_model(onnx_path, config.inputs, out_dir, [_PSEUDO_OPS[p] for p in pseudo or []])
+    saved_model = to_saved_model(onnx_path, config.inputs, out_dir, calibration, [_PSEUDO_OPS[p] for p in pseudo or []])
     in_perm, out_perm, native_in, native_out = layouts(saved_model, config.inputs, onnx_path)
     return convert(saved_model, config, calibration, in_perm, io), in_perm, out_perm, native_in, native_out
 
@@ -120,7 +121,8 @@ def _version(pkg: str) -> str:
         return "0"
 
 
-def to_saved_model(onnx_path: Path, specs: list["InputSpec"], out_dir: Path, pseudo: Optional[list[str]] = None) -> Path:
+def to_saved_model(onnx_path: Path, specs: list["InputSpec"], out_dir: Path, calibration: "CalibrationSet",
+                   pseudo: Optional[list[str]] = None) -> Path:
     """onnx2tf on a *copy* (it rewrites its input in place). 4-D inputs become NHWC; `layouts` checks the rest.
 
     (Forcing NCW on 3-D inputs with keep_ncw_or_nchw_or_ncdhw_input_names gave wrong numbers on a transformer
@@ -130,7 +132,8 @@ def to_saved_model(onnx_path: Path, specs: list["InputSpec"], out_dir: Path, pse
     src = out_dir / "input_copy.onnx"
     shutil.copyfile(onnx_path, src)
     saved_model = out_dir / "saved_model"
-    with quiet() as log:
+    _offline_sample_data(out_dir, specs, calibration)
+    with quiet() as log, contextlib.chdir(out_dir):
         try:
             onnx2tf.convert(input_onnx_file_path=str(src), output_folder_path=str(saved_model), non_verbose=True,
                             copy_onnx_input_output_names_to_tflite=True,
@@ -144,6 +147,27 @@ def to_saved_model(onnx_path: Path, specs: list["InputSpec"], out_dir: Path, pse
     if not (saved_model / "saved_model.pb").is_file():
         raise TargetError("onnx2tf did not write a SavedModel", log.getvalue()[-300:], "use --target ort")
     return saved_model
+
+
+_ONNX2TF_SAMPLE = "calibration_image_sample_data_20x128x128x3_float32.npy"
+
+
+def _offline_sample_data(out_dir: Path, specs: list["InputSpec"], calibration: "CalibrationSet") -> None:
+    """onnx2tf fetches sample images from the internet for 3-channel image inputs unless a file of that name is in
+    the working directory. Give it 20 of *our* calibration images instead (NHWC, resized to 128x128)."""
+    images = [s for s in specs if len(s.shape) == 4 and 3 in (s.shape[1], s.shape[3])]
+    if not images:
+        return
+    spec = images[0]
+    feeds = [f[spec.name][0] for f, _ in zip(calibration.calibration(), range(20))]
+    arr = np.stack(feeds).astype(np.float32)
+    if arr.shape[1] == 3:
+        arr = arr.transpose(0, 2, 3, 1)
+    rows = np.linspace(0, arr.shape[1] - 1, 128).round().astype(int)
+    cols = np.linspace(0, arr.shape[2] - 1, 128).round().astype(int)
+    arr = arr[:, rows][:, :, cols]
+    arr = np.concatenate([arr] * (20 // len(arr) + 1))[:20]
+    np.save(out_dir / _ONNX2TF_SAMPLE, arr)
 
 
 def _signature(saved_model: Path) -> tuple[dict[str, list[int]], dict[str, list[int]]]:

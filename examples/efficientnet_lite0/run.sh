@@ -7,19 +7,23 @@ mkdir -p "$OUT"
 python -m edgeexport.models.photos "$OUT/calib" --set calib --per-photo 16
 python -m edgeexport.models.photos "$OUT/val" --set val --per-photo 16
 python -m edgeexport.models.photos "$OUT/gray" --constant 32
-COMMON=(--target ort --model edgeexport.models.efficientnet:lite0 --val "$OUT/val"
+COMMON=(--model edgeexport.models.efficientnet:lite0 --val "$OUT/val"
         --resize-shorter 256 --mean 0.5,0.5,0.5 --std 0.5,0.5,0.5 --bench-runs 20)
-edgeexport build "${COMMON[@]}" --calib "$OUT/calib" --precision fp32 --out "$OUT/fp32" --force
+edgeexport build --target ort "${COMMON[@]}" --calib "$OUT/calib" --precision fp32 --out "$OUT/fp32" --force
 # int8 with the default recipe keeps ~0.86 top-1 agreement on this x86 CPU (7-bit weights, no VNNI): below the
 # default 0.95 limit, so this example relaxes it knowingly and the manifest records the limits it passed.
-edgeexport build "${COMMON[@]}" --calib "$OUT/calib" --precision int8 --out "$OUT/int8" --force \
+edgeexport build --target ort "${COMMON[@]}" --calib "$OUT/calib" --precision int8 --out "$OUT/int8" --force \
   --tolerance top1=0.75 --tolerance cosine=0.95 --tolerance snr_db=9
-if edgeexport build "${COMMON[@]}" --calib "$OUT/gray" --precision int8 --out "$OUT/broken" --force \
+if edgeexport build --target ort "${COMMON[@]}" --calib "$OUT/gray" --precision int8 --out "$OUT/broken" --force \
      --tolerance top1=0.75 --tolerance cosine=0.95 --tolerance snr_db=9; then
   echo "ERROR: a constant-image calibration was accepted" >&2
   exit 1
 fi
 echo "the constant-image calibration was refused, as it must be"
+# TFLite full-integer int8 (int8 activations everywhere, XNNPACK on CPU): about 0.94 top-1 agreement here, so the
+# top-1 limit is set to 0.9 knowingly
+edgeexport build --target tflite "${COMMON[@]}" --calib "$OUT/calib" --precision int8 --out "$OUT/tflite-int8" \
+  --force --tolerance top1=0.9
 python "$OUT/int8/loader.py" --selftest
 cd "$OUT/int8"
 python - <<'PY'

@@ -39,6 +39,8 @@ def test_example_runs(example, tmp_path):
         assert m["calibration"]["validation_source"].endswith("val") and m["preprocess"]["resize_shorter"] == 256
         assert not (tmp_path / "out" / "broken").exists()
         assert r.stdout.count(": class ") == 4
+        t = json.loads((tmp_path / "out" / "tflite-int8" / "manifest.json").read_text())
+        assert t["quantization"]["activation_dtypes"] == ["int8"] and t["validation"]["outputs"]["output"]["top1"] >= 0.9
 
 
 def test_readme_lists_the_two_setup_commands_first():
