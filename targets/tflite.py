@@ -135,15 +135,19 @@ def to_saved_model(onnx_path: Path, specs: list["InputSpec"], out_dir: Path, cal
     _offline_sample_data(out_dir, specs, calibration)
     with quiet() as log, contextlib.chdir(out_dir):
         try:
-            onnx2tf.convert(input_onnx_file_path=str(src), output_folder_path=str(saved_model), non_verbose=True,
+            onnx2tf.convert(input_onnx_file_path=str(src), output_folder_path=str(saved_model), verbosity="debug",
                             copy_onnx_input_output_names_to_tflite=True,
                             replace_to_pseudo_operators=pseudo or None)
         except BaseException as e:  # onnx2tf calls sys.exit on some failures
-            text = log.getvalue()
-            ops = sorted({ln.split("onnx_op_type:")[1].split()[0] for ln in text.splitlines() if "onnx_op_type:" in ln})
+            text = re.sub(r"\x1b\[[0-9;]*m", "", log.getvalue())
+            last = [ln for ln in text.splitlines() if "onnx_op_type:" in ln][-1:]  # the op being converted
+            where = ""
+            if last:
+                m = re.search(r"onnx_op_type:\s*(\S+)\s+onnx_op_name:\s*(\S+)", last[0])
+                where = f"at ONNX op {m.group(1)} (node {m.group(2)}): " if m else ""
             raise TargetError("onnx2tf could not convert the model to TensorFlow",
-                              (f"failing op(s): {', '.join(ops[-3:])}; " if ops else "") + f"{type(e).__name__}: {str(e)[:300]}",
-                              "declare static shapes with --input, try another --opset, or use --target ort") from None
+                              where + f"{type(e).__name__}: {' '.join(str(e).split())[:300]}",
+                              "try another --opset or simplify that part of the model; --target ort runs it") from None
     if not (saved_model / "saved_model.pb").is_file():
         raise TargetError("onnx2tf did not write a SavedModel", log.getvalue()[-300:], "use --target ort")
     return saved_model
