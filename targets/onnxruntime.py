@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional
@@ -133,7 +134,9 @@ def _preprocess(src: Path, dst: Path) -> list[str]:
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     notes = []
-    with quiet():
+    # symbolic shape inference writes temporary files (sym_shape_infer_temp.onnx, <uuid>.data) to the current
+    # directory: keep them in the build's temporary folder
+    with quiet(), contextlib.chdir(dst.parent):
         try:
             quant_pre_process(str(src), str(dst))
         except Exception as e:

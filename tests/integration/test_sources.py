@@ -105,3 +105,20 @@ def test_package_factory_and_image_folder(tmp_path):
     m = json.loads((tmp_path / "b" / "manifest.json").read_text())
     assert m["calibration"]["kind"] == "images" and m["calibration"]["preprocess"]["color"] == "gray"
     assert m["config"]["calibration"]["preprocess"]["size"] == [8, 8]
+
+
+def test_a_build_leaves_nothing_in_the_working_directory(tmp_path, monkeypatch):
+    """ORT's symbolic shape inference drops sym_shape_infer_temp.onnx and 90 MB <uuid>.data files in the cwd
+    when it fails on a BERT graph (it does on MiniLM): builds must keep their temporaries to themselves."""
+    from edgeexport.errors import ValidationFailed
+    from edgeexport.models.sentences import minilm_path, write_sentences
+
+    data = write_sentences(tmp_path / "s.txt", 24)
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    cfg = make_cfg(model=f"hf:{minilm_path()}", precision="int8", out="bundle", bench={"enabled": False},
+                   calibration={"path": str(data), "holdout": 4})
+    with pytest.raises(ValidationFailed):  # static int8 collapses on MiniLM; what matters here is the cwd
+        quiet_build(cfg)
+    assert sorted(p.name for p in work.iterdir()) == []
