@@ -139,7 +139,7 @@ def read_text(path: Path, specs: list[InputSpec], tokenizer: Optional[Path], max
         raise CalibrationError(f"{str(path)!r} is text but the model has no tokenizer",
                                "text calibration needs the model's tokenizer.json (hf:PATH models carry one)",
                                "tokenize the text yourself and pass an .npz keyed by input name")
-    from edgeexport.bundle.loader import make_tokenizer
+    from edgeexport.bundle.loader import InputError, encode_texts, make_tokenizer, text_settings
 
     try:
         lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
@@ -148,17 +148,12 @@ def read_text(path: Path, specs: list[InputSpec], tokenizer: Optional[Path], max
     texts = [ln for ln in lines if ln]
     if not texts:
         raise CalibrationError(f"{str(path)!r} has no non-empty lines", "", "put one text sample per line")
-    settings = {"tokenizer": "tokenizer/tokenizer.json", "max_length": max_length, "padding": "max_length",
-                "truncation": True}
-    tok = make_tokenizer(tokenizer, settings)
-    encodings = tok.encode_batch(texts)
-    fields = {"input_ids": "ids", "attention_mask": "attention_mask", "token_type_ids": "type_ids"}
-    arrays = {}
-    for spec in specs:
-        if spec.name not in fields:
-            raise CalibrationError(f"the model input {spec.name!r} cannot be made from text", "",
-                                   "pass an .npz keyed by input name")
-        arrays[spec.name] = np.array([getattr(e, fields[spec.name]) for e in encodings], dtype=spec.dtype)
+    settings = text_settings(max_length)
+    try:
+        arrays, encodings = encode_texts(make_tokenizer(tokenizer, settings), texts,
+                                         [{"name": s.name, "dtype": s.dtype} for s in specs])
+    except InputError as e:
+        raise CalibrationError(str(e), "", "pass an .npz keyed by input name") from None
     truncated = sum(1 for e in encodings if e.overflowing)
     notes = [f"{len(lines) - len(texts)} empty line(s) skipped"] if len(lines) != len(texts) else []
     if truncated:

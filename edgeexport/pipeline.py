@@ -53,23 +53,15 @@ class BuildResult:
 def resolve(config: BuildConfig, log: Log = _stderr) -> tuple[BuildConfig, ModelSource, CalibrationSet]:
     """Check the config, load the model and data, and fill in every value the user left to defaults."""
     target = get_target(config.target)
-    problems = target.check(config)
-    if problems:
-        raise ConfigError(
-            f"target {config.target!r} cannot build this configuration",
-            "; ".join(f"{p.field}: {p.message}" for p in problems),
-            "; ".join(p.fix for p in problems if p.fix) or "change the settings named above",
-        )
+    _refuse(target.check(config), f"target {config.target!r} cannot build this configuration",
+            "change the settings named above")
     check_output_path(Path(config.out), config.force)
     log(f"==> loading model {config.model}")
     source = load_source(config.model, config.task)
     specs = resolve_inputs(config, source)
     log(f"    inputs: {', '.join(s.describe() for s in specs)}")
-    problems = target.check_inputs(specs)
-    if problems:
-        raise ConfigError(f"target {config.target!r} cannot take these inputs",
-                          "; ".join(f"{p.field}: {p.message}" for p in problems),
-                          "; ".join(p.fix for p in problems if p.fix) or "declare the inputs with --input")
+    _refuse(target.check_inputs(specs), f"target {config.target!r} cannot take these inputs",
+            "declare the inputs with --input")
     calib = load_calibration(config.calibration, specs, getattr(source, "tokenizer_file", None))
     summary = calib.summary()
     if calib.data.synthetic:
@@ -90,6 +82,13 @@ def resolve(config: BuildConfig, log: Log = _stderr) -> tuple[BuildConfig, Model
         resolved.calibration = resolved.calibration.model_copy(
             update={"preprocess": ImagePreprocess(**calib.data.preprocess)})
     return resolved, source, calib
+
+
+def _refuse(problems: list, what: str, default_fix: str) -> None:
+    """A target's Problems become one ConfigError naming every offending setting."""
+    if problems:
+        raise ConfigError(what, "; ".join(f"{p.field}: {p.message}" for p in problems),
+                          "; ".join(p.fix for p in problems if p.fix) or default_fix)
 
 
 def resolve_inputs(config: BuildConfig, source: ModelSource) -> list[InputSpec]:
@@ -213,8 +212,8 @@ def build(config: BuildConfig, log: Log = _stderr) -> BuildResult:
                 raise err
             bench = benchmark(config, ref, cand, calib) if config.bench.enabled else None
             golden = [(feed, cand.infer(feed)) for feed, _ in zip(calib.holdout(), range(config.golden_samples))]
-            io = {"inputs": [t.to_dict() for t in cand.inputs], "outputs": [t.to_dict() for t in cand.outputs]}
-        io["inputs"] = [s.model_dump() for s in config.inputs]  # declared names/dims, not the runtime's view
+            # inputs as declared (names, named dims), outputs as the built runtime reports them
+            io = {"inputs": [s.model_dump() for s in config.inputs], "outputs": [t.to_dict() for t in cand.outputs]}
         manifest = make_manifest(config, source, calib, artifact, report, bench, golden, io)
         manifest["export"].update(export_info)
         requirements = target.requirements(artifact) + (["tokenizers"] if manifest.get("text") else [])
@@ -235,9 +234,9 @@ def benchmark(config: BuildConfig, ref, cand, calib: CalibrationSet) -> dict[str
         import torch
 
         torch.set_num_threads(threads)
-    log_runs = dict(warmup=config.bench.warmup, runs=config.bench.runs)
-    r = bench_runner(ref, feed, **log_runs)
-    c = bench_runner(cand, feed, **log_runs)
+    protocol = dict(warmup=config.bench.warmup, runs=config.bench.runs)
+    r = bench_runner(ref, feed, **protocol)
+    c = bench_runner(cand, feed, **protocol)
     return {"reference": r, "built": c, "speedup_vs_reference": r["median_ms"] / max(c["median_ms"], 1e-9),
             "feed_shapes": {k: list(v.shape) for k, v in feed.items()}, "threads": threads, "machine": machine(),
             "note": "reference = the source model in its own framework (PyTorch eager unless the source is ONNX)"}
@@ -279,8 +278,9 @@ def text_settings(config: BuildConfig, source: ModelSource, calib: CalibrationSe
     if calib.data.text:
         return calib.data.text
     if getattr(source, "tokenizer_file", None) is not None:
-        return {"tokenizer": "tokenizer/tokenizer.json", "max_length": config.calibration.max_length,
-                "padding": "max_length", "truncation": True}
+        from edgeexport.bundle.loader import text_settings as default_text_settings
+
+        return default_text_settings(config.calibration.max_length)
     return None
 
 

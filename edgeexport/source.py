@@ -20,8 +20,14 @@ from edgeexport.config import InputSpec, parse_input_spec
 from edgeexport.errors import ExportError, ModelLoadError
 from edgeexport.targets.base import Runner, TensorInfo
 from edgeexport.util import quiet as torch_quiet
+from edgeexport.util import strip_ansi
 
 _TORCH_DTYPES = {"float32", "float16", "int64", "int32", "int8", "uint8", "bool"}
+
+
+def _existing_file(spec: str) -> None:
+    if not Path(spec).is_file():
+        raise ModelLoadError(f"model file {spec!r} not found", "", "check the --model path")
 
 
 def _spec_from_tensor(name: str, t: Any) -> InputSpec:
@@ -143,7 +149,7 @@ class TorchModelSource(ModelSource):
 
 def export_error(e: Exception, log: str) -> ExportError:
     """Turn an exporter exception into an error that names the operator and the node that failed."""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", f"{e}\n{e.__cause__ or ''}\n{log}")
+    text = strip_ansi(f"{e}\n{e.__cause__ or ''}\n{log}")
     ops = re.findall(r"OpOverload\(op='([\w.]+)', overload='(\w+)'\)", text)
     op_names = sorted({f"{a}.{b}" for a, b in ops}) or sorted(set(re.findall(r"\b(aten::\w+|prim::\w+)", text)))
     nodes = sorted(set(re.findall(r"translating node %(\w+)", text)))
@@ -164,7 +170,7 @@ def export_error(e: Exception, log: str) -> ExportError:
 
 
 def _short(e: BaseException, limit: int = 600) -> str:
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip() or type(e).__name__
+    text = strip_ansi(str(e)).strip() or type(e).__name__
     text = " ".join(text.split())
     return text if len(text) <= limit else text[:limit] + " ..."
 
@@ -269,8 +275,7 @@ class TorchScriptSource(TorchModelSource):
         import torch
 
         self.spec = spec
-        if not Path(spec).is_file():
-            raise ModelLoadError(f"model file {spec!r} not found", "", "check the --model path")
+        _existing_file(spec)
         try:
             self.module = torch.jit.load(spec, map_location="cpu").eval()
         except Exception as e:
@@ -297,8 +302,7 @@ class ExportedProgramSource(TorchModelSource):
         import torch
 
         self.spec = spec
-        if not Path(spec).is_file():
-            raise ModelLoadError(f"model file {spec!r} not found", "", "check the --model path")
+        _existing_file(spec)
         try:
             with torch_quiet():
                 self.program = torch.export.load(spec)
@@ -326,8 +330,7 @@ class OnnxModelSource(ModelSource):
         import onnx
 
         self.spec = spec
-        if not Path(spec).is_file():
-            raise ModelLoadError(f"model file {spec!r} not found", "", "check the --model path")
+        _existing_file(spec)
         try:
             self.model = onnx.load(spec, load_external_data=True)
             onnx.checker.check_model(self.model)

@@ -72,7 +72,10 @@ class HFModelSource(ModelSource):
         return f if f.is_file() else None
 
     def bundle_files(self) -> dict[str, Path]:
-        return {f"tokenizer/{n}": self.path / n for n in TOKENIZER_FILES if (self.path / n).is_file()}
+        from edgeexport.bundle.loader import TOKENIZER_FILE
+
+        folder = TOKENIZER_FILE.rsplit("/", 1)[0]  # where the loader looks for tokenizer.json
+        return {f"{folder}/{n}": self.path / n for n in TOKENIZER_FILES if (self.path / n).is_file()}
 
     def describe(self) -> dict[str, Any]:
         return {"spec": self.spec, "kind": self.kind, "task": self.task, "library": self.library}

@@ -7,6 +7,7 @@ import hashlib
 import io
 import logging
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -33,6 +34,14 @@ def quiet() -> Iterator[io.StringIO]:
     finally:
         for lg, lvl in zip(loggers, levels):
             lg.setLevel(lvl)
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def strip_ansi(text: str) -> str:
+    """Drop terminal colour codes that exporters and converters put in their messages."""
+    return _ANSI.sub("", text)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

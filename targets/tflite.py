@@ -20,7 +20,7 @@ import numpy as np
 
 from edgeexport.errors import MissingExtraError, TargetError
 from edgeexport.targets.base import Artifact, Problem, Runner, Target, TensorInfo
-from edgeexport.util import progress, quiet
+from edgeexport.util import progress, quiet, strip_ansi
 
 if TYPE_CHECKING:  # pragma: no cover
     from edgeexport.calibration import CalibrationSet
@@ -139,7 +139,7 @@ def to_saved_model(onnx_path: Path, specs: list["InputSpec"], out_dir: Path, cal
                             copy_onnx_input_output_names_to_tflite=True,
                             replace_to_pseudo_operators=pseudo or None)
         except BaseException as e:  # onnx2tf calls sys.exit on some failures
-            text = re.sub(r"\x1b\[[0-9;]*m", "", log.getvalue())
+            text = strip_ansi(log.getvalue())
             last = [ln for ln in text.splitlines() if "onnx_op_type:" in ln][-1:]  # the op being converted
             where = ""
             if last:

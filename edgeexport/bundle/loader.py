@@ -141,6 +141,28 @@ def preprocess_image(image, pre):
     return np.ascontiguousarray(arr, dtype=np.float32)
 
 
+TOKENIZER_FILE = "tokenizer/tokenizer.json"
+# model input name -> attribute of a tokenizers.Encoding
+TEXT_FIELDS = {"input_ids": "ids", "attention_mask": "attention_mask", "token_type_ids": "type_ids"}
+
+
+def text_settings(max_length):
+    """Tokenization as recorded in the manifest: truncate and pad every text to ``max_length`` tokens."""
+    return {"tokenizer": TOKENIZER_FILE, "max_length": int(max_length), "padding": "max_length", "truncation": True}
+
+
+def encode_texts(tokenizer, texts, inputs):
+    """Strings -> {input name: array}, one row per text; ``inputs`` are dicts with 'name' and 'dtype'.
+    Build-time calibration and the device both tokenize through this one function."""
+    encodings = tokenizer.encode_batch(list(texts))
+    unknown = [i["name"] for i in inputs if i["name"] not in TEXT_FIELDS]
+    if unknown:
+        raise InputError(f"model input(s) {unknown} cannot be made from text; known: {sorted(TEXT_FIELDS)}")
+    feeds = {i["name"]: np.array([getattr(e, TEXT_FIELDS[i["name"]]) for e in encodings], dtype=i["dtype"])
+             for i in inputs}
+    return feeds, encodings
+
+
 def make_tokenizer(path, settings):
     """A ``tokenizers`` tokenizer configured as at build time (truncate and pad to max_length)."""
     try:
@@ -317,10 +339,7 @@ class Model:
             raise InputError("this bundle has no tokenizer: pass arrays keyed by input name")
         if self._tokenizer is None:
             self._tokenizer = make_tokenizer(_safe_path(self.root, text["tokenizer"]), text)
-        encodings = self._tokenizer.encode_batch([texts] if isinstance(texts, str) else list(texts))
-        fields = {"input_ids": "ids", "attention_mask": "attention_mask", "token_type_ids": "type_ids"}
-        return {i["name"]: np.array([getattr(e, fields[i["name"]]) for e in encodings], dtype=i["dtype"])
-                for i in self.inputs}
+        return encode_texts(self._tokenizer, [texts] if isinstance(texts, str) else texts, self.inputs)[0]
 
     def __call__(self, inputs):
         if isinstance(inputs, str) or (isinstance(inputs, (list, tuple)) and inputs and isinstance(inputs[0], str)):
