@@ -58,6 +58,22 @@ class Artifact:
         return self.root / self.files[0]
 
 
+# onnxruntime type strings -> numpy dtype names
+ORT_TYPES = {
+    "tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
+    "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(int8)": "int8", "tensor(uint8)": "uint8",
+    "tensor(bool)": "bool",
+}
+
+
+def ort_io(session: Any) -> tuple[list["TensorInfo"], list["TensorInfo"]]:
+    """Inputs and outputs of an onnxruntime InferenceSession as TensorInfo lists."""
+    def info(args: Any) -> list[TensorInfo]:
+        return [TensorInfo(a.name, list(a.shape), ORT_TYPES.get(a.type, a.type)) for a in args]
+
+    return info(session.get_inputs()), info(session.get_outputs())
+
+
 class Runner:
     """Runs a model. Use as a context manager; call :meth:`infer` with a dict of numpy arrays."""
 

@@ -12,10 +12,7 @@ from typing import Mapping, Optional
 
 import numpy as np
 
-from edgeexport.targets.base import Artifact, Problem, Runner, Target, TensorInfo
-
-ORT_TYPES = {"tensor(float)": "float32", "tensor(int64)": "int64", "tensor(int32)": "int32"}
-
+from edgeexport.targets.base import Artifact, Problem, Runner, Target, ort_io
 
 class FakeTarget(Target):
     name = "fake"
@@ -48,8 +45,7 @@ class _FakeRunner(Runner):
         self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         self.noise = noise
         self.rng = np.random.default_rng(0)
-        self.inputs = [TensorInfo(i.name, list(i.shape), ORT_TYPES.get(i.type, i.type)) for i in self.session.get_inputs()]
-        self.outputs = [TensorInfo(o.name, list(o.shape), ORT_TYPES.get(o.type, o.type)) for o in self.session.get_outputs()]
+        self.inputs, self.outputs = ort_io(self.session)
 
     def _infer_impl(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         values = self.session.run(None, dict(feeds))

@@ -1,0 +1,176 @@
+"""ONNX quantization steps shared by the targets that hand an ONNX graph to their runtime (ORT, TensorRT).
+
+Targets never import each other; what two of them need lives here: fp16 conversion, ORT's pre-processing,
+calibration of tensor ranges (with the entropy -> percentile -> minmax fallback), and the Q/DQ pass fed by those
+ranges. Calibrating once and quantizing from the recorded ranges means every artifact derived from one build (the
+Q/DQ graph, TensorRT's calibration cache) uses exactly the same numbers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Optional
+
+import numpy as np
+
+from edgeexport.errors import TargetError
+from edgeexport.util import progress, quiet
+
+if TYPE_CHECKING:  # pragma: no cover
+    from edgeexport.calibration import CalibrationSet
+
+PROBE_SAMPLES = 8
+FALLBACKS = {"entropy": ["entropy", "percentile", "minmax"], "percentile": ["percentile", "minmax"]}
+
+
+def to_fp16(src: Path, dst: Path) -> dict[str, Any]:
+    """float32 -> float16 weights and compute, inputs and outputs kept as declared (float32)."""
+    import onnx
+    from onnxruntime.transformers import float16
+
+    with quiet():
+        model = float16.convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
+    onnx.save(model, str(dst))
+    return {"fp16_converter": "onnxruntime.transformers.float16", "keep_io_types": True}
+
+
+class Reader:
+    """onnxruntime CalibrationDataReader over the calibration split (never the holdout)."""
+
+    def __init__(self, feeds: Iterator[dict[str, np.ndarray]]) -> None:
+        self._it = feeds
+
+    def get_next(self) -> Optional[dict[str, np.ndarray]]:
+        return next(self._it, None)
+
+    def rewind(self) -> None:  # pragma: no cover - not used by the calibrators we call
+        raise NotImplementedError
+
+
+def preprocess(src: Path, dst: Path) -> list[str]:
+    """ORT's quant_pre_process (shape inference, basic fusions); BERT-like graphs fall back to skipping the
+    symbolic shape inference."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    notes = []
+    # symbolic shape inference writes temporary files (sym_shape_infer_temp.onnx, <uuid>.data) to the current
+    # directory: keep them in the build's temporary folder
+    with quiet(), contextlib.chdir(dst.parent):
+        try:
+            quant_pre_process(str(src), str(dst))
+        except Exception as e:
+            quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
+            notes.append(f"symbolic shape inference failed ({type(e).__name__}); pre-processed with skip_symbolic_shape=True")
+    return notes
+
+
+def nonfinite_nodes(model_path: Path, feeds: list[dict[str, np.ndarray]]) -> list[str]:
+    """Names of nodes that produce or consume float tensors holding non-finite values on ``feeds``."""
+    import onnx
+    import onnxruntime as ort
+
+    if not feeds:
+        return []
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(model_path)))
+    float_types = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE}
+    typed = {vi.name: vi for vi in list(model.graph.value_info) + list(model.graph.output)}
+    existing = {o.name for o in model.graph.output}
+    for node in model.graph.node:
+        for name in node.output:
+            vi = typed.get(name)
+            if vi is not None and name not in existing and vi.type.tensor_type.elem_type in float_types:
+                model.graph.output.append(vi)
+                existing.add(name)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    bad: set[str] = set()
+    for feed in feeds:
+        for name, value in zip(names, sess.run(None, feed)):
+            if value.dtype.kind == "f" and not np.isfinite(value).all():
+                bad.add(name)
+    return sorted({n.name or n.output[0] for n in model.graph.node if bad & (set(n.output) | set(n.input))})
+
+
+def nonfinite_exclusions(pre: Path, calibration: "CalibrationSet") -> tuple[list[str], list[str]]:
+    """Nodes to keep in float because their tensors hold -inf/inf/NaN on calibration data, and a note saying so."""
+    probe = [f for f, _ in zip(calibration.calibration(), range(PROBE_SAMPLES))]
+    nodes = nonfinite_nodes(pre, probe)
+    if not nodes:
+        return [], []
+    return nodes, [f"kept {len(nodes)} node(s) in float because their tensors hold -inf/inf/NaN on calibration data "
+                   f"(e.g. additive attention masks), which no 8-bit range can represent: "
+                   f"{', '.join(nodes[:5])}{' ...' if len(nodes) > 5 else ''}"]
+
+
+def _method(name: str):
+    from onnxruntime.quantization import CalibrationMethod
+
+    return {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+            "percentile": CalibrationMethod.Percentile}[name]
+
+
+def calibrate_ranges(pre: Path, calibration: "CalibrationSet", method: str, percentile: float, ranges_json: Path,
+                     op_types: Optional[list[str]] = None, symmetric: bool = False) -> tuple[str, list[str]]:
+    """Run the calibration split through ``pre`` and record each float tensor's range in ``ranges_json`` (ORT's
+    JSON calibration cache). ``op_types`` None calibrates every tensor. Returns (method used, notes).
+
+    Histogram calibrators (entropy, percentile) break on tensors holding -inf/huge values, e.g. additive attention
+    masks ("Too many bins", "range is not finite"): fall back, in order, and say so."""
+    from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
+
+    n = len(calibration.calib_idx)
+    failures: list[str] = []
+    for m in FALLBACKS.get(method, [method]):
+        extra = {"symmetric": symmetric}
+        if m == "percentile":
+            extra["percentile"] = percentile
+        feeds = progress(calibration.calibration(), f"calibrating ({m}, {n} samples)", total=n)
+        try:
+            with quiet():
+                calibrator = create_calibrator(pre, op_types, augmented_model_path=str(pre.parent / f"augmented_{m}.onnx"),
+                                               calibrate_method=_method(m), extra_options=extra)
+                calibrator.collect_data(Reader(iter(feeds)))
+                ranges = calibrator.compute_data()
+            save_tensors_data(ranges, ranges_json)
+        except Exception as e:
+            failures.append(f"{m}: {type(e).__name__}: {str(e)[:160]}")
+            continue
+        notes = [f"{method} calibration failed ({failures[0]}); used {m} instead"] if failures else []
+        return m, notes
+    raise TargetError(f"calibration failed ({', '.join(FALLBACKS.get(method, [method]))})", "; ".join(failures),
+                      "exclude the failing nodes (--option exclude_nodes=[...]) or try --precision int8-dynamic")
+
+
+def load_ranges(ranges_json: Path) -> dict[str, tuple[float, float]]:
+    """tensor name -> (lowest, highest) from ORT's JSON calibration cache."""
+    from onnxruntime.quantization.calibrate import load_tensors_data
+
+    return {name: (float(np.min(t.range_value[0])), float(np.max(t.range_value[1])))
+            for name, t in load_tensors_data(ranges_json).items()}
+
+
+def quantize_qdq(pre: Path, dst: Path, ranges_json: Path, method: str, *, per_channel: bool, reduce_range: bool,
+                 activation_type: str, op_types: Optional[list[str]], exclude_nodes: list[str],
+                 extra_options: Optional[dict[str, Any]] = None) -> None:
+    """Static QDQ quantization from the ranges :func:`calibrate_ranges` recorded (no second calibration pass)."""
+    from onnxruntime.quantization import QuantFormat, QuantType
+    from onnxruntime.quantization import quantize_static as ort_quantize_static
+
+    with quiet():
+        try:
+            ort_quantize_static(
+                str(pre), str(dst), None, quant_format=QuantFormat.QDQ, per_channel=per_channel,
+                reduce_range=reduce_range,
+                activation_type=QuantType.QUInt8 if activation_type == "uint8" else QuantType.QInt8,
+                weight_type=QuantType.QInt8, calibrate_method=_method(method), op_types_to_quantize=op_types,
+                nodes_to_exclude=exclude_nodes, extra_options=dict(extra_options or {}),
+                calibration_cache_path=str(ranges_json),
+            )
+        except Exception as e:
+            raise TargetError("ONNX Runtime static quantization failed", f"{type(e).__name__}: {str(e)[:300]}",
+                              "exclude the failing nodes (--option exclude_nodes=[...]) or try --precision "
+                              "int8-dynamic") from None
