@@ -66,6 +66,8 @@ def config_from_options(ctx: click.Context, params: dict[str, Any]):
         data.setdefault("target_options", {})[key] = yaml.safe_load(value)
     if params["io_dtype"]:
         data.setdefault("target_options", {})["io_dtype"] = params["io_dtype"]
+    if params["engine"]:
+        data.setdefault("target_options", {})["engine"] = params["engine"]
     pre: dict[str, Any] = {}
     if params["image_size"]:
         h, sep, w = params["image_size"].partition("x")
@@ -104,7 +106,7 @@ def main() -> None:
 
 @main.command()
 @click.option("-c", "--config", type=click.Path(dir_okay=False), help="Replay a YAML config written by --dry-run.")
-@click.option("--target", default="ort", show_default=True, help="Backend: ort, tflite.")
+@click.option("--target", default="ort", show_default=True, help="Backend: ort, tflite, trt.")
 @click.option("--model", help="pkg.module:factory, file.py:factory, TorchScript .pt, torch.export .pt2, .onnx, "
               "or hf:PATH (Hugging Face folder; needs the [hf] extra).")
 @click.option("--calib", help="Calibration/validation data: .npz (arrays by input name), .npy, an image folder or "
@@ -133,6 +135,9 @@ def main() -> None:
 @click.option("--option", multiple=True, help="Target option KEY=VALUE, e.g. reduce_range=false.")
 @click.option("--io-dtype", type=click.Choice(["float32", "int8", "uint8"]),
               help="tflite int8: dtype of the model's inputs/outputs (int8/uint8 for accelerators, MCUs).")
+@click.option("--engine", type=click.Choice(["auto", "now", "deferred"]),
+              help="trt: build the TensorRT engine here (now; needs TensorRT and a GPU) or on the device on first "
+                   "load (deferred) [default: auto = now when TensorRT and a GPU are here].")
 @click.option("--out", default="bundle", show_default=True, help="Output bundle folder.")
 @click.option("--force", is_flag=True, help="Replace an existing bundle at --out.")
 @click.option("--bench-runs", type=int, default=50, show_default=True, help="Timed runs in the build's benchmark.")
@@ -167,7 +172,7 @@ def build(ctx: click.Context, **params: Any) -> None:
         click.echo(json.dumps(summary, indent=2))
     else:
         bench = summary.get("benchmark")
-        extra = f"; {bench['speedup_vs_reference']:.2f}x vs reference" if bench else ""
+        extra = f"; {bench['speedup_vs_reference']:.2f}x vs reference" if bench and "skipped" not in bench else ""
         click.echo(f"ok: wrote {result.out} ({config.target}/{config.precision}, validated{extra})")
 
 

@@ -210,7 +210,14 @@ def build(config: BuildConfig, log: Log = _stderr) -> BuildResult:
                 )
                 err.report = report  # type: ignore[attr-defined]
                 raise err
-            bench = benchmark(config, ref, cand, calib) if config.bench.enabled else None
+            if artifact.validated_with:
+                log(f"    validated with {artifact.validated_with}")
+            bench = None
+            if config.bench.enabled and artifact.bench_skip:
+                log(f"    benchmark skipped: {artifact.bench_skip}")
+                bench = {"skipped": artifact.bench_skip}
+            elif config.bench.enabled:
+                bench = benchmark(config, ref, cand, calib)
             golden = [(feed, cand.infer(feed)) for feed, _ in zip(calib.holdout(), range(config.golden_samples))]
             # inputs as declared (names, named dims), outputs as the built runtime reports them
             io = {"inputs": [s.model_dump() for s in config.inputs], "outputs": [t.to_dict() for t in cand.outputs]}
@@ -264,10 +271,12 @@ def make_manifest(config: BuildConfig, source: ModelSource, calib: CalibrationSe
         "preprocess": calib.data.preprocess,
         "text": text_settings(config, source, calib),
         "task": config.task,
-        "validation": report.to_dict(),
+        "validation": dict(report.to_dict(), runtime=artifact.validated_with or f"{artifact.target} runtime"),
         "benchmark": bench,
-        "golden": {"count": len(golden), "tolerance": golden_tolerance(artifact.precision, [o for _, o in golden]),
-                   "produced_by": "the built model on held-out samples"},
+        "golden": {"count": len(golden),
+                   "tolerance": golden_tolerance(artifact.precision, [o for _, o in golden], artifact.golden_tolerance),
+                   "produced_by": "the built model on held-out samples"
+                                  + (f" ({artifact.validated_with})" if artifact.validated_with else "")},
         "config": config.model_dump(mode="json"),
         "notes": list(artifact.notes) + list(calib.data.notes),
     }

@@ -37,6 +37,8 @@ def render_markdown(manifest: dict[str, Any]) -> str:
         "",
         f"## Validation: {'PASSED' if val.get('passed') else 'FAILED'} on {val.get('samples')} held-out samples",
         "",
+        f"Validated with: {val.get('runtime', manifest['target'] + ' runtime')}.",
+        "",
         *validation_rows(manifest),
         "",
     ]
@@ -48,7 +50,9 @@ def render_markdown(manifest: dict[str, Any]) -> str:
         f"- {'ok' if c['passed'] else 'FAIL'}: {c['output']} {c['metric']} = {_f(c['value'])} "
         f"({'>=' if c['kind'] == 'min' else '<='} {_f(c['limit'])})" for c in val.get("checks", [])]
     bench = manifest.get("benchmark")
-    if bench:
+    if bench and bench.get("skipped"):
+        lines += ["", f"Latency: not measured ({bench['skipped']})."]
+    elif bench:
         lines += ["", "## Latency (batch of one held-out sample)", "",
                   "| model | median ms | p90 ms |", "|---|---|---|",
                   f"| reference | {_f(bench['reference']['median_ms'])} | {_f(bench['reference']['p90_ms'])} |",
@@ -57,7 +61,9 @@ def render_markdown(manifest: dict[str, Any]) -> str:
                   f"({bench['machine'].get('cpu', bench['machine'].get('machine'))}, threads {bench.get('threads') or 'default'})."]
     if manifest.get("notes"):
         lines += ["", "## Notes", ""] + [f"- {n}" for n in manifest["notes"]]
-    lines += ["", "## On the device", "", "```", "pip install -r requirements.txt", "python loader.py --selftest", "```", ""]
+    device = (manifest.get("runtime_config") or {}).get("device_commands") or \
+        ["pip install -r requirements.txt", "python loader.py --selftest"]
+    lines += ["", "## On the device", "", "```", *device, "```", ""]
     return "\n".join(lines)
 
 
@@ -82,7 +88,7 @@ def inspect_text(manifest: dict[str, Any]) -> str:
                  f"holdout){' SYNTHETIC' if cal.get('synthetic') else ''}")
     lines += ["validation:", *["  " + r for r in validation_rows(manifest)]]
     bench = manifest.get("benchmark")
-    if bench:
+    if bench and not bench.get("skipped"):
         lines.append(f"latency:    built {bench['built']['median_ms']:.3f} ms vs reference "
                      f"{bench['reference']['median_ms']:.3f} ms ({bench['speedup_vs_reference']:.2f}x)")
     lines.append(f"files:      {len(files)} with sha256")

@@ -12,9 +12,10 @@ from .base import Artifact, Problem, Runner, Target, TensorInfo  # noqa: F401
 REGISTRY: dict[str, tuple[str, str]] = {
     "ort": ("edgeexport.targets.onnxruntime", "OrtTarget"),
     "tflite": ("edgeexport.targets.tflite", "TfliteTarget"),
+    "trt": ("edgeexport.targets.tensorrt", "TrtTarget"),
     "fake": ("edgeexport.targets.fake", "FakeTarget"),
 }
-PUBLIC = ("ort", "tflite")  # shown in --help; 'fake' exists for testing orchestration
+PUBLIC = ("ort", "tflite", "trt")  # shown in --help; 'fake' exists for testing orchestration
 
 
 def get_target(name: str) -> Target:
@@ -22,7 +23,7 @@ def get_target(name: str) -> Target:
         raise UsageError(
             f"unknown target {name!r}",
             f"known targets: {', '.join(PUBLIC)}",
-            "pass --target ort or --target tflite",
+            "pass --target ort, tflite or trt",
         )
     module, cls = REGISTRY[name]
     return getattr(importlib.import_module(module), cls)()

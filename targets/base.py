@@ -52,6 +52,13 @@ class Artifact:
     runtime: dict[str, str] = field(default_factory=dict)  # runtime package -> version needed on the device
     notes: list[str] = field(default_factory=list)  # things the user should know (fallbacks, rewrites)
     runtime_config: dict[str, Any] = field(default_factory=dict)  # what the device loader needs (e.g. layouts)
+    #: why the build-time benchmark would not measure what the device runs ('' = benchmark it)
+    bench_skip: str = ""
+    #: golden-pair tolerance (fraction of each output's magnitude, min cosine) when the device's runtime differs
+    #: from the one that produced the golden outputs; None = the precision's default
+    golden_tolerance: Optional[tuple[float, float]] = None
+    #: what produced the validation and golden outputs, when it is not the artifact's own runtime
+    validated_with: str = ""
 
     @property
     def model_path(self) -> Path:
@@ -137,6 +144,8 @@ class Target:
     extra: str = ""  # pip extra that brings its runtime, '' for core
     precisions: tuple[str, ...] = ()
     description: str = ""
+    #: Python modules a build needs (a missing one means the target's extra is not installed)
+    build_imports: tuple[str, ...] = ()
     #: target_options this target understands: name -> (default, one-line meaning)
     options_spec: dict[str, tuple[Any, str]] = {}
 

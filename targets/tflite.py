@@ -42,6 +42,7 @@ def _require() -> None:
 class TfliteTarget(Target):
     name = "tflite"
     extra = "tflite"
+    build_imports = ("onnx2tf", "tensorflow")
     precisions = ("fp32", "fp16", "dynamic-range", "int8")
     description = "TFLite / LiteRT (.tflite) for Android, iOS, Linux SBCs and microcontrollers"
     options_spec = {"io_dtype": ("float32", "int8 only: dtype of the model's inputs/outputs (float32, int8, uint8)")}

@@ -8,7 +8,7 @@ from __future__ import annotations
 import datetime as _dt
 import importlib.metadata
 import platform
-from typing import Any
+from typing import Any, Optional
 
 SCHEMA_VERSION = 1
 
@@ -23,6 +23,8 @@ PRECISION_LABELS = {
 TARGET_PRECISION_LABELS = {
     ("tflite", "fp16"): "fp16 (float16 weights, float32 compute on CPU; GPU delegates may run fp16)",
     ("tflite", "int8"): "int8 full-integer (int8 weights and activations, every op quantized)",
+    ("trt", "fp16"): "fp16 (float16 graph for TensorRT, float32 inputs/outputs)",
+    ("trt", "int8"): "int8 (TensorRT: explicit Q/DQ, or implicit calibration cache on TensorRT 10)",
 }
 
 # Golden-pair tolerance for the on-device self-test, per precision: fraction of each output's max magnitude
@@ -47,10 +49,11 @@ def versions() -> dict[str, str]:
     return out
 
 
-def golden_tolerance(precision: str, golden_outputs: list[dict[str, Any]]) -> dict[str, Any]:
+def golden_tolerance(precision: str, golden_outputs: list[dict[str, Any]],
+                     override: Optional[tuple[float, float]] = None) -> dict[str, Any]:
     import numpy as np
 
-    frac, min_cos = GOLDEN_TOLERANCE.get(precision, (5e-2, 0.995))
+    frac, min_cos = override or GOLDEN_TOLERANCE.get(precision, (5e-2, 0.995))
     atol: dict[str, float] = {}
     for outs in golden_outputs:
         for name, arr in outs.items():
