@@ -217,7 +217,7 @@ def quantize_for_tensorrt(onnx_path: Path, out: Path, o: dict[str, Any], config:
                           calibration: "CalibrationSet", workdir: Path
                           ) -> tuple[dict[str, Any], list[str], dict[str, float]]:
     """Calibrate every float tensor once; write a Q/DQ graph TensorRT can fuse (symmetric int8, zero points 0,
-    per-channel weights, float bias, Q/DQ on the inputs of weighted ops) and return the per-tensor scales for
+    per-channel weights, float bias, Q/DQ on the inputs of weighted ops and not on their outputs) and return the per-tensor scales for
     TensorRT 10's calibration cache, both from the same ranges."""
     pre, qdq, ranges = workdir / "preprocessed.onnx", workdir / "qdq.onnx", workdir / "ranges.json"
     notes = preprocess(onnx_path, pre)
@@ -231,7 +231,11 @@ def quantize_for_tensorrt(onnx_path: Path, out: Path, o: dict[str, Any], config:
     quantize_qdq(pre, qdq, ranges, used, per_channel=True, reduce_range=False, activation_type="int8",
                  op_types=o["op_types"], exclude_nodes=exclude,
                  extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False,
-                                "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1}})
+                                "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},
+                                # TensorRT's placement: Q/DQ on the inputs of weighted ops, not on their outputs.
+                                # A Q/DQ on a raw conv output (before ReLU6) spends 8 bits on a range the next op
+                                # clips away: EfficientNet-Lite0 top-1 agreement 0.72 with it, 0.94 without
+                                "OpTypesToExcludeOutputQuantization": list(o["op_types"])})
     import onnx
 
     violations = qdq_violations(onnx.load(str(qdq)))

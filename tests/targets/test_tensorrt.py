@@ -65,8 +65,11 @@ def test_explicit_int8_bundle_follows_tensorrt_rules_and_validates(int8_bundles)
     assert ops.count("QuantizeLinear") >= 4 and ops.count("DequantizeLinear") > ops.count("QuantizeLinear")
     # every weighted op takes int8 weights (per-channel for the convolutions) and int8 data
     producer = {o: n for n in graph.node for o in n.output}
+    consumers = {i: n for n in graph.node for i in n.input}
     for node in (n for n in graph.node if n.op_type in ("Conv", "Gemm")):
         assert producer[node.input[0]].op_type == producer[node.input[1]].op_type == "DequantizeLinear"
+        # TensorRT's recommended placement: inputs quantized, outputs left to the next op
+        assert node.output[0] not in consumers or consumers[node.output[0]].op_type != "QuantizeLinear"
     # the device loader runs the bundle exactly as validated when asked for onnxruntime
     assert loader.load(out, runtime="onnxruntime").selftest(verbose=False)
 
