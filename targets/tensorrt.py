@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 import numpy as np
 
+from edgeexport.bundle.loader import write_calibration_cache
 from edgeexport.errors import ConfigError, TargetError
 from edgeexport.quantize import calibrate_ranges, load_ranges, nonfinite_exclusions, preprocess, quantize_qdq, to_fp16
 from edgeexport.targets.base import Artifact, Problem, Runner, Target, ort_io
@@ -106,9 +107,9 @@ class TrtTarget(Target):
         out.mkdir(parents=True, exist_ok=True)
         o = self.options(config)
         settings: dict[str, Any] = {"format": "onnx for TensorRT"}
-        notes: list[str] = []
         files = [MODEL_FILE]
         int8_path = o["int8_path"] if config.precision == "int8" else None
+        profiles, notes = resolve_profiles(config.inputs, o["profiles"], calibration)
         if config.precision == "fp32":
             shutil.copyfile(onnx_path, out / MODEL_FILE)
         elif config.precision == "fp16":
@@ -117,14 +118,12 @@ class TrtTarget(Target):
             s, n, scales = quantize_for_tensorrt(onnx_path, out, o, config, calibration, workdir)
             settings.update(s)
             notes += n
-            (out / CACHE_FILE).write_text(cache_text(scales, o["trt_version"]))
+            (out / CACHE_FILE).write_text(write_calibration_cache(scales, o["trt_version"]))
             if int8_path == "implicit":
                 shutil.copyfile(workdir / "preprocessed.onnx", out / MODEL_FILE)
                 files.append(CACHE_FILE)
             else:
                 shutil.copyfile(workdir / "qdq.onnx", out / MODEL_FILE)
-        profiles, pnotes = resolve_profiles(config.inputs, o["profiles"], calibration)
-        notes += pnotes
         builder = {"workspace_mb": o["workspace_mb"], "timing_cache": o["timing_cache"], "dla_core": o["dla_core"],
                    "gpu_fallback": o["gpu_fallback"], "hardware_compatibility": o["hardware_compatibility"],
                    "version_compatible": o["version_compatible"], "profiles": profiles}
@@ -252,12 +251,6 @@ def quantize_for_tensorrt(onnx_path: Path, out: Path, o: dict[str, Any], config:
     if used == "percentile":
         settings["percentile"] = config.calibration.percentile
     return settings, notes, scales
-
-
-def cache_text(scales: dict[str, float], trt_version: str) -> str:
-    from edgeexport.bundle.loader import write_calibration_cache
-
-    return write_calibration_cache(scales, trt_version)
 
 
 def qdq_violations(model: Any) -> list[str]:
