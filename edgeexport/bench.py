@@ -1,27 +1,50 @@
-"""Latency measurement shared by the build (a quick benchmark for the manifest) and benchmarks/."""
+"""Latency, throughput, memory and cold-start measurement.
+
+Shared by the build (a quick benchmark for the manifest), `edgeexport bench BUNDLE`, `edgeexport compare` and
+benchmarks/. Everything is measured through the bundle's own loader, the code a device runs.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+import subprocess
+import sys
 import time
-from typing import Any, Callable, Mapping
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
 
+from edgeexport.errors import BundleError, UsageError
 
-def time_calls(fn: Callable[[], Any], warmup: int = 5, runs: int = 50) -> dict[str, float]:
-    """Wall time of ``fn()`` in milliseconds: median, p90, mean, min over ``runs`` after ``warmup``."""
+
+def sample_latency(fn: Callable[[], Any], warmup: int = 5, runs: Optional[int] = 50,
+                   duration_s: Optional[float] = None) -> list[float]:
+    """Milliseconds per call of ``fn()`` after ``warmup`` calls: ``runs`` calls, or as many as fit in ``duration_s``."""
     for _ in range(warmup):
         fn()
-    samples = []
-    for _ in range(runs):
+    samples: list[float] = []
+    deadline = time.perf_counter() + duration_s if duration_s else None
+    while (len(samples) < runs) if deadline is None else (time.perf_counter() < deadline or not samples):
         t0 = time.perf_counter()
         fn()
         samples.append((time.perf_counter() - t0) * 1e3)
-    arr = np.asarray(samples)
-    return {"median_ms": float(np.median(arr)), "p90_ms": float(np.percentile(arr, 90)),
-            "mean_ms": float(arr.mean()), "min_ms": float(arr.min()), "runs": runs, "warmup": warmup}
+    return samples
+
+
+def summarize(samples: list[float]) -> dict[str, float]:
+    arr = np.asarray(samples, dtype=np.float64)
+    p50, p90, p99 = (float(v) for v in np.percentile(arr, [50, 90, 99]))
+    return {"p50_ms": p50, "median_ms": p50, "p90_ms": p90, "p99_ms": p99, "mean_ms": float(arr.mean()),
+            "min_ms": float(arr.min()), "max_ms": float(arr.max()), "std_ms": float(arr.std()), "runs": len(samples)}
+
+
+def time_calls(fn: Callable[[], Any], warmup: int = 5, runs: int = 50) -> dict[str, float]:
+    """Wall time of ``fn()`` in milliseconds: p50 (= median), p90, p99, mean, min over ``runs`` after ``warmup``."""
+    return dict(summarize(sample_latency(fn, warmup, runs)), warmup=warmup)
 
 
 def bench_runner(runner: Any, feed: Mapping[str, np.ndarray], warmup: int, runs: int) -> dict[str, float]:
@@ -41,3 +64,146 @@ def machine() -> dict[str, Any]:
     except OSError:  # pragma: no cover - not Linux
         pass
     return info
+
+
+_RUNTIME_PACKAGES = ("numpy", "onnxruntime", "ai-edge-litert", "tensorflow", "tensorrt", "torch")
+
+
+def runtime_versions() -> dict[str, str]:
+    """Installed versions of the packages that can run a bundle (only those present)."""
+    found = {}
+    for name in _RUNTIME_PACKAGES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def batched_feed(inputs: list[dict], golden: Mapping[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
+    """The first golden input repeated to ``batch`` rows; refuses inputs whose batch dimension is fixed."""
+    feed = {}
+    for spec in inputs:
+        x = golden[spec["name"]]
+        first = spec["shape"][0] if spec["shape"] else None
+        if batch != 1 and (not isinstance(first, str)):
+            raise UsageError(f"--batch {batch}: input {spec['name']!r} has a fixed batch dimension "
+                             f"(shape {spec['shape']})", "the bundle was built for that shape only",
+                             "benchmark it with --batch 1, or rebuild with a named batch dimension "
+                             f"(e.g. --input {spec['name']}:batchx...)")
+        feed[spec["name"]] = np.ascontiguousarray(np.repeat(x[:1], batch, axis=0)) if batch != 1 else x
+    return feed
+
+
+# Runs in a fresh interpreter: imports only the loader file (numpy + the runtime, as on a device), loads the bundle,
+# runs it, and reports when the first result was ready (wall clock) and the process's peak resident memory.
+_CHILD = r"""
+import importlib.util, json, resource, sys, time
+t_start = time.time()
+loader_path, bundle, batch, threads, runs = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
+spec = importlib.util.spec_from_file_location("edgeexport_bundle_loader", loader_path)
+loader = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(loader)
+import numpy as np
+t_import = time.time()
+model = loader.load(bundle, threads=int(threads) if threads else None)
+t_load = time.time()
+golden = next(model.golden())[0]
+feed = {k: (np.repeat(v[:1], batch, axis=0) if batch != 1 else v) for k, v in golden.items()}
+model(feed)
+t_first = time.time()
+for _ in range(runs):
+    model(feed)
+print(json.dumps({"t_start": t_start, "t_import": t_import, "t_load": t_load, "t_first": t_first,
+                  "peak_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+"""
+
+
+def fresh_process(bundle: Path, batch: int, threads: Optional[int], runs: int = 10,
+                  timeout_s: int = 600) -> dict[str, float]:
+    """Cold start (process start -> first result) and peak resident memory of a new process running the bundle."""
+    from edgeexport.bundle import loader
+
+    t0 = time.time()
+    try:
+        proc = subprocess.run([sys.executable, "-c", _CHILD, loader.__file__, str(bundle), str(batch),
+                               str(threads or ""), str(runs)], capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise BundleError(f"a fresh process running bundle {str(bundle)!r} did not finish in {timeout_s} s", "",
+                          "skip the cold-start measurement with --cold-runs 0") from None
+    if proc.returncode != 0:
+        raise BundleError(f"a fresh process could not run bundle {str(bundle)!r}",
+                          (proc.stderr.strip().splitlines() or ["no output"])[-1],
+                          f"check it with 'edgeexport verify {bundle}'")
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {"cold_start_ms": (r["t_first"] - t0) * 1e3, "interpreter_start_ms": (r["t_start"] - t0) * 1e3,
+            "import_ms": (r["t_import"] - r["t_start"]) * 1e3, "load_ms": (r["t_load"] - r["t_import"]) * 1e3,
+            "first_result_ms": (r["t_first"] - r["t_load"]) * 1e3, "peak_rss_mib": r["peak_rss_kib"] / 1024}
+
+
+def _bundle_bytes(root: Path, manifest: dict) -> dict[str, int]:
+    files = manifest.get("files", [])
+    return {"model_file_bytes": sum(f.get("size", 0) for f in files if f.get("path") == manifest["model_file"]),
+            "bundle_bytes": sum(f.get("size", 0) for f in files)}
+
+
+def bench_bundle(bundle: Path, warmup: int = 10, runs: Optional[int] = 100, duration_s: Optional[float] = None,
+                 threads: Optional[int] = None, batch: int = 1, cold_runs: int = 3,
+                 log: Callable[[str], None] = lambda _m: None) -> dict[str, Any]:
+    """Measure a bundle through its loader; the result records the protocol next to the numbers."""
+    from edgeexport.bundle import loader
+
+    if batch < 1 or (runs is not None and runs < 1) or warmup < 0 or cold_runs < 0:
+        raise UsageError("--batch and --runs must be at least 1, --warmup and --cold-runs at least 0")
+    try:
+        model = loader.load(bundle, threads=threads)
+    except loader.BundleError as e:
+        raise BundleError(f"cannot load bundle {str(bundle)!r}", str(e), f"check it with 'edgeexport verify {bundle}'") from None
+    manifest = model.manifest
+    feed = batched_feed(model.inputs, next(model.golden())[0], batch)
+    model(feed)  # checks the feed once; the timed calls go straight to the runtime
+    what = f"{duration_s:g} s" if duration_s else f"{runs} runs"
+    log(f"==> latency: {warmup} warm-up calls, then {what} at batch {batch}")
+    lat = summarize(sample_latency(lambda: model._backend.run(feed), warmup, runs, duration_s))
+    result: dict[str, Any] = {
+        "bundle": str(bundle), "target": manifest["target"], "precision": manifest["precision"],
+        "precision_label": manifest.get("precision_label"), "latency": lat,
+        "throughput_per_s": batch * 1e3 / lat["mean_ms"],
+        **_bundle_bytes(Path(bundle), manifest),
+        "protocol": {"warmup": warmup, "runs": lat["runs"], "duration_s": duration_s, "threads": threads,
+                     "batch": batch, "feed_shapes": {k: list(v.shape) for k, v in feed.items()},
+                     "feed": "first golden input of the bundle", "timed": "runtime call (inputs checked once before)",
+                     "cold_runs": cold_runs, "machine": machine(), "versions": runtime_versions(),
+                     "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+    }
+    flops = (manifest.get("model_stats") or {}).get("flops_per_sample")
+    if flops:
+        result["gflops_per_s"] = flops * batch / (lat["mean_ms"] * 1e6)
+    if cold_runs:
+        log(f"==> cold start and peak memory: {cold_runs} fresh processes")
+        colds = [fresh_process(Path(bundle), batch, threads) for _ in range(cold_runs)]
+        result["fresh_process"] = {k: float(np.median([c[k] for c in colds])) for k in colds[0]}
+        result["fresh_process"]["cold_start_ms_all"] = [c["cold_start_ms"] for c in colds]
+    return result
+
+
+def render_bench(r: dict[str, Any]) -> str:
+    lat, p = r["latency"], r["protocol"]
+    lines = [f"bundle:      {r['bundle']} ({r['target']} / {r.get('precision_label') or r['precision']})",
+             f"size:        model file {r['model_file_bytes'] / 1024:.1f} KiB, bundle {r['bundle_bytes'] / 1024:.1f} KiB",
+             f"latency:     p50 {lat['p50_ms']:.4g} ms, p90 {lat['p90_ms']:.4g} ms, p99 {lat['p99_ms']:.4g} ms, "
+             f"mean {lat['mean_ms']:.4g} ms (min {lat['min_ms']:.4g})",
+             f"throughput:  {r['throughput_per_s']:.1f} samples/s at batch {p['batch']}"]
+    if "gflops_per_s" in r:
+        lines.append(f"compute:     {r['gflops_per_s']:.2f} GFLOP/s achieved (model FLOPs / mean latency)")
+    fp = r.get("fresh_process")
+    if fp:
+        lines += [f"cold start:  {fp['cold_start_ms']:.0f} ms process start -> first result (median of {p['cold_runs']}: "
+                  f"interpreter {fp['interpreter_start_ms']:.0f}, imports {fp['import_ms']:.0f}, load "
+                  f"{fp['load_ms']:.0f}, first call {fp['first_result_ms']:.0f})",
+                  f"peak memory: {fp['peak_rss_mib']:.1f} MiB resident (fresh process that loads and runs the bundle)"]
+    m = p["machine"]
+    lines.append(f"protocol:    {p['warmup']} warm-up, {p['runs']} timed runs, threads {p['threads'] or 'default'}, "
+                 f"batch {p['batch']}; {m.get('cpu', m['machine'])} ({m['cpu_count']} cores); "
+                 + ", ".join(f"{k} {v}" for k, v in p["versions"].items()))
+    return "\n".join(lines)

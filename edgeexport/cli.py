@@ -49,13 +49,13 @@ def config_from_options(ctx: click.Context, params: dict[str, Any]):
 
     data: dict[str, Any] = load_config_file(params["config"]) if params["config"] else {}
     for name, path in _PARAM_PATHS.items():
-        if _given(ctx, name) or (not params["config"] and params[name] is not None):
+        if name in params and (_given(ctx, name) or (not params["config"] and params[name] is not None)):
             _set(data, path, params[name])
     if params["inputs"]:
         data["inputs"] = [parse_input_spec(s).model_dump() for s in params["inputs"]]
     if params["tolerance"]:
         data.setdefault("tolerance", {}).update(parse_tolerance(params["tolerance"]))
-    if params["no_bench"]:
+    if params.get("no_bench"):
         _set(data, ("bench", "enabled"), False)
     for item in params["option"]:
         key, sep, value = item.partition("=")
@@ -104,40 +104,52 @@ def main() -> None:
     """Export a PyTorch model to a validated runtime bundle for a device."""
 
 
+_MODEL_AND_DATA_OPTIONS = [
+    click.option("-c", "--config", type=click.Path(dir_okay=False), help="Replay a YAML config written by --dry-run."),
+    click.option("--model", help="pkg.module:factory, file.py:factory, TorchScript .pt, torch.export .pt2, .onnx, "
+                  "or hf:PATH (Hugging Face folder; needs the [hf] extra)."),
+    click.option("--calib", help="Calibration/validation data: .npz (arrays by input name), .npy, an image folder or "
+                  "a quoted glob ('photos/*.jpg'), or synthetic:N (random data, recorded as such)."),
+    click.option("--task", help="hf: models: the optimum task [default: feature-extraction]; feature-extraction also "
+                  "selects embedding metrics."),
+    click.option("--max-length", type=int, help="Text: tokens per sample, truncated and padded [default: 128]."),
+    click.option("--input", "inputs", multiple=True, help="NAME:SHAPE[:DTYPE], e.g. image:batchx3x224x224:float32."),
+    click.option("--val", help="Separate validation data (same kinds as --calib); default: hold out part of --calib."),
+    click.option("--labels", help="Labels (.npy/.npz/.txt) aligned with the --calib samples, for task accuracy."),
+    click.option("--calib-method", type=click.Choice(CALIB_METHODS), default="minmax", show_default=True),
+    click.option("--calib-samples", type=int, help="Calibration samples [default: all but the holdout, at most 256]."),
+    click.option("--holdout", type=int, help="Held-out validation samples [default: 20%, at most 200]."),
+    click.option("--seed", type=int, default=0, show_default=True, help="Seed of the calibration/holdout split."),
+    click.option("--percentile", type=float, default=99.999, show_default=True, help="For --calib-method percentile."),
+    click.option("--image-size", help="Resize images to HxW [default: the input's H and W]."),
+    click.option("--resize-shorter", type=int, help="Resize the shorter side to N, then center-crop to the image size."),
+    click.option("--color", type=click.Choice(["rgb", "bgr", "gray"]), help="Image channel order [default: rgb]."),
+    click.option("--mean", help="Per-channel mean after scaling, e.g. 0.485,0.456,0.406 [default: 0]."),
+    click.option("--std", help="Per-channel std after scaling, e.g. 0.229,0.224,0.225 [default: 1]."),
+    click.option("--scale", type=float, help="Pixel scale before mean/std [default: 1/255]."),
+    click.option("--layout", type=click.Choice(["nchw", "nhwc"]), help="Image tensor layout [default: nchw]."),
+    click.option("--tolerance", multiple=True, help=f"KEY=VALUE overriding a default limit; keys: {', '.join(TOLERANCE_KEYS)}."),
+    click.option("--opset", type=int, default=18, show_default=True),
+    click.option("--option", multiple=True, help="Target option KEY=VALUE, e.g. reduce_range=false."),
+    click.option("--io-dtype", type=click.Choice(["float32", "int8", "uint8"]),
+                  help="tflite int8: dtype of the model's inputs/outputs (int8/uint8 for accelerators, MCUs)."),
+    click.option("--engine", type=click.Choice(["auto", "now", "deferred"]),
+                  help="trt: build the TensorRT engine here (now; needs TensorRT and a GPU) or on the device on first "
+                       "load (deferred) [default: auto = now when TensorRT and a GPU are here]."),
+]
+
+
+def model_and_data_options(f):
+    """The options that say what to build from: shared by build and compare."""
+    for option in reversed(_MODEL_AND_DATA_OPTIONS):
+        f = option(f)
+    return f
+
+
 @main.command()
-@click.option("-c", "--config", type=click.Path(dir_okay=False), help="Replay a YAML config written by --dry-run.")
 @click.option("--target", default="ort", show_default=True, help="Backend: ort, tflite, trt.")
-@click.option("--model", help="pkg.module:factory, file.py:factory, TorchScript .pt, torch.export .pt2, .onnx, "
-              "or hf:PATH (Hugging Face folder; needs the [hf] extra).")
-@click.option("--calib", help="Calibration/validation data: .npz (arrays by input name), .npy, an image folder or "
-              "a quoted glob ('photos/*.jpg'), or synthetic:N (random data, recorded as such).")
 @click.option("--precision", type=click.Choice(PRECISIONS), default="int8", show_default=True)
-@click.option("--task", help="hf: models: the optimum task [default: feature-extraction]; feature-extraction also "
-              "selects embedding metrics.")
-@click.option("--max-length", type=int, help="Text: tokens per sample, truncated and padded [default: 128].")
-@click.option("--input", "inputs", multiple=True, help="NAME:SHAPE[:DTYPE], e.g. image:batchx3x224x224:float32.")
-@click.option("--val", help="Separate validation data (same kinds as --calib); default: hold out part of --calib.")
-@click.option("--labels", help="Labels (.npy/.npz/.txt) aligned with the --calib samples, for task accuracy.")
-@click.option("--calib-method", type=click.Choice(CALIB_METHODS), default="minmax", show_default=True)
-@click.option("--calib-samples", type=int, help="Calibration samples [default: all but the holdout, at most 256].")
-@click.option("--holdout", type=int, help="Held-out validation samples [default: 20%, at most 200].")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the calibration/holdout split.")
-@click.option("--percentile", type=float, default=99.999, show_default=True, help="For --calib-method percentile.")
-@click.option("--image-size", help="Resize images to HxW [default: the input's H and W].")
-@click.option("--resize-shorter", type=int, help="Resize the shorter side to N, then center-crop to the image size.")
-@click.option("--color", type=click.Choice(["rgb", "bgr", "gray"]), help="Image channel order [default: rgb].")
-@click.option("--mean", help="Per-channel mean after scaling, e.g. 0.485,0.456,0.406 [default: 0].")
-@click.option("--std", help="Per-channel std after scaling, e.g. 0.229,0.224,0.225 [default: 1].")
-@click.option("--scale", type=float, help="Pixel scale before mean/std [default: 1/255].")
-@click.option("--layout", type=click.Choice(["nchw", "nhwc"]), help="Image tensor layout [default: nchw].")
-@click.option("--tolerance", multiple=True, help=f"KEY=VALUE overriding a default limit; keys: {', '.join(TOLERANCE_KEYS)}.")
-@click.option("--opset", type=int, default=18, show_default=True)
-@click.option("--option", multiple=True, help="Target option KEY=VALUE, e.g. reduce_range=false.")
-@click.option("--io-dtype", type=click.Choice(["float32", "int8", "uint8"]),
-              help="tflite int8: dtype of the model's inputs/outputs (int8/uint8 for accelerators, MCUs).")
-@click.option("--engine", type=click.Choice(["auto", "now", "deferred"]),
-              help="trt: build the TensorRT engine here (now; needs TensorRT and a GPU) or on the device on first "
-                   "load (deferred) [default: auto = now when TensorRT and a GPU are here].")
+@model_and_data_options
 @click.option("--out", default="bundle", show_default=True, help="Output bundle folder.")
 @click.option("--force", is_flag=True, help="Replace an existing bundle at --out.")
 @click.option("--bench-runs", type=int, default=50, show_default=True, help="Timed runs in the build's benchmark.")
@@ -217,6 +229,110 @@ def inspect(bundle: str, as_json: bool) -> None:
     except loader.BundleError as e:
         _fail(EdgeExportError(f"cannot read bundle {bundle!r}", str(e), "point at a folder built by edgeexport"), False)
     click.echo(json.dumps(manifest, indent=2) if as_json else inspect_text(manifest))
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(file_okay=False))
+@click.option("--runs", type=int, default=100, show_default=True, help="Timed runs after the warm-up.")
+@click.option("--duration", type=float, help="Time budget in seconds instead of a number of runs.")
+@click.option("--warmup", type=int, default=10, show_default=True, help="Untimed calls before timing.")
+@click.option("--threads", type=int, help="Runtime threads [default: the runtime's own].")
+@click.option("--batch", type=int, default=1, show_default=True, help="Rows per call (needs a named batch dim).")
+@click.option("--cold-runs", type=int, default=3, show_default=True,
+              help="Fresh processes for cold start and peak memory (0 skips them).")
+@click.option("--json", "as_json", is_flag=True, help="Print the results and protocol as JSON.")
+def bench(bundle: str, runs: int, duration: Optional[float], warmup: int, threads: Optional[int], batch: int,
+          cold_runs: int, as_json: bool) -> None:
+    """Measure BUNDLE through its own loader: latency percentiles, throughput, cold start, peak memory, size."""
+    from edgeexport.bench import bench_bundle, render_bench
+    from pathlib import Path
+
+    try:
+        result = bench_bundle(Path(bundle), warmup=warmup, runs=runs, duration_s=duration, threads=threads,
+                              batch=batch, cold_runs=cold_runs, log=lambda m: click.echo(m, err=True))
+    except EdgeExportError as e:
+        _fail(e, as_json)
+    click.echo(json.dumps(result, indent=2) if as_json else render_bench(result))
+
+
+def _reproduce(ctx: click.Context) -> str:
+    """The command line that repeats this invocation: every option the user set, in canonical form."""
+    import shlex
+
+    words = ["edgeexport", ctx.info_name or "compare"]
+    for param in ctx.command.params:
+        if not isinstance(param, click.Option) or not _given(ctx, param.name):
+            continue
+        value = ctx.params[param.name]
+        flag = max(param.opts, key=len)
+        if param.is_flag:
+            words += [flag] if value else []
+        else:
+            words += [w for v in (value if param.multiple else [value]) for w in (flag, str(v))]
+    return shlex.join(words)
+
+
+def _csv(text: Optional[str]) -> Optional[list[str]]:
+    return [t.strip() for t in text.split(",") if t.strip()] if text else None
+
+
+@main.command()
+@click.option("--targets", default="ort,tflite,trt", show_default=True, help="Comma-separated targets to compare.")
+@click.option("--precisions", help="Comma-separated precisions [default: every precision each target has]; "
+              "int8-dynamic and dynamic-range both mean each target's int8-weights/float-activations mode.")
+@model_and_data_options
+@click.option("--out", help="Keep every bundle in this folder (as TARGET-PRECISION/); default: build them in a "
+              "temporary folder and discard them.")
+@click.option("--force", is_flag=True, help="Replace bundles already in --out.")
+@click.option("--report", type=click.Path(dir_okay=False), help="Write a self-contained HTML report here.")
+@click.option("--runs", type=int, default=100, show_default=True, help="Timed runs per variant per round.")
+@click.option("--rounds", type=int, default=3, show_default=True, help="Interleaved timing rounds.")
+@click.option("--warmup", type=int, default=10, show_default=True, help="Untimed calls per variant per round.")
+@click.option("--threads", type=int, help="Threads for every runtime and for PyTorch [default: their own].")
+@click.option("--time-failed", is_flag=True, help="Also time combinations that fail validation (built again "
+              "with the limits lifted, and not kept), to see what the gate protects against.")
+@click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON on stdout.")
+@click.pass_context
+def compare(ctx: click.Context, **params: Any) -> None:
+    """Build, validate and time every target x precision next to PyTorch eager; print one table.
+
+    A combination that cannot be built here, fails validation or breaks is a row that says why.
+    """
+    from pathlib import Path
+
+    from edgeexport import compare as cmp
+
+    as_json = params["as_json"]
+    try:
+        if min(params["runs"], params["rounds"]) < 1 or params["warmup"] < 0:
+            raise UsageError("--runs and --rounds must be at least 1, --warmup at least 0")
+        config = config_from_options(ctx, params)
+        out = Path(params["out"]) if params["out"] else None
+        if out is not None and out.is_dir() and any(out.iterdir()) and not params["force"]:
+            raise UsageError(f"--out {str(out)!r} already has files", "a comparison never overwrites bundles unless asked",
+                             "pass --force, or choose another --out")
+        if params["report"]:
+            from edgeexport.htmlreport import require_matplotlib
+
+            require_matplotlib()
+        settings = cmp.Settings(warmup=params["warmup"], runs=params["runs"], rounds=params["rounds"],
+                                threads=params["threads"], time_failed=params["time_failed"])
+        log = (lambda m: click.echo(m, err=True))
+        result = cmp.run(config, _csv(params["targets"]) or [], _csv(params["precisions"]), settings, out, log,
+                         command=_reproduce(ctx))
+        if params["report"]:
+            from edgeexport.htmlreport import write_report
+
+            write_report(result, Path(params["report"]))
+            log(f"==> wrote {params['report']}")
+    except EdgeExportError as e:
+        _fail(e, as_json)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    click.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.table())
+    if result.chosen is None:
+        sys.exit(1)
 
 
 if __name__ == "__main__":  # pragma: no cover

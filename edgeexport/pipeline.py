@@ -20,7 +20,7 @@ from edgeexport.errors import CalibrationError, ConfigError, ValidationFailed
 from edgeexport.report import render_markdown
 from edgeexport.source import ModelSource, load_source
 from edgeexport.targets import get_target
-from edgeexport.validate import ValidationReport, collect, compare
+from edgeexport.validate import ValidationReport, collect, compare, error_sample
 
 Log = Callable[[str], None]
 _POSITIONAL_SOURCES = ("torchscript", "exported_program")
@@ -36,6 +36,8 @@ class BuildResult:
     out: Optional[Path] = None
     manifest: dict[str, Any] = field(default_factory=dict)
     report: Optional[ValidationReport] = None
+    #: per output, a sample of (built - reference) values on the held-out data, for error histograms
+    errors: dict[str, np.ndarray] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -43,7 +45,7 @@ class BuildResult:
             "out": str(self.out) if self.out else None,
             "target": self.config.target,
             "precision": self.config.precision,
-            "validation": self.report.to_dict() if self.report else None,
+            "validation": self.report.to_dict() if self.report is not None else None,
             "benchmark": self.manifest.get("benchmark"),
             "calibration": self.manifest.get("calibration"),
             "notes": self.manifest.get("notes", []),
@@ -183,13 +185,55 @@ def finalize_onnx(path: Path, specs: list[InputSpec]) -> dict[str, Any]:
 def build(config: BuildConfig, log: Log = _stderr) -> BuildResult:
     """Run the whole build. Raises ValidationFailed (with ``.report``) when the outputs are out of tolerance."""
     config, source, calib = resolve(config, log)
+    return build_resolved(config, source, calib, log)
+
+
+@dataclass
+class Exported:
+    """The ONNX exported once from a source, reusable by several builds of the same inputs (compare)."""
+    path: Path
+    output_names: list[str]
+    info: dict[str, Any]
+    stats: Optional[dict[str, Any]]
+
+
+def export(config: BuildConfig, source: ModelSource, calib: CalibrationSet, path: Path, log: Log = _stderr) -> Exported:
+    log(f"==> exporting ONNX (opset {config.opset}) from {source.kind}")
+    output_names = source.export_onnx(path, config.inputs, config.opset)
+    info = finalize_onnx(path, config.inputs)
+    return Exported(path, output_names, info, model_stats(path, calib, log))
+
+
+def model_stats(onnx_path: Path, calib: CalibrationSet, log: Log) -> Optional[dict[str, Any]]:
+    """FLOPs and parameters of the float model on one held-out sample (for GFLOP/s in benchmarks)."""
+    from edgeexport.flops import count_flops
+
+    feed = next(calib.holdout())
+    try:
+        stats = count_flops(onnx_path, feed)
+    except Exception as e:  # informational only: an uncountable graph must not fail the build
+        log(f"    note: model FLOPs not counted ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+        return None
+    batch = max(1, next(iter(feed.values())).shape[0] if feed else 1)
+    stats["flops_per_sample"] = stats["flops"] / batch
+    log(f"    model: {stats['params'] / 1e6:.3g} M parameters, {stats['flops_per_sample'] / 1e9:.3g} GFLOP per sample")
+    return stats
+
+
+def build_resolved(config: BuildConfig, source: ModelSource, calib: CalibrationSet, log: Log = _stderr,
+                   exported: Optional[Exported] = None) -> BuildResult:
+    """Build from what :func:`resolve` returned; ``exported`` reuses an ONNX export of the same inputs and opset."""
+    import shutil
+
     target = get_target(config.target)
     with tempfile.TemporaryDirectory(prefix="edgeexport-") as tmp:
         workdir = Path(tmp)
         onnx_path = workdir / "exported.onnx"
-        log(f"==> exporting ONNX (opset {config.opset}) from {source.kind}")
-        output_names = source.export_onnx(onnx_path, config.inputs, config.opset)
-        export_info = finalize_onnx(onnx_path, config.inputs)
+        if exported is None:
+            exported = export(config, source, calib, onnx_path, log)
+        else:
+            shutil.copyfile(exported.path, onnx_path)  # a fresh copy: builds must never share a file they may rewrite
+        output_names, export_info = exported.output_names, exported.info
         log(f"==> building {config.target} / {config.precision}")
         artifact = target.build(source, config, calib, workdir, onnx_path)
         for note in artifact.notes:
@@ -199,6 +243,7 @@ def build(config: BuildConfig, log: Log = _stderr) -> BuildResult:
         with source.reference(config.inputs, output_names) as ref, target.load(artifact, config.bench.threads) as cand:
             refs, outs, masks = collect(ref, cand, calib.holdout(), total=len(calib.holdout_idx))
             report = compare(refs, outs, tolerance, calib.holdout_labels(), masks=masks, task=config.task)
+            errors = error_sample(refs, outs)
             log(report.table())
             if not report.passed:
                 err = ValidationFailed(
@@ -208,13 +253,14 @@ def build(config: BuildConfig, log: Log = _stderr) -> BuildResult:
                     "try another --calib-method or more calibration samples, a higher precision, or relax the "
                     "limit knowingly with --tolerance KEY=VALUE",
                 )
-                err.report = report  # type: ignore[attr-defined]
+                err.report, err.errors = report, errors  # type: ignore[attr-defined]
                 raise err
             if artifact.validated_with:
                 log(f"    validated with {artifact.validated_with}")
             bench = None
-            if config.bench.enabled and artifact.bench_skip:
-                log(f"    benchmark skipped: {artifact.bench_skip}")
+            if artifact.bench_skip:  # recorded even when no benchmark was asked for: it says why none can be run
+                if config.bench.enabled:
+                    log(f"    benchmark skipped: {artifact.bench_skip}")
                 bench = {"skipped": artifact.bench_skip}
             elif config.bench.enabled:
                 bench = benchmark(config, ref, cand, calib)
@@ -223,13 +269,14 @@ def build(config: BuildConfig, log: Log = _stderr) -> BuildResult:
             io = {"inputs": [s.model_dump() for s in config.inputs], "outputs": [t.to_dict() for t in cand.outputs]}
         manifest = make_manifest(config, source, calib, artifact, report, bench, golden, io)
         manifest["export"].update(export_info)
+        manifest["model_stats"] = exported.stats
         requirements = target.requirements(artifact) + (["tokenizers"] if manifest.get("text") else [])
         texts = {"requirements.txt": "\n".join(requirements) + "\n", "report.md": render_markdown(manifest)}
         files = {name: artifact.root / name for name in artifact.files}
         files.update(getattr(source, "bundle_files", dict)())
         log(f"==> writing bundle to {config.out}")
         out = write_bundle(Path(config.out), files, golden, manifest, texts, config.force)
-    return BuildResult(config, out, manifest, report)
+    return BuildResult(config, out, manifest, report, errors)
 
 
 def benchmark(config: BuildConfig, ref, cand, calib: CalibrationSet) -> dict[str, Any]:
@@ -298,4 +345,4 @@ def dry_run(config: BuildConfig, log: Log = _stderr) -> str:
     return resolved.to_yaml()
 
 
-__all__ = ["build", "dry_run", "resolve", "BuildResult"]
+__all__ = ["build", "build_resolved", "dry_run", "export", "resolve", "BuildResult", "Exported"]

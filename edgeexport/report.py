@@ -83,6 +83,10 @@ def inspect_text(manifest: dict[str, Any]) -> str:
         *[f"  {o['name']}: {o['shape']} {o['dtype']}" for o in manifest["outputs"]],
         "quantization: " + (", ".join(f"{k}={v}" for k, v in q.items()) or "none"),
     ]
+    stats = manifest.get("model_stats") or {}
+    if stats.get("flops_per_sample"):
+        lines.append(f"model:      {stats['params'] / 1e6:.3g} M parameters, {stats['flops_per_sample'] / 1e9:.3g} GFLOP "
+                     "per sample (Conv/MatMul/Gemm)")
     cal = manifest.get("calibration", {})
     lines.append(f"calibration: {cal.get('source')} ({cal.get('calibration_samples')} calib / {cal.get('holdout_samples')} "
                  f"holdout){' SYNTHETIC' if cal.get('synthetic') else ''}")

@@ -198,3 +198,17 @@ def compare(refs: dict[str, list[np.ndarray]], outs: dict[str, list[np.ndarray]]
                 report.checks.append(Check(first, "accuracy_drop", report.task["drop_points"],
                                            tolerance["accuracy_drop"], "max"))
     return report
+
+
+def error_sample(refs: dict[str, list[np.ndarray]], outs: dict[str, list[np.ndarray]], limit: int = 20000,
+                 seed: int = 0) -> dict[str, np.ndarray]:
+    """Per output, up to ``limit`` elementwise errors (built - reference), drawn evenly at random (for histograms)."""
+    rng = np.random.default_rng(seed)
+    sample = {}
+    for name in refs:
+        diff = np.concatenate([(np.asarray(o, np.float64) - np.asarray(r, np.float64)).ravel()
+                               for r, o in zip(refs[name], outs[name])])
+        if diff.size > limit:
+            diff = diff[np.sort(rng.choice(diff.size, limit, replace=False))]
+        sample[name] = diff.astype(np.float32)
+    return sample

@@ -1,0 +1,380 @@
+"""`edgeexport compare`: build every target x precision, validate each, and time each next to PyTorch eager.
+
+The model is loaded, its data split and its ONNX exported once; every combination is then built from that export
+and validated on the same held-out samples. Timing comes last, in interleaved rounds (eager, then each bundle through
+its own loader, round after round) so that machine drift hits every variant alike. A combination that cannot be
+built here, fails validation or breaks is a row that says why, never a crash of the whole comparison.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from edgeexport.config import BuildConfig
+from edgeexport.errors import EdgeExportError, UsageError, ValidationFailed
+
+Log = Callable[[str], None]
+
+#: the same technique under each target's honest name: int8 weights, float activations
+WEIGHT_ONLY = {"ort": "int8-dynamic", "tflite": "dynamic-range"}
+
+
+@dataclass
+class Settings:
+    warmup: int = 10
+    runs: int = 100
+    rounds: int = 3
+    threads: Optional[int] = None
+    #: time combinations that fail validation too (built again with every limit lifted; that bundle is not kept)
+    time_failed: bool = False
+
+
+#: limits that let anything pass, for timing a refused combination (never for a bundle that is kept)
+_LIFTED = {"cosine": -1.0, "snr_db": -1e9, "top1": 0.0, "pooled_cosine": -1.0, "top5": 0.0,
+           "accuracy_drop": 1e9, "max_abs": 1e30}
+
+
+@dataclass
+class Row:
+    target: str
+    precision: str
+    status: str = "pending"  # passed | failed (validation) | error | skipped
+    reason: str = ""
+    out: Optional[Path] = None
+    size_bytes: Optional[int] = None
+    latency: Optional[dict[str, float]] = None
+    speedup: Optional[float] = None
+    gflops_per_s: Optional[float] = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    validation: Optional[dict[str, Any]] = None
+    build_s: Optional[float] = None
+    errors: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+
+    def add_note(self, text: str) -> None:
+        self.reason = f"{self.reason}; {text}" if self.reason else text
+
+    @property
+    def key(self) -> str:
+        return f"{self.target}/{self.precision}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"target": self.target, "precision": self.precision, "status": self.status, "reason": self.reason,
+                "bundle": str(self.out) if self.out else None, "size_bytes": self.size_bytes,
+                "latency": self.latency, "speedup_vs_reference": self.speedup, "gflops_per_s": self.gflops_per_s,
+                "metrics": self.metrics, "validation": self.validation, "build_s": self.build_s}
+
+
+@dataclass
+class Comparison:
+    model: str
+    rows: list[Row]
+    reference: dict[str, Any]
+    data: dict[str, Any]
+    protocol: dict[str, Any]
+    accuracy_metric: str
+    model_stats: Optional[dict[str, Any]] = None
+    command: str = ""
+    chosen: Optional[Row] = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "reference": self.reference, "data": self.data, "protocol": self.protocol,
+                "accuracy_metric": self.accuracy_metric, "model_stats": self.model_stats, "command": self.command,
+                "recommended": self.chosen.key if self.chosen else None, "rows": [r.to_dict() for r in self.rows]}
+
+    def table(self) -> str:
+        return "\n".join(table_lines(self))
+
+
+def plan(targets: list[str], precisions: Optional[list[str]]) -> list[Row]:
+    """One row per combination; ones that cannot be built here are already marked skipped, with the reason."""
+    from edgeexport.targets import get_target
+
+    rows = []
+    for name in targets:
+        target = get_target(name)
+        for asked in precisions or list(target.precisions):
+            precision = WEIGHT_ONLY.get(name, asked) if asked in WEIGHT_ONLY.values() else asked
+            row = Row(name, precision)
+            if precision != asked:
+                row.add_note(f"asked for {asked}: {name} calls int8 weights with float activations {precision}")
+            if precision not in target.precisions:
+                row.status, row.reason = "skipped", (f"{name} has no {asked} precision (it has "
+                                                     f"{', '.join(target.precisions)})")
+            elif missing := [m for m in target.build_imports if importlib.util.find_spec(m) is None]:
+                row.status, row.reason = "skipped", (f"needs {', '.join(missing)}: pip install "
+                                                     f"'edgeexport[{target.extra}]'")
+            rows.append(row)
+    return rows
+
+
+def _problems(target: Any, config: BuildConfig) -> str:
+    problems = target.check(config) + target.check_inputs(config.inputs)
+    return "; ".join(f"{p.field}: {p.message}" + (f" ({p.fix})" if p.fix else "") for p in problems)
+
+
+def _primary_metrics(validation: dict[str, Any]) -> dict[str, Any]:
+    name, m = next(iter(validation["outputs"].items()))
+    cos = m.get("pooled_cosine", m.get("cosine_unpadded", m.get("cosine")))
+    out = {"output": name, "cosine": cos, "top1": m.get("top1"), "snr_db": m.get("snr_db")}
+    task = validation.get("task")
+    if task:
+        out.update(task_accuracy=task["accuracy"], reference_accuracy=task["reference_accuracy"],
+                   task_drop_points=task["drop_points"])
+    return out
+
+
+def _row_config(row: Row, base: BuildConfig, out_root: Path) -> BuildConfig:
+    """The build of one row; marks the row skipped when its target refuses the settings or the inputs."""
+    from edgeexport.targets import get_target
+
+    target = get_target(row.target)
+    opts = {k: v for k, v in base.target_options.items() if k in target.options_spec}
+    config = base.model_copy(update={"target": row.target, "precision": row.precision, "target_options": opts,
+                                     "out": str(out_root / f"{row.target}-{row.precision}"), "force": True,
+                                     "bench": base.bench.model_copy(update={"enabled": False})})
+    problems = _problems(target, config)
+    if problems:
+        row.status = "skipped"
+        row.add_note(problems)
+    return config
+
+
+def _build_row(row: Row, config: BuildConfig, resolved: tuple, log: Log, time_failed_in: Optional[Path] = None
+               ) -> None:
+    from edgeexport import pipeline
+
+    source, calib, exported = resolved
+    t0 = time.perf_counter()
+    try:
+        result = pipeline.build_resolved(config, source, calib, log, exported)
+    except ValidationFailed as e:
+        report = getattr(e, "report", None)
+        row.status = "failed"
+        row.add_note(f"validation: {e.why}")
+        row.validation = report.to_dict() if report is not None else None
+        if time_failed_in is not None:
+            _rebuild_lifted(row, config, resolved, time_failed_in, log)
+    except EdgeExportError as e:
+        row.status = "error"
+        row.add_note(f"{e.what}" + (f": {e.why}" if e.why else ""))
+    except Exception as e:  # noqa: BLE001 - one broken combination is a row, not the end of the comparison
+        row.status = "error"
+        row.add_note(f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}")
+    else:
+        row.status, row.out, row.errors = "passed", result.out, result.errors
+        row.validation = result.report.to_dict()
+        runtime = result.manifest["validation"].get("runtime", "")
+        if runtime != f"{row.target} runtime":
+            row.add_note(f"validated with {runtime}")
+        row.size_bytes = (result.out / result.manifest["model_file"]).stat().st_size
+    row.build_s = time.perf_counter() - t0
+    if row.validation:
+        row.metrics = _primary_metrics(row.validation)
+
+
+def _rebuild_lifted(row: Row, config: BuildConfig, resolved: tuple, where: Path, log: Log) -> None:
+    """Build a refused combination again with every limit lifted, only so that it can be timed; never kept."""
+    from edgeexport import pipeline
+
+    source, calib, exported = resolved
+    lifted = config.model_copy(update={"tolerance": {k: _LIFTED[k] for k in config.resolved_tolerance()},
+                                       "out": str(where / f"{row.target}-{row.precision}")})
+    try:
+        result = pipeline.build_resolved(lifted, source, calib, log, exported)
+    except Exception as e:  # noqa: BLE001 - reported in the row
+        row.add_note(f"could not time it: {type(e).__name__}: {e}")
+        return
+    row.size_bytes = (result.out / result.manifest["model_file"]).stat().st_size
+    skip = (result.manifest.get("benchmark") or {}).get("skipped")
+    if skip:
+        row.add_note(f"latency not measured: {skip}")
+        return
+    row.out, row.errors = result.out, result.errors
+    row.add_note("timed anyway: built again with the limits lifted (that bundle was not kept)")
+
+
+def _reference_size(source: Any) -> Optional[int]:
+    module = getattr(source, "module", None)
+    if module is None or not hasattr(module, "state_dict"):
+        spec = Path(str(getattr(source, "spec", "")))
+        return spec.stat().st_size if spec.is_file() else None
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(module.state_dict(), buf)
+    return buf.tell()
+
+
+def _time_all(rows: list[Row], ref_runner: Any, feed: dict[str, np.ndarray], settings: Settings, log: Log
+              ) -> dict[str, float]:
+    """Interleaved rounds: eager, then every passed bundle through its own loader. Returns the eager summary."""
+    from edgeexport.bench import sample_latency, summarize
+    from edgeexport.bundle import loader
+
+    if settings.threads:
+        import torch
+
+        torch.set_num_threads(settings.threads)
+    runners: dict[str, Callable[[], Any]] = {"reference": lambda: ref_runner._infer_impl(feed)}
+    ref_runner.infer(feed)
+    for row in rows:
+        if row.out is None:
+            continue
+        skip = (loader.read_manifest(row.out).get("benchmark") or {}).get("skipped")
+        if skip:
+            row.add_note(f"latency not measured: {skip}")
+            continue
+        model = loader.load(row.out, threads=settings.threads)
+        model(feed)  # checks the feed once; timed calls go straight to the runtime
+        runners[row.key] = lambda m=model: m._backend.run(feed)
+    samples: dict[str, list[float]] = {k: [] for k in runners}
+    for r in range(settings.rounds):
+        log(f"==> timing round {r + 1}/{settings.rounds}: {len(runners)} variants x {settings.runs} runs")
+        for key, fn in runners.items():
+            samples[key] += sample_latency(fn, settings.warmup, settings.runs)
+    for row in rows:
+        if row.key in samples:
+            row.latency = summarize(samples[row.key])
+    return summarize(samples["reference"])
+
+
+def accuracy_metric(rows: list[Row]) -> str:
+    ms = [r.metrics for r in rows if r.metrics]
+    if any(m.get("task_accuracy") is not None for m in ms):
+        return "task_accuracy"
+    if any(m.get("top1") is not None for m in ms):
+        return "top1"
+    return "cosine"
+
+
+#: latencies within this fraction of the fastest count as a tie (run-to-run noise); the smaller file wins a tie
+TIE = 0.05
+
+
+def choose(rows: list[Row]) -> Optional[Row]:
+    """The fastest combination that passed validation, the smallest file among near-ties; else the first passed."""
+    passed = [r for r in rows if r.status == "passed"]
+    timed = [r for r in passed if r.latency]
+    if timed:
+        fastest = min(r.latency["p50_ms"] for r in timed)
+        near = [r for r in timed if r.latency["p50_ms"] <= fastest * (1 + TIE)]
+        return min(near, key=lambda r: (r.size_bytes or 0, r.latency["p50_ms"]))
+    return passed[0] if passed else None
+
+
+def run(base: BuildConfig, targets: list[str], precisions: Optional[list[str]], settings: Settings,
+        out_root: Optional[Path] = None, log: Log = print, command: str = "") -> Comparison:
+    """Build, validate and time every combination. ``out_root`` keeps the bundles (else they go to a temp folder)."""
+    from edgeexport import pipeline
+    from edgeexport.bench import machine, runtime_versions
+
+    rows = plan(targets, precisions)
+    unknown = set(base.target_options) - {k for r in rows for k in _options_of(r.target)}
+    if unknown:
+        raise UsageError(f"--option {', '.join(sorted(unknown))}: no compared target knows it",
+                         "", "see each target's options in the README")
+    with tempfile.TemporaryDirectory(prefix="edgeexport-compare-") as tmp:
+        root = out_root or Path(tmp) / "bundles"
+        probe = base.model_copy(update={"target": "ort", "precision": "fp32", "target_options": {},
+                                        "out": str(Path(tmp) / "probe"), "force": False})
+        quiet = _step_log(log, "      ")
+        config, source, calib = pipeline.resolve(probe, quiet)
+        exported = pipeline.export(config, source, calib, Path(tmp) / "exported.onnx", quiet)
+        config = config.model_copy(update={"target_options": base.target_options})
+        configs = {r.key: _row_config(r, config, root) for r in rows if r.status == "pending"}
+        todo = [r for r in rows if r.status == "pending"]
+        for i, row in enumerate(todo, 1):
+            log(f"[{i}/{len(todo)}] {row.key}: building and validating")
+            _build_row(row, configs[row.key], (source, calib, exported), quiet,
+                       Path(tmp) / "refused" if settings.time_failed else None)
+            log(f"[{i}/{len(todo)}] {row.key}: {row.status}" + (f" ({row.reason})" if row.reason else "")
+                + (f" in {row.build_s:.1f} s" if row.build_s is not None else ""))
+        feed = next(calib.holdout())
+        with source.reference(config.inputs, exported.output_names) as ref:
+            ref_latency = _time_all(rows, ref, feed, settings, log)
+        flops = (exported.stats or {}).get("flops_per_sample")
+        for row in rows:
+            if row.latency:
+                row.speedup = ref_latency["p50_ms"] / max(row.latency["p50_ms"], 1e-9)
+                row.gflops_per_s = flops / (row.latency["p50_ms"] * 1e6) if flops else None
+        for row in rows:
+            if out_root is None or row.status != "passed":
+                row.out = None  # only bundles that passed and were asked to be kept are reported
+    reference = {"kind": "PyTorch eager fp32" if source.kind != "onnx" else "onnxruntime (the source is ONNX)",
+                 "latency": ref_latency, "size_bytes": _reference_size(source),
+                 "gflops_per_s": flops / (ref_latency["p50_ms"] * 1e6) if flops else None}
+    protocol = {"warmup": settings.warmup, "runs_per_round": settings.runs, "rounds": settings.rounds,
+                "threads": settings.threads, "batch": 1, "feed_shapes": {k: list(v.shape) for k, v in feed.items()},
+                "timed": "runtime call through each bundle's loader (inputs checked once before), interleaved rounds",
+                "machine": machine(), "versions": runtime_versions(),
+                "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    result = Comparison(base.model, rows, reference, calib.summary(), protocol, accuracy_metric(rows),
+                        exported.stats, command)
+    result.chosen = choose(rows)
+    return result
+
+
+def _options_of(target: str) -> list[str]:
+    from edgeexport.targets import get_target
+
+    return list(get_target(target).options_spec)
+
+
+def _step_log(log: Log, indent: str) -> Log:
+    """Pass on the pipeline's step lines (==> and notes), not its validation tables (the comparison has its own)."""
+    def step(msg: str) -> None:
+        first = msg.splitlines()[0] if msg else ""
+        if first.startswith(("==>", "    note:", "WARNING", "    model:", "    data:", "    inputs:")):
+            log(indent + first.strip())
+    return step
+
+
+def _f(v: Optional[float], fmt: str) -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def table_lines(c: Comparison, markdown: bool = False) -> list[str]:
+    ref = c.reference
+    head = ["target", "precision", "status", "size KiB", "p50 ms", "p90 ms", "speed-up", "cosine", "top-1",
+            "task drop", "GFLOP/s"]
+    body = [["reference", ref["kind"], "-", _f(ref["size_bytes"] and ref["size_bytes"] / 1024, ".1f"),
+             _f(ref["latency"]["p50_ms"], ".4g"), _f(ref["latency"]["p90_ms"], ".4g"), "1.00x", "-", "-", "-",
+             _f(ref.get("gflops_per_s"), ".3g")]]
+    for r in c.rows:
+        m, lat = r.metrics, r.latency or {}
+        body.append([r.target, r.precision, r.status.upper() if r.status != "passed" else r.status,
+                     _f(r.size_bytes and r.size_bytes / 1024, ".1f"), _f(lat.get("p50_ms"), ".4g"),
+                     _f(lat.get("p90_ms"), ".4g"), _f(r.speedup, ".2f") + ("x" if r.speedup else ""),
+                     _f(m.get("cosine"), ".5f"), _f(m.get("top1"), ".3f"), _f(m.get("task_drop_points"), "+.2f"),
+                     _f(r.gflops_per_s, ".3g")])
+    if markdown:
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += ["| " + " | ".join(row) + " |" for row in body]
+    else:
+        widths = [max(len(row[i]) for row in [head, *body]) for i in range(len(head))]
+        lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths))]
+        lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in body]
+    notes = [f"{r.key}: {r.reason}" for r in c.rows if r.reason]
+    if notes:
+        lines += ["", "Notes:"] + [f"- {n}" for n in notes]
+    lines += ["", recommendation(c)]
+    return lines
+
+
+def recommendation(c: Comparison) -> str:
+    r = c.chosen
+    if r is None:
+        return "No combination passed validation: nothing to recommend."
+    if not r.latency:
+        return f"Passed validation: {r.key} (no latency measured here, so no speed ranking)."
+    size = f", {r.size_bytes / c.reference['size_bytes']:.2f}x the size" if c.reference["size_bytes"] else ""
+    return (f"Recommended: {r.key}: it passed validation and is the fastest, or the smallest within {TIE:.0%} of "
+            f"the fastest ({r.speedup:.2f}x vs {c.reference['kind']}{size}).")

@@ -1,0 +1,116 @@
+"""Count a model's floating-point work from its ONNX graph, and measure the machine's matmul peak to compare with.
+
+FLOPs are 2 x the multiply-adds of Conv, ConvTranspose, MatMul and Gemm, the ops that dominate the work of CNNs
+and transformers; elementwise ops, norms and softmax are not counted. Shapes come from running the float graph once
+on a real input with onnxruntime, so dynamic dims (batch, sequence) take the values of that input.
+"""
+
+from __future__ import annotations
+
+import time
+from math import prod
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import numpy as np
+
+COUNTED_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
+
+
+def _attr(node: Any, name: str, default: Any) -> Any:
+    for a in node.attribute:
+        if a.name == name:
+            import onnx
+
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def _node_flops(node: Any, shape: dict[str, list[int]]) -> int:
+    ins = [shape.get(n) for n in node.input]
+    out = shape.get(node.output[0])
+    if node.op_type == "MatMul":
+        a, b = ins[0], ins[1]
+        if a is None or b is None or out is None:
+            return 0
+        k = a[-1] if len(a) >= 1 else 1
+        return 2 * prod(out) * k  # each output element is a K-long dot product
+    if node.op_type == "Gemm":
+        a = ins[0]
+        if a is None or out is None:
+            return 0
+        k = a[0] if _attr(node, "transA", 0) else a[-1]
+        return 2 * prod(out) * k
+    if node.op_type == "Conv":
+        w = ins[1]
+        if w is None or out is None:
+            return 0
+        return 2 * prod(out) * prod(w[1:])  # out elements x (Cin/group x kernel)
+    if node.op_type == "ConvTranspose":
+        x, w = ins[0], ins[1]
+        if x is None or w is None:
+            return 0
+        return 2 * prod(x) * prod(w[1:])  # every input element scatters into (Cout/group x kernel) outputs
+    return 0
+
+
+def count_flops(onnx_path: Path, feed: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """FLOPs of one run of the float ONNX model on ``feed``, per op type, plus its parameter count."""
+    import onnx
+    import onnxruntime as ort
+
+    model = onnx.load(str(onnx_path))
+    graph = model.graph
+    shape: dict[str, list[int]] = {i.name: list(i.dims) for i in graph.initializer}
+    counted = [n for n in graph.node if n.op_type in COUNTED_OPS]
+    wanted = {name for n in counted for name in (*n.input[:2], n.output[0]) if name and name not in shape}
+    present = {o.name for o in graph.output}
+    for name in sorted(wanted - present):
+        graph.output.append(onnx.ValueInfoProto(name=name))
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every tensor as exported
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    feeds = {i.name: feed[i.name] for i in sess.get_inputs()}
+    for name, value in zip(names, sess.run(names, feeds)):
+        shape[name] = list(np.shape(value))
+    by_op: dict[str, int] = {}
+    for node in counted:
+        by_op[node.op_type] = by_op.get(node.op_type, 0) + _node_flops(node, shape)
+    params = sum(prod(i.dims) for i in graph.initializer if i.data_type in (1, 10, 11, 16))  # float types
+    return {"flops": int(sum(by_op.values())), "by_op": by_op, "params": int(params),
+            "feed_shapes": {k: list(np.shape(v)) for k, v in feed.items()},
+            "counted": "2 x multiply-adds of " + ", ".join(COUNTED_OPS)}
+
+
+def matmul_peak(threads: Optional[int] = None, n: int = 1024, seconds: float = 1.0) -> dict[str, Any]:
+    """The best float32 GEMM rate this machine reaches here (numpy's BLAS and torch, whichever is faster)."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((n, n), dtype=np.float32)
+    b = rng.standard_normal((n, n), dtype=np.float32)
+    flop = 2.0 * n ** 3
+
+    def best(fn) -> float:
+        fn()
+        times = []
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end or len(times) < 3:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return flop / min(times) / 1e9
+
+    results = {"numpy": best(lambda: a @ b)}
+    try:
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+        results["torch"] = best(lambda: torch.mm(ta, tb))
+    except ImportError:  # pragma: no cover - torch is a core dependency
+        pass
+    lib = max(results, key=results.get)
+    return {"gflops_per_s": results[lib], "by_library": results, "best": lib, "n": n, "dtype": "float32",
+            "threads": threads}
