@@ -73,7 +73,7 @@ def markdown(results: dict) -> str:
              "FAILED rows were refused by the validation gate and timed anyway. GFLOP/s = the model's float FLOPs "
              "(Conv/MatMul/Gemm, counted from the ONNX graph) / p50 latency; int8 variants do the same "
              "arithmetic in fewer bits, so their share of the *float* peak can exceed what float kernels reach.", ""]
-    for name, c in results["models"].items():
+    for c in results["models"].values():
         ref = c["reference"]
         stats = c["model_stats"] or {}
         lines += [f"## {c['label']}", "",

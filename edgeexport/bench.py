@@ -86,7 +86,7 @@ def batched_feed(inputs: list[dict], golden: Mapping[str, np.ndarray], batch: in
     for spec in inputs:
         x = golden[spec["name"]]
         first = spec["shape"][0] if spec["shape"] else None
-        if batch != 1 and (not isinstance(first, str)):
+        if batch != 1 and not isinstance(first, str) and first != batch:
             raise UsageError(f"--batch {batch}: input {spec['name']!r} has a fixed batch dimension "
                              f"(shape {spec['shape']})", "the bundle was built for that shape only",
                              "benchmark it with --batch 1, or rebuild with a named batch dimension "
@@ -141,7 +141,7 @@ def fresh_process(bundle: Path, batch: int, threads: Optional[int], runs: int = 
             "first_result_ms": (r["t_first"] - r["t_load"]) * 1e3, "peak_rss_mib": r["peak_rss_kib"] / 1024}
 
 
-def _bundle_bytes(root: Path, manifest: dict) -> dict[str, int]:
+def _bundle_bytes(manifest: dict) -> dict[str, int]:
     files = manifest.get("files", [])
     return {"model_file_bytes": sum(f.get("size", 0) for f in files if f.get("path") == manifest["model_file"]),
             "bundle_bytes": sum(f.get("size", 0) for f in files)}
@@ -169,7 +169,7 @@ def bench_bundle(bundle: Path, warmup: int = 10, runs: Optional[int] = 100, dura
         "bundle": str(bundle), "target": manifest["target"], "precision": manifest["precision"],
         "precision_label": manifest.get("precision_label"), "latency": lat,
         "throughput_per_s": batch * 1e3 / lat["mean_ms"],
-        **_bundle_bytes(Path(bundle), manifest),
+        **_bundle_bytes(manifest),
         "protocol": {"warmup": warmup, "runs": lat["runs"], "duration_s": duration_s, "threads": threads,
                      "batch": batch, "feed_shapes": {k: list(v.shape) for k, v in feed.items()},
                      "feed": "first golden input of the bundle", "timed": "runtime call (inputs checked once before)",
@@ -199,7 +199,7 @@ def render_bench(r: dict[str, Any]) -> str:
     fp = r.get("fresh_process")
     if fp:
         lines += [f"cold start:  {fp['cold_start_ms']:.0f} ms process start -> first result (median of {p['cold_runs']}: "
-                  f"interpreter {fp['interpreter_start_ms']:.0f}, imports {fp['import_ms']:.0f}, load "
+                  f"interpreter {fp['interpreter_start_ms']:.0f}, loader + numpy import {fp['import_ms']:.0f}, load "
                   f"{fp['load_ms']:.0f}, first call {fp['first_result_ms']:.0f})",
                   f"peak memory: {fp['peak_rss_mib']:.1f} MiB resident (fresh process that loads and runs the bundle)"]
     m = p["machine"]

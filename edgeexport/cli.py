@@ -285,6 +285,7 @@ def _csv(text: Optional[str]) -> Optional[list[str]]:
               "temporary folder and discard them.")
 @click.option("--force", is_flag=True, help="Replace bundles already in --out.")
 @click.option("--report", type=click.Path(dir_okay=False), help="Write a self-contained HTML report here.")
+@click.option("--focus", help="TARGET/PRECISION whose error histograms the report shows [default: the recommended].")
 @click.option("--runs", type=int, default=100, show_default=True, help="Timed runs per variant per round.")
 @click.option("--rounds", type=int, default=3, show_default=True, help="Interleaved timing rounds.")
 @click.option("--warmup", type=int, default=10, show_default=True, help="Untimed calls per variant per round.")
@@ -319,7 +320,7 @@ def compare(ctx: click.Context, **params: Any) -> None:
                                 threads=params["threads"], time_failed=params["time_failed"])
         log = (lambda m: click.echo(m, err=True))
         result = cmp.run(config, _csv(params["targets"]) or [], _csv(params["precisions"]), settings, out, log,
-                         command=_reproduce(ctx))
+                         command=_reproduce(ctx), focus=params["focus"])
         if params["report"]:
             from edgeexport.htmlreport import write_report
 

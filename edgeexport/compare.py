@@ -82,12 +82,14 @@ class Comparison:
     accuracy_metric: str
     model_stats: Optional[dict[str, Any]] = None
     command: str = ""
-    chosen: Optional[Row] = None
+    chosen: Optional[Row] = None  # the recommendation
+    focus: Optional[Row] = None  # the row whose error histograms the report shows (default: the recommendation)
 
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model, "reference": self.reference, "data": self.data, "protocol": self.protocol,
                 "accuracy_metric": self.accuracy_metric, "model_stats": self.model_stats, "command": self.command,
-                "recommended": self.chosen.key if self.chosen else None, "rows": [r.to_dict() for r in self.rows]}
+                "recommended": self.chosen.key if self.chosen else None,
+                "focus": self.focus.key if self.focus else None, "rows": [r.to_dict() for r in self.rows]}
 
     def table(self) -> str:
         return "\n".join(table_lines(self))
@@ -106,11 +108,11 @@ def plan(targets: list[str], precisions: Optional[list[str]]) -> list[Row]:
             if precision != asked:
                 row.add_note(f"asked for {asked}: {name} calls int8 weights with float activations {precision}")
             if precision not in target.precisions:
-                row.status, row.reason = "skipped", (f"{name} has no {asked} precision (it has "
-                                                     f"{', '.join(target.precisions)})")
+                row.status = "skipped"
+                row.add_note(f"{name} has no {asked} precision (it has {', '.join(target.precisions)})")
             elif missing := [m for m in target.build_imports if importlib.util.find_spec(m) is None]:
-                row.status, row.reason = "skipped", (f"needs {', '.join(missing)}: pip install "
-                                                     f"'edgeexport[{target.extra}]'")
+                row.status = "skipped"
+                row.add_note(f"needs {', '.join(missing)}: pip install 'edgeexport[{target.extra}]'")
             rows.append(row)
     return rows
 
@@ -160,6 +162,7 @@ def _build_row(row: Row, config: BuildConfig, resolved: tuple, log: Log, time_fa
         row.status = "failed"
         row.add_note(f"validation: {e.why}")
         row.validation = report.to_dict() if report is not None else None
+        row.errors = getattr(e, "errors", {})
         if time_failed_in is not None:
             _rebuild_lifted(row, config, resolved, time_failed_in, log)
     except EdgeExportError as e:
@@ -232,8 +235,12 @@ def _time_all(rows: list[Row], ref_runner: Any, feed: dict[str, np.ndarray], set
         if skip:
             row.add_note(f"latency not measured: {skip}")
             continue
-        model = loader.load(row.out, threads=settings.threads)
-        model(feed)  # checks the feed once; timed calls go straight to the runtime
+        try:
+            model = loader.load(row.out, threads=settings.threads)
+            model(feed)  # checks the feed once; timed calls go straight to the runtime
+        except Exception as e:  # noqa: BLE001 - reported in the row; the others are still timed
+            row.add_note(f"latency not measured: its loader failed: {type(e).__name__}: {e}")
+            continue
         runners[row.key] = lambda m=model: m._backend.run(feed)
     samples: dict[str, list[float]] = {k: [] for k in runners}
     for r in range(settings.rounds):
@@ -271,12 +278,17 @@ def choose(rows: list[Row]) -> Optional[Row]:
 
 
 def run(base: BuildConfig, targets: list[str], precisions: Optional[list[str]], settings: Settings,
-        out_root: Optional[Path] = None, log: Log = print, command: str = "") -> Comparison:
-    """Build, validate and time every combination. ``out_root`` keeps the bundles (else they go to a temp folder)."""
+        out_root: Optional[Path] = None, log: Log = print, command: str = "", focus: Optional[str] = None
+        ) -> Comparison:
+    """Build, validate and time every combination. ``out_root`` keeps the bundles (else they go to a temp folder);
+    ``focus`` ('target/precision') picks the row whose errors the report plots."""
     from edgeexport import pipeline
     from edgeexport.bench import machine, runtime_versions
 
     rows = plan(targets, precisions)
+    if focus is not None and focus not in [r.key for r in rows]:
+        raise UsageError(f"--focus {focus!r} is not one of the compared combinations",
+                         f"they are {', '.join(r.key for r in rows)}", "pass one of them, as TARGET/PRECISION")
     unknown = set(base.target_options) - {k for r in rows for k in _options_of(r.target)}
     if unknown:
         raise UsageError(f"--option {', '.join(sorted(unknown))}: no compared target knows it",
@@ -319,6 +331,7 @@ def run(base: BuildConfig, targets: list[str], precisions: Optional[list[str]], 
     result = Comparison(base.model, rows, reference, calib.summary(), protocol, accuracy_metric(rows),
                         exported.stats, command)
     result.chosen = choose(rows)
+    result.focus = next((r for r in rows if r.key == focus), None) or result.chosen
     return result
 
 

@@ -80,7 +80,8 @@ def scatter(c: Comparison) -> str:
         ax.scatter([r.latency["p50_ms"]], [y], s=110 if chosen else 55, color=colours(n % 10),
                    marker="o" if r.status == "passed" else "X", edgecolor="black" if chosen else "none", zorder=4,
                    label=r.key + (" (recommended)" if chosen else "") + ("" if r.status == "passed" else " FAILED"))
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
     ax.set_xscale("log")
     ax.set_xlabel("latency p50 (ms, log scale; left is faster)")
     ax.set_ylabel(_METRIC_LABELS[c.accuracy_metric])
@@ -168,10 +169,12 @@ def render(c: Comparison) -> str:
                _figure(size_chart(c), "model size bar chart",
                        "Model file size of each built combination (green passed validation, red failed it).")]
     hist = ""
-    if c.chosen is not None and c.chosen.errors:
-        hist = (f"<h2>Error distribution of {html.escape(c.chosen.key)}</h2>"
-                + "".join(_figure(png, f"error histogram {c.chosen.key}", cap)
-                          for png, cap in error_histograms(c.chosen.errors, c.chosen.key)))
+    focus = c.focus or c.chosen
+    if focus is not None and focus.errors:
+        what = "recommended" if focus is c.chosen else focus.status
+        hist = (f"<h2>Error distribution of {html.escape(focus.key)} ({what})</h2>"
+                + "".join(_figure(png, f"error histogram {focus.key}", cap)
+                          for png, cap in error_histograms(focus.errors, focus.key)))
     stats = c.model_stats or {}
     flops = (f"{stats['params'] / 1e6:.3g} M parameters, {stats['flops_per_sample'] / 1e9:.3g} GFLOP per sample "
              f"({html.escape(stats['counted'])})") if stats.get("flops_per_sample") else "not counted"

@@ -115,7 +115,8 @@ def test_failed_error_and_skipped_rows_do_not_stop_the_comparison(digits_npz, tm
                           "tolerance": {"cosine": 0.9999999}})
     lines = []
     result = compare.run(config, ["ort", "fake"], ["fp32", "int8"],
-                         compare.Settings(warmup=1, runs=5, rounds=1, time_failed=True), log=lines.append)
+                         compare.Settings(warmup=1, runs=5, rounds=1, time_failed=True), log=lines.append,
+                         focus="ort/int8")
     rows = {r.key: r for r in result.rows}
     assert rows["ort/fp32"].status == "passed" and rows["ort/fp32"].latency
     failed = rows["ort/int8"]
@@ -128,6 +129,11 @@ def test_failed_error_and_skipped_rows_do_not_stop_the_comparison(digits_npz, tm
     text = result.table()
     assert "FAILED" in text and "ERROR" in text and "SKIPPED" in text and "Recommended: ort/fp32" in text
     assert "[1/3] ort/fp32: building and validating" in lines and any("[3/3] fake/fp32: error" in x for x in lines)
+    # --focus on the refused combination: the report plots its errors (the ones the gate refused)
+    from edgeexport.htmlreport import render
+
+    assert result.focus is failed and set(failed.errors) == {"output"} and failed.errors["output"].size > 100
+    assert "Error distribution of ort/int8 (failed)" in render(result)
 
 
 def test_compare_refuses_bad_requests_clearly(cli, digits_npz, tmp_path):
@@ -135,6 +141,8 @@ def test_compare_refuses_bad_requests_clearly(cli, digits_npz, tmp_path):
     assert r.exit_code == 2 and "unknown target 'nope'" in r.stderr and "Traceback" not in r.stderr
     r = cli("compare", "--model", MODEL, "--calib", digits_npz, "--targets", "trt", "--precisions", "int8-dynamic")
     assert r.exit_code == 1 and "No combination passed validation" in r.stdout
+    r = cli("compare", "--model", MODEL, "--calib", digits_npz, "--targets", "ort", "--focus", "ort/int4")
+    assert r.exit_code == 2 and "--focus 'ort/int4'" in r.stderr and "ort/int8-dynamic" in r.stderr
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "x").write_text("keep me")
     r = cli("compare", "--model", MODEL, "--calib", digits_npz, "--out", tmp_path / "taken")

@@ -27,6 +27,7 @@ def test_batched_feed_repeats_golden_rows_and_refuses_a_fixed_batch():
     feed = batched_feed([{"name": "x", "shape": ["batch", 6]}], {"x": x}, 4)
     assert feed["x"].shape == (4, 6) and (feed["x"] == x).all()
     assert batched_feed([{"name": "x", "shape": [1, 6]}], {"x": x}, 1)["x"] is x
+    assert batched_feed([{"name": "x", "shape": [8, 6]}], {"x": x}, 8)["x"].shape == (8, 6)  # fixed, and it fits
     with pytest.raises(UsageError, match="fixed batch dimension"):
         batched_feed([{"name": "x", "shape": [1, 6]}], {"x": x}, 8)
 
