@@ -24,6 +24,7 @@ _PARAM_PATHS: dict[str, tuple[str, ...]] = {
     "holdout": ("calibration", "holdout"), "seed": ("calibration", "seed"), "val": ("calibration", "validation_path"),
     "percentile": ("calibration", "percentile"), "bench_runs": ("bench", "runs"), "threads": ("bench", "threads"),
     "golden": ("golden_samples",), "task": ("task",), "max_length": ("calibration", "max_length"),
+    "budget_steps": ("budget_steps",), "explain": ("explain",),
 }
 
 
@@ -32,6 +33,22 @@ def _floats(text: str, name: str) -> list[float]:
         return [float(x) for x in text.split(",")]
     except ValueError:
         raise UsageError(f"--{name} {text!r} is not a comma-separated list of numbers", "", f"e.g. --{name} 0.485,0.456,0.406") from None
+
+
+def parse_budget(text: str) -> dict[str, float]:
+    from edgeexport.config import BUDGET_METRICS
+
+    key, sep, value = text.partition("=")
+    key = key.strip().replace("-", "_")
+    try:
+        number = float(value)
+    except ValueError:
+        number = None
+    if not sep or key not in BUDGET_METRICS or number is None:
+        raise UsageError(f"cannot parse --accuracy-budget {text!r}",
+                         f"expected METRIC=VALUE with METRIC one of {', '.join(BUDGET_METRICS)}",
+                         "e.g. --accuracy-budget cosine=0.995, top1=0.99 or accuracy-drop=0.5")
+    return {key: number}
 
 
 def _set(d: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
@@ -55,6 +72,8 @@ def config_from_options(ctx: click.Context, params: dict[str, Any]):
         data["inputs"] = [parse_input_spec(s).model_dump() for s in params["inputs"]]
     if params["tolerance"]:
         data.setdefault("tolerance", {}).update(parse_tolerance(params["tolerance"]))
+    if params.get("accuracy_budget"):
+        data["accuracy_budget"] = parse_budget(params["accuracy_budget"])
     if params.get("no_bench"):
         _set(data, ("bench", "enabled"), False)
     for item in params["option"]:
@@ -150,6 +169,11 @@ def model_and_data_options(f):
 @click.option("--target", default="ort", show_default=True, help="Backend: ort, tflite, trt.")
 @click.option("--precision", type=click.Choice(PRECISIONS), default="int8", show_default=True)
 @model_and_data_options
+@click.option("--accuracy-budget", help="int8 (ort, trt): METRIC=VALUE to reach, e.g. cosine=0.995, top1=0.99, "
+              "accuracy-drop=0.5; the layers adding the most error move to float step by step until it holds.")
+@click.option("--budget-steps", type=int, help="Most rounds of the --accuracy-budget search [default: 8].")
+@click.option("--explain", is_flag=True,
+              help="int8 (ort, trt): rank layers by the error they add, print the worst, record them and a plot.")
 @click.option("--out", default="bundle", show_default=True, help="Output bundle folder.")
 @click.option("--force", is_flag=True, help="Replace an existing bundle at --out.")
 @click.option("--bench-runs", type=int, default=50, show_default=True, help="Timed runs in the build's benchmark.")

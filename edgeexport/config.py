@@ -30,6 +30,8 @@ DEFAULT_TOLERANCES: dict[str, dict[str, float]] = {
     "dynamic-range": {"cosine": 0.98, "snr_db": 12.0, "top1": 0.95, "accuracy_drop": 1.0},
     "int8": {"cosine": 0.98, "snr_db": 12.0, "top1": 0.95, "accuracy_drop": 1.0},
 }
+#: --accuracy-budget metrics: the validation check each one sets, and whether it is a floor (min) or a ceiling (max)
+BUDGET_METRICS = {"cosine": "min", "top1": "min", "snr_db": "min", "pooled_cosine": "min", "accuracy_drop": "max"}
 TOLERANCE_KEYS = {
     "cosine": "min mean cosine similarity",
     "snr_db": "min signal-to-noise ratio in dB",
@@ -155,6 +157,20 @@ class BuildConfig(_Strict):
     out: str = "bundle"
     force: bool = False
     target_options: dict[str, Any] = Field(default_factory=dict)
+    #: int8: keep the layers that add the most error in float until this metric holds, e.g. {"cosine": 0.995}
+    accuracy_budget: dict[str, float] = Field(default_factory=dict)
+    budget_steps: int = Field(default=8, ge=1, le=32)  # most re-quantize/re-validate rounds of that search
+    explain: bool = False  # int8: rank layers by the error they add, print the top ones, record them
+
+    @field_validator("accuracy_budget")
+    @classmethod
+    def _budget(cls, v: dict[str, float]) -> dict[str, float]:
+        if len(v) > 1:
+            raise ValueError(f"one accuracy budget at a time, got {sorted(v)}")
+        for k in v:
+            if k not in BUDGET_METRICS:
+                raise ValueError(f"unknown accuracy budget metric {k!r}; known: {', '.join(BUDGET_METRICS)}")
+        return v
 
     @field_validator("precision")
     @classmethod
@@ -179,9 +195,11 @@ class BuildConfig(_Strict):
         return self
 
     def resolved_tolerance(self) -> dict[str, float]:
-        """Per-precision defaults overlaid with the user's overrides."""
+        """Per-precision defaults overlaid with the user's overrides, then the accuracy budget (the limit the user
+        asked the build to reach is also the limit it is validated against)."""
         merged = dict(DEFAULT_TOLERANCES[self.precision])
         merged.update(self.tolerance)
+        merged.update(self.accuracy_budget)
         return merged
 
     def to_yaml(self) -> str:

@@ -234,6 +234,11 @@ def build_resolved(config: BuildConfig, source: ModelSource, calib: CalibrationS
         else:
             shutil.copyfile(exported.path, onnx_path)  # a fresh copy: builds must never share a file they may rewrite
         output_names, export_info = exported.output_names, exported.info
+        budget = None
+        if config.accuracy_budget:
+            from edgeexport.budget import search
+
+            config, budget = search(config, source, calib, onnx_path, output_names, log)
         log(f"==> building {config.target} / {config.precision}")
         artifact = target.build(source, config, calib, workdir, onnx_path)
         for note in artifact.notes:
@@ -245,6 +250,7 @@ def build_resolved(config: BuildConfig, source: ModelSource, calib: CalibrationS
             report = compare(refs, outs, tolerance, calib.holdout_labels(), masks=masks, task=config.task)
             errors = error_sample(refs, outs)
             log(report.table())
+            layers = explain(artifact, calib, workdir, log) if config.explain else None
             if not report.passed:
                 err = ValidationFailed(
                     f"validation failed: {config.target}/{config.precision} is out of tolerance on "
@@ -270,13 +276,45 @@ def build_resolved(config: BuildConfig, source: ModelSource, calib: CalibrationS
         manifest = make_manifest(config, source, calib, artifact, report, bench, golden, io)
         manifest["export"].update(export_info)
         manifest["model_stats"] = exported.stats
+        if budget:
+            manifest["accuracy_budget"] = budget
+        if layers:
+            manifest["layer_errors"] = layers["record"]
         requirements = target.requirements(artifact) + (["tokenizers"] if manifest.get("text") else [])
         texts = {"requirements.txt": "\n".join(requirements) + "\n", "report.md": render_markdown(manifest)}
         files = {name: artifact.root / name for name in artifact.files}
         files.update(getattr(source, "bundle_files", dict)())
+        if layers and layers["plot"]:
+            files[LAYER_PLOT] = layers["plot"]
         log(f"==> writing bundle to {config.out}")
         out = write_bundle(Path(config.out), files, golden, manifest, texts, config.force)
     return BuildResult(config, out, manifest, report, errors)
+
+
+LAYER_PLOT = "layer_errors.png"
+EXPLAIN_SAMPLES = 64
+
+
+def explain(artifact, calib: CalibrationSet, workdir: Path, log: Log) -> Optional[dict[str, Any]]:
+    """Rank the layers of a Q/DQ model by the error they add, on held-out samples; print the worst; plot them."""
+    from edgeexport.sensitivity import depth_plot, rank_layers, render_ranking
+
+    if artifact.float_model is None:
+        log("    explain: no float graph to compare with for this target and precision")
+        return None
+    feeds = [f for f, _ in zip(calib.holdout(), range(EXPLAIN_SAMPLES))]
+    rows = rank_layers(artifact.float_model, artifact.model_path, feeds)
+    log(f"==> layers adding the most error (int8 vs float, {len(feeds)} held-out samples, channel-averaged SNR):")
+    log(render_ranking(rows))
+    plot = None
+    try:
+        plot = depth_plot(rows, workdir / LAYER_PLOT, f"{artifact.target} {artifact.precision}: output SNR by depth")
+    except ImportError:
+        log("    note: no depth plot (pip install 'edgeexport[report]' for matplotlib)")
+    record = {"samples": len(feeds), "measure": "per-channel SNR of each layer's output as its consumers read it "
+              "(after its Q/DQ), vs the float graph; ranked by the noise power it adds",
+              "plot": LAYER_PLOT if plot else None, "ranked": rows[:50], "layers": len(rows)}
+    return {"record": record, "plot": plot}
 
 
 def benchmark(config: BuildConfig, ref, cand, calib: CalibrationSet) -> dict[str, Any]:

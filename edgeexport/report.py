@@ -59,12 +59,40 @@ def render_markdown(manifest: dict[str, Any]) -> str:
                   f"| built | {_f(bench['built']['median_ms'])} | {_f(bench['built']['p90_ms'])} |",
                   "", f"Speed-up vs reference: {bench['speedup_vs_reference']:.2f}x "
                   f"({bench['machine'].get('cpu', bench['machine'].get('machine'))}, threads {bench.get('threads') or 'default'})."]
+    lines += _budget_lines(manifest) + _layer_lines(manifest)
     if manifest.get("notes"):
         lines += ["", "## Notes", ""] + [f"- {n}" for n in manifest["notes"]]
     device = (manifest.get("runtime_config") or {}).get("device_commands") or \
         ["pip install -r requirements.txt", "python loader.py --selftest"]
     lines += ["", "## On the device", "", "```", *device, "```", ""]
     return "\n".join(lines)
+
+
+def _budget_lines(manifest: dict[str, Any]) -> list[str]:
+    b = manifest.get("accuracy_budget")
+    if not b:
+        return []
+    lines = ["", f"## Accuracy budget: {b['metric']} {b['relation']} {b['limit']:g} "
+                 f"({'met' if b['met'] else 'not met'})", "", "| step | nodes in float | value | met |", "|---|---|---|---|"]
+    lines += [f"| {s['step']} | {len(s['float_nodes'])} | {_f(s['value'])} | {'yes' if s['met'] else 'no'} |"
+              for s in b["steps"]]
+    if b.get("float_nodes"):
+        lines += ["", "Kept in float: " + ", ".join(f"`{n}`" for n in b["float_nodes"])]
+    return lines
+
+
+def _layer_lines(manifest: dict[str, Any], top: int = 10) -> list[str]:
+    le = manifest.get("layer_errors")
+    if not le:
+        return []
+    lines = ["", f"## Layers adding the most error ({le['samples']} held-out samples)", "",
+             f"Measure: {le['measure']}.", "", "| rank | layer | op | depth | SNR dB | inputs dB | added noise dB |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {i} | {r.get('module') or '-'} `{r['node']}` | {r['op_type']} | {r['depth']} | {_f(r['snr_db'])} | {_f(r['input_snr_db'])} | "
+              f"{_f(r['added_noise_db'])} |" for i, r in enumerate(le["ranked"][:top], 1)]
+    if le.get("plot"):
+        lines += ["", f"![output SNR along the depth of the network]({le['plot']})"]
+    return lines
 
 
 def inspect_text(manifest: dict[str, Any]) -> str:

@@ -59,6 +59,8 @@ class Artifact:
     golden_tolerance: Optional[tuple[float, float]] = None
     #: what produced the validation and golden outputs, when it is not the artifact's own runtime
     validated_with: str = ""
+    #: the float ONNX graph a Q/DQ model was made from (same tensor names), for per-layer error ranking
+    float_model: Optional[Path] = None
 
     @property
     def model_path(self) -> Path:
@@ -155,6 +157,12 @@ class Target:
             if key not in self.options_spec:
                 problems.append(Problem(f"target_options.{key}", f"unknown option for target {self.name!r}: {key!r}",
                                         f"known: {', '.join(self.options_spec) or 'none'}"))
+        if config.accuracy_budget or config.explain:
+            refusal = self.layer_fallback(config)
+            if refusal:
+                flag = "--accuracy-budget" if config.accuracy_budget else "--explain"
+                problems.append(Problem("accuracy_budget" if config.accuracy_budget else "explain",
+                                        f"{flag}: {refusal}", ""))
         if config.precision not in self.precisions:
             problems.append(
                 Problem(
@@ -164,6 +172,10 @@ class Target:
                 )
             )
         return problems
+
+    def layer_fallback(self, config: "BuildConfig") -> str:
+        """'' when this target can rank layers and keep some in float for ``config``; else why it cannot."""
+        return f"target {self.name!r} has no per-layer ranking or float fallback"
 
     def check_inputs(self, specs: list) -> list[Problem]:
         """Rules about the resolved input specs (e.g. static shapes). Called once inputs are known."""

@@ -50,6 +50,10 @@ class OrtTarget(Target):
                 problems.append(Problem(f"target_options.{key}", f"{key} must be a list of strings", ""))
         return problems
 
+    def layer_fallback(self, config: "BuildConfig") -> str:
+        return "" if config.precision == "int8" else "needs --precision int8 (a static Q/DQ graph; nodes are kept " \
+            "in float through exclude_nodes)"
+
     def options(self, config: "BuildConfig") -> dict[str, Any]:
         return {k: config.target_options.get(k, default) for k, (default, _) in OPTIONS.items()}
 
@@ -73,8 +77,11 @@ class OrtTarget(Target):
             notes.extend(n)
         import onnxruntime
 
-        return Artifact("ort", config.precision, out_dir, [MODEL_FILE], settings,
-                        {"onnxruntime": onnxruntime.__version__}, notes)
+        artifact = Artifact("ort", config.precision, out_dir, [MODEL_FILE], settings,
+                            {"onnxruntime": onnxruntime.__version__}, notes)
+        if config.precision == "int8":
+            artifact.float_model = workdir / "preprocessed.onnx"
+        return artifact
 
     def load(self, artifact: Artifact, threads: Optional[int] = None) -> Runner:
         return OrtRunner(str(artifact.model_path), threads=threads)

@@ -101,6 +101,11 @@ class TrtTarget(Target):
         return [Problem("inputs", f"input name(s) {bad} hold characters trtexec shape lists cannot carry",
                         "rename the inputs (--input)")] if bad else []
 
+    def layer_fallback(self, config: "BuildConfig") -> str:
+        if config.precision != "int8" or config.target_options.get("int8_path", "explicit") != "explicit":
+            return "needs --precision int8 with the explicit Q/DQ path (nodes are kept in float through exclude_nodes)"
+        return ""
+
     def build(self, source: "ModelSource", config: "BuildConfig", calibration: "CalibrationSet", workdir: Path,
               onnx_path: Path) -> Artifact:
         out = workdir / "trt"
@@ -139,6 +144,8 @@ class TrtTarget(Target):
         artifact = Artifact("trt", config.precision, out, files, settings, runtime, notes,
                             {"trt": trt_cfg, "onnxruntime_fake_quant": config.precision == "int8",
                              "device_commands": DEVICE_COMMANDS})
+        if int8_path == "explicit":
+            artifact.float_model = workdir / "preprocessed.onnx"
         if trt_cfg["engine"] is None:
             artifact.validated_with = ("onnxruntime (CPU) running the ONNX TensorRT will build from" +
                                        (", Q/DQ pairs executed as written (fake-quantization)"

@@ -59,6 +59,11 @@ class TfliteTarget(Target):
                                     "drop --io-dtype or use --precision int8"))
         return problems
 
+    def layer_fallback(self, config: "BuildConfig") -> str:
+        return ("not supported for TFLite: the converter quantizes the whole graph from the SavedModel and exposes no "
+                "per-node float fallback that this tool can drive and validate; use --target ort or trt for a "
+                "per-layer int8/float mix, or --precision dynamic-range (float activations) for TFLite")
+
     def check_inputs(self, specs: list["InputSpec"]) -> list[Problem]:
         return [Problem(f"inputs.{s.name}", f"TFLite needs static shapes; {s.describe()} has dynamic dims",
                         f"fix them with --input {s.name}:{'x'.join(str(d if isinstance(d, int) else 1) for d in s.shape)}:{s.dtype}")

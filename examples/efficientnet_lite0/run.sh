@@ -12,8 +12,9 @@ COMMON=(--model edgeexport.models.efficientnet:lite0 --val "$OUT/val"
 edgeexport build --target ort "${COMMON[@]}" --calib "$OUT/calib" --precision fp32 --out "$OUT/fp32" --force
 # int8 with the default recipe keeps ~0.86 top-1 agreement on this x86 CPU (7-bit weights, no VNNI): below the
 # default 0.95 limit, so this example relaxes it knowingly and the manifest records the limits it passed.
+# --explain ranks the layers by the error int8 adds (printed, and in the bundle's report.md and layer_errors.png)
 edgeexport build --target ort "${COMMON[@]}" --calib "$OUT/calib" --precision int8 --out "$OUT/int8" --force \
-  --tolerance top1=0.75 --tolerance cosine=0.95 --tolerance snr_db=9
+  --tolerance top1=0.75 --tolerance cosine=0.95 --tolerance snr_db=9 --explain
 if edgeexport build --target ort "${COMMON[@]}" --calib "$OUT/gray" --precision int8 --out "$OUT/broken" --force \
      --tolerance top1=0.75 --tolerance cosine=0.95 --tolerance snr_db=9; then
   echo "ERROR: a constant-image calibration was accepted" >&2

@@ -9,9 +9,11 @@ MODEL="hf:$(python -c 'import edgeexport.models.sentences as s; print(s.minilm_p
 python -m edgeexport.models.sentences "$OUT/calib.txt" --count 300
 python -m edgeexport.models.sentences "$OUT/val.txt" --count 100 --skip 300
 for precision in fp32 int8-dynamic int8; do
+  # static int8 also ranks the layers by the error they add (--explain): the ranking goes to stderr
+  explain=(); [ "$precision" = int8 ] && explain=(--explain)
   if edgeexport build --model "$MODEL" --task feature-extraction --calib "$OUT/calib.txt" --val "$OUT/val.txt" \
        --max-length 128 --precision "$precision" --out "$OUT/$precision" --force --bench-runs 20 --json \
-       > "$OUT/$precision.json"; then
+       "${explain[@]}" > "$OUT/$precision.json"; then
     echo "$precision: validated"
   else
     echo "$precision: REFUSED by the validation gate (see $OUT/$precision.json)"

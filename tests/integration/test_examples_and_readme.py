@@ -36,6 +36,9 @@ def test_example_runs(example, tmp_path):
         m = json.loads((tmp_path / "out" / "int8" / "manifest.json").read_text())
         out = m["validation"]["outputs"]["output"]
         assert 0.75 <= out["top1"] <= 1.0 and out["top5"] >= 0.9 and m["validation"]["samples"] == 64
+        # --explain: the per-layer ranking is printed and recorded, with its plot in the bundle
+        assert "layers adding the most error" in r.stderr and len(m["layer_errors"]["ranked"]) >= 20
+        assert (tmp_path / "out" / "int8" / "layer_errors.png").is_file()
         assert m["calibration"]["validation_source"].endswith("val") and m["preprocess"]["resize_shorter"] == 256
         assert not (tmp_path / "out" / "broken").exists()
         assert r.stdout.count(": class ") == 4
@@ -70,5 +73,8 @@ def test_minilm_example_reports_both_int8_modes(tmp_path):
     assert dyn["ok"] and dyn["validation"]["outputs"]["sentence_embedding"]["cosine"] >= 0.99
     static = json.loads((tmp_path / "out" / "int8.json").read_text())
     assert "sentence_embedding" in static["validation"]["outputs"]  # reported either way
+    # static int8 is refused, and --explain says where: attention's MatMuls add the most error
+    ranking = r.stderr[r.stderr.index("layers adding the most error"):].splitlines()[2:5]
+    assert all("attention" in line and "MatMul" in line for line in ranking), ranking
     assert "int8-dynamic: validated" in r.stdout and "selftest passed" in r.stdout
     assert "similarity of the first two sentences" in r.stdout

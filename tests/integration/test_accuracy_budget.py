@@ -1,0 +1,105 @@
+"""Per-layer error ranking and the accuracy-budget search, on a model built so that one layer quantizes badly."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from edgeexport.bundle import loader
+
+MODEL = "edgeexport.models.outlier:model"
+pytestmark = pytest.mark.slow
+
+
+def _gemms(model_path) -> dict[str, bool]:
+    """Weight initializer name of every Gemm -> whether it runs on int8 weights (fed through a DequantizeLinear)."""
+    graph = onnx.load(str(model_path)).graph
+    dq_out = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+    out = {}
+    for n in graph.node:
+        if n.op_type == "Gemm":
+            w = n.input[1]
+            out[dq_out.get(w, w).replace("_quantized", "")] = w in dq_out
+    return out
+
+
+def test_plain_int8_fails_and_the_ranking_names_the_outlier_layer(cli, digits_npz, tmp_path):
+    r = cli("build", "--model", MODEL, "--calib", digits_npz, "--precision", "int8", "--explain",
+            "--out", tmp_path / "plain")
+    assert r.exit_code == 1 and "validation failed" in r.stderr and not (tmp_path / "plain").exists()
+    ranking = r.stderr[r.stderr.index("layers adding the most error"):]
+    first = ranking.splitlines()[2]  # title, header, rank 1
+    assert first.split()[:2] == ["1", "spike"], ranking  # the layer whose output has the outlier channel, first
+
+
+def test_budget_search_keeps_the_outlier_in_float_and_most_of_the_network_int8(cli, digits_npz, tmp_path):
+    out = tmp_path / "b"
+    r = cli("build", "--model", MODEL, "--calib", digits_npz, "--precision", "int8",
+            "--accuracy-budget", "accuracy-drop=1", "--explain", "--out", out)
+    assert r.exit_code == 0, r.stderr
+    assert "step 0: 0 node(s) in float" in r.stderr and "(met)" in r.stderr  # the search shows as it runs
+    manifest = json.loads((out / "manifest.json").read_text())
+    b = manifest["accuracy_budget"]
+    assert b["met"] and b["metric"] == "accuracy_drop" and b["limit"] == 1.0 and b["relation"] == "<="
+    assert b["steps"][0]["value"] > 10 and not b["steps"][0]["met"]  # plain int8 misses the budget by far
+    assert b["steps"][0]["worst"][0]["module"] == "spike"
+    assert b["steps"][-1]["met"] and b["steps"][-1]["value"] <= 1.0 and b["float_nodes"]
+    assert manifest["quantization"]["exclude_nodes"] == sorted(b["float_nodes"])
+    gemms = _gemms(out / "model.onnx")
+    assert len(gemms) == 6 and gemms["spike.weight"] is False  # spike in float ...
+    assert sum(gemms.values()) >= 4  # ... and most of the network still int8
+    assert manifest["validation"]["passed"] and manifest["validation"]["task"]["drop_points"] <= 1.0
+    assert manifest["validation"]["tolerance"]["accuracy_drop"] == 1.0  # the budget is the gate's limit too
+    # the ranking, its plot and the search are in the report, and the plot is a checksummed bundle file
+    report = (out / "report.md").read_text()
+    assert "## Accuracy budget: accuracy_drop <= 1 (met)" in report and "## Layers adding the most error" in report
+    assert "layer_errors.png" in [f["path"] for f in manifest["files"]]
+    assert (out / "layer_errors.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert loader.load(out).selftest(verbose=False)
+
+
+def test_unreachable_budget_fails_with_the_best_value(cli, digits_npz, tmp_path):
+    r = cli("build", "--model", MODEL, "--calib", digits_npz, "--precision", "int8",
+            "--accuracy-budget", "cosine=0.9999999", "--budget-steps", "2", "--out", tmp_path / "never")
+    assert r.exit_code == 1 and "accuracy budget not met: cosine >= 1" in r.stderr
+    assert "best reachable cosine = 0.99" in r.stderr and "node(s) in float" in r.stderr
+    assert not (tmp_path / "never").exists() and "Traceback" not in r.stderr
+
+
+def test_trt_qdq_graph_gets_the_same_search(cli, digits_npz, tmp_path):
+    out = tmp_path / "trt"
+    r = cli("build", "--target", "trt", "--model", MODEL, "--calib", digits_npz, "--precision", "int8",
+            "--accuracy-budget", "accuracy-drop=1", "--out", out)
+    assert r.exit_code == 0, r.stderr
+    b = json.loads((out / "manifest.json").read_text())["accuracy_budget"]
+    assert not b["steps"][0]["met"] and b["met"] and b["steps"][0]["worst"][0]["module"] == "spike"
+    gemms = _gemms(out / "model.onnx")
+    assert gemms["spike.weight"] is False and sum(gemms.values()) >= 4
+
+
+@pytest.mark.parametrize("target,precision,message", [
+    ("tflite", "int8", "not supported for TFLite"),
+    ("ort", "fp16", "needs --precision int8"),
+])
+def test_targets_that_cannot_do_it_say_so(cli, digits_npz, tmp_path, target, precision, message):
+    r = cli("build", "--target", target, "--model", MODEL, "--calib", digits_npz, "--precision", precision,
+            "--accuracy-budget", "top1=0.99", "--out", tmp_path / "x")
+    assert r.exit_code == 2 and message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bad_budget_is_a_usage_error(cli, digits_npz):
+    r = cli("build", "--model", MODEL, "--calib", digits_npz, "--accuracy-budget", "f1=0.9")
+    assert r.exit_code == 2 and "METRIC=VALUE" in r.stderr and "accuracy_drop" in r.stderr
+
+
+def test_channel_snr_sees_what_a_tensor_wide_snr_hides():
+    from edgeexport.sensitivity import snr_db
+
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((16, 8))
+    ref[:, 0] *= 10000  # one outlier channel carries almost all the energy
+    got = ref.copy()
+    got[:, 1:] = 0  # every other channel lost
+    whole = 10 * np.log10(np.sum(ref ** 2) / np.sum((got - ref) ** 2))
+    assert whole > 50 and snr_db([ref], [got]) < 30
