@@ -1,7 +1,9 @@
 """Per-layer error of a quantized ONNX graph against the float graph it was made from.
 
 Both graphs run on the same inputs with every intermediate float tensor exposed as an output; tensors are matched
-by name (ORT's Q/DQ pass keeps each original tensor's name on the node that produces it). For each compute node:
+by name (ORT's Q/DQ pass keeps each original tensor's name on the node that produces it). A layer is a node, plus
+a weighted op feeding it as its only consumer's activation (Gemm+Relu), plus nodes the quantizer fused away. For
+each layer:
 
 - ``snr_db``: the signal-to-noise ratio of its output in the quantized graph against the float graph;
 - ``input_snr_db``: the worst SNR among its activation inputs (a graph input is exact);
@@ -78,13 +80,17 @@ class _ChannelSNR:
         self.signal: Optional[np.ndarray] = None
         self.noise: Optional[np.ndarray] = None
         self.finite = True
+        self.measurable = True  # False when the float reference itself holds inf/NaN (e.g. an additive mask)
 
     def add(self, ref: np.ndarray, got: np.ndarray) -> None:
         r, g = _channels(ref), _channels(got)
         if r.shape != g.shape:
             self.finite = False
             return
-        self.finite &= bool(np.isfinite(r).all() and np.isfinite(g).all())
+        if not np.isfinite(r).all() or np.abs(r).max(initial=0.0) > 1e30:
+            self.measurable = False
+            return
+        self.finite &= bool(np.isfinite(g).all())
         s, n = np.sum(r * r, axis=1), np.sum((g - r) ** 2, axis=1)
         self.signal = s if self.signal is None else self.signal + s
         self.noise = n if self.noise is None else self.noise + n
@@ -140,7 +146,7 @@ def rank_layers(float_model: Path, quant_model: Path, feeds: Iterable[dict[str, 
             g = got.get(seen.get(name, name))
             if g is not None:
                 acc.setdefault(name, _ChannelSNR()).add(r, g)
-    snr = {name: a.db() for name, a in acc.items()}
+    snr = {name: a.db() for name, a in acc.items() if a.measurable}
     producer = {o: n for n in fmodel.graph.node for o in n.output}
     depth_of = {id(n): i for i, n in enumerate(fmodel.graph.node)}
     absorbed = _activation_pairs(fmodel.graph, producer)
