@@ -24,7 +24,7 @@ _PARAM_PATHS: dict[str, tuple[str, ...]] = {
     "holdout": ("calibration", "holdout"), "seed": ("calibration", "seed"), "val": ("calibration", "validation_path"),
     "percentile": ("calibration", "percentile"), "bench_runs": ("bench", "runs"), "threads": ("bench", "threads"),
     "golden": ("golden_samples",), "task": ("task",), "max_length": ("calibration", "max_length"),
-    "budget_steps": ("budget_steps",), "explain": ("explain",),
+    "budget_steps": ("budget_steps",), "explain": ("explain",), "archive": ("archive",),
 }
 
 
@@ -176,6 +176,8 @@ def model_and_data_options(f):
               help="int8 (ort, trt): rank layers by the error they add, print the worst, record them and a plot.")
 @click.option("--out", default="bundle", show_default=True, help="Output bundle folder.")
 @click.option("--force", is_flag=True, help="Replace an existing bundle at --out.")
+@click.option("--archive", type=click.Choice(["tar.gz", "zip"]),
+              help="Also pack the bundle as OUT.tar.gz or OUT.zip (the loader opens either, safely).")
 @click.option("--bench-runs", type=int, default=50, show_default=True, help="Timed runs in the build's benchmark.")
 @click.option("--no-bench", is_flag=True, help="Skip the latency benchmark.")
 @click.option("--threads", type=int, help="Threads for the runtime and the reference while benchmarking.")
@@ -220,11 +222,11 @@ def _load_trusted_loader():
 
 
 @main.command()
-@click.argument("bundle", type=click.Path(file_okay=False))
+@click.argument("bundle", type=click.Path())
 @click.option("--threads", type=int)
 @click.option("--json", "as_json", is_flag=True)
 def verify(bundle: str, threads: Optional[int], as_json: bool) -> None:
-    """Re-check every checksum of BUNDLE and run its golden self-test."""
+    """Re-check every checksum of BUNDLE (a folder, or a .tar.gz/.zip archive) and run its golden self-test."""
     loader = _load_trusted_loader()
     try:
         model = loader.load(bundle, threads=threads)

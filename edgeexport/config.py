@@ -161,6 +161,14 @@ class BuildConfig(_Strict):
     accuracy_budget: dict[str, float] = Field(default_factory=dict)
     budget_steps: int = Field(default=8, ge=1, le=32)  # most re-quantize/re-validate rounds of that search
     explain: bool = False  # int8: rank layers by the error they add, print the top ones, record them
+    archive: Optional[str] = None  # also pack the bundle as <out>.tar.gz or <out>.zip
+
+    @field_validator("archive")
+    @classmethod
+    def _archive(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and v not in ("tar.gz", "zip"):
+            raise ValueError(f"archive {v!r} is not tar.gz or zip")
+        return v
 
     @field_validator("accuracy_budget")
     @classmethod

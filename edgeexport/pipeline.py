@@ -58,6 +58,13 @@ def resolve(config: BuildConfig, log: Log = _stderr) -> tuple[BuildConfig, Model
     _refuse(target.check(config), f"target {config.target!r} cannot build this configuration",
             "change the settings named above")
     check_output_path(Path(config.out), config.force)
+    if config.archive:
+        packed = Path(config.out).parent / f"{Path(config.out).name}.{config.archive}"
+        if packed.exists() and not config.force:
+            from edgeexport.errors import BundleError
+
+            raise BundleError(f"archive {str(packed)!r} already exists", "a build never overwrites a file unless asked",
+                              "pass --force to replace it, or choose another --out")
     log(f"==> loading model {config.model}")
     source = load_source(config.model, config.task)
     specs = resolve_inputs(config, source)
@@ -288,6 +295,10 @@ def build_resolved(config: BuildConfig, source: ModelSource, calib: CalibrationS
             files[LAYER_PLOT] = layers["plot"]
         log(f"==> writing bundle to {config.out}")
         out = write_bundle(Path(config.out), files, golden, manifest, texts, config.force)
+    if config.archive:
+        from edgeexport.bundle.writer import write_archive
+
+        log(f"==> packing {write_archive(out, config.archive)}")
     return BuildResult(config, out, manifest, report, errors)
 
 

@@ -60,6 +60,140 @@ def _safe_path(root, rel):
     return path
 
 
+ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".zip")
+_MAX_ARCHIVE_MEMBERS = 10_000
+_MAX_ARCHIVE_BYTES = 16 << 30  # uncompressed, all members together
+_MAX_RATIO = 200  # uncompressed / compressed: model files compress 1-10x; a deflate bomb reaches ~1000x
+
+
+def is_archive(path):
+    return str(path).lower().endswith(ARCHIVE_SUFFIXES) and Path(path).is_file()
+
+
+def _member_path(name):
+    """An archive member's name as a safe relative path, or a BundleError."""
+    if not isinstance(name, str) or not name or name.startswith(("/", "\\")) or "\\" in name or ":" in name \
+            or "\x00" in name:
+        raise BundleError(f"archive member {name!r} has an unsafe name (absolute, drive, backslash or NUL)")
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if not parts or ".." in parts:
+        raise BundleError(f"archive member {name!r} escapes the bundle folder")
+    return "/".join(parts)
+
+
+def _copy_limited(src, dst_path, budget):
+    """Copy a member's stream to ``dst_path``, counting real bytes against ``budget`` (not the header's claim)."""
+    written = 0
+    with open(dst_path, "xb") as dst:
+        while True:
+            block = src.read(1 << 20)
+            if not block:
+                return written
+            written += len(block)
+            if written > budget:
+                raise BundleError("archive expands past the size limit: refusing it "
+                                  f"({_MAX_ARCHIVE_BYTES >> 30} GiB, ratio {_MAX_RATIO}x)")
+            dst.write(block)
+
+
+def _archive_members(path):
+    """(name, kind, declared size, opener) for each member; kind is 'file', 'dir' or what else it is."""
+    import tarfile
+    import zipfile
+
+    if str(path).lower().endswith(".zip"):
+        try:
+            zf = zipfile.ZipFile(path)
+            infos = zf.infolist()
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+            raise BundleError(f"{path} is not a readable zip archive: {e}") from None
+        out = []
+        for info in infos:
+            mode = (info.external_attr >> 16) & 0o170000
+            kind = "dir" if info.filename.endswith("/") else ("link" if mode == 0o120000 else
+                                                 "file" if mode in (0, 0o100000) else "special")
+            out.append((info.filename, kind, info.file_size, lambda i=info: zf.open(i)))
+        return out, zf
+    try:
+        tf = tarfile.open(path, "r:*")
+        members = tf.getmembers()
+    except (tarfile.TarError, OSError, ValueError, EOFError) as e:
+        raise BundleError(f"{path} is not a readable tar archive: {e}") from None
+    out = []
+    for m in members:
+        kind = "file" if m.isreg() else "dir" if m.isdir() else "link" if (m.issym() or m.islnk()) else "special"
+        out.append((m.name, kind, m.size, lambda m=m: tf.extractfile(m)))
+    return out, tf
+
+
+def open_archive(path, dest):
+    """Extract a bundle archive (.tar.gz/.tgz/.zip) into the empty folder ``dest`` and return the bundle folder.
+
+    Only regular files and folders are accepted: members that escape the folder, links, devices, duplicates, too
+    many members or too many bytes (counted while extracting, not taken from headers) are refused before anything
+    is used. Nothing in the archive is executed or unpickled."""
+    path, dest = Path(path), Path(dest)
+    compressed = max(path.stat().st_size, 1)
+    budget = min(_MAX_ARCHIVE_BYTES, compressed * _MAX_RATIO)
+    members, handle = _archive_members(path)
+    try:
+        if len(members) > _MAX_ARCHIVE_MEMBERS:
+            raise BundleError(f"archive has {len(members)} members (limit {_MAX_ARCHIVE_MEMBERS})")
+        seen = set()
+        plan = []
+        for name, kind, size, opener in members:
+            rel = _member_path(name)
+            if kind not in ("file", "dir"):
+                raise BundleError(f"archive member {name!r} is a {kind}: only regular files and folders are accepted")
+            if rel in seen:
+                raise BundleError(f"archive member {name!r} appears twice")
+            seen.add(rel)
+            if kind == "file" and (not isinstance(size, int) or size < 0 or size > budget):
+                raise BundleError(f"archive member {name!r} declares {size} bytes: past the size limit")
+            plan.append((rel, kind, opener))
+        for rel, kind, opener in plan:
+            target = dest / rel
+            try:
+                if kind == "dir":
+                    target.mkdir(parents=True, exist_ok=True)
+                    continue
+                target.parent.mkdir(parents=True, exist_ok=True)
+                if target.exists():
+                    raise BundleError(f"archive member {rel!r} collides with a folder or another member")
+                with opener() as src:
+                    budget -= _copy_limited(src, target, budget)
+            except BundleError:
+                raise
+            except (OSError, EOFError, ValueError, RuntimeError, NotImplementedError, LookupError) as e:
+                # corrupt streams (zlib, CRC, truncation), unsupported or encrypted members, path clashes
+                raise BundleError(f"archive member {rel!r} cannot be extracted: {type(e).__name__}: {e}") from None
+            except Exception as e:  # tarfile/zipfile's own error classes (not OSError subclasses)
+                if type(e).__module__ in ("tarfile", "zipfile", "zlib", "gzip"):
+                    raise BundleError(f"archive member {rel!r} is corrupt: {type(e).__name__}: {e}") from None
+                raise
+    finally:
+        handle.close()
+    tops = {rel.split("/")[0] for rel, _, _ in plan}
+    if not (dest / "manifest.json").is_file() and len(tops) == 1 and (dest / next(iter(tops)) / "manifest.json").is_file():
+        return dest / next(iter(tops))
+    return dest
+
+
+def extract_archive(path):
+    """Extract a bundle archive into a new private temporary folder (removed at exit); return the bundle folder."""
+    import atexit
+    import shutil
+    import tempfile
+
+    dest = Path(tempfile.mkdtemp(prefix="edgeexport-bundle-"))
+    atexit.register(shutil.rmtree, dest, ignore_errors=True)
+    try:
+        return open_archive(path, dest)
+    except BaseException:
+        shutil.rmtree(dest, ignore_errors=True)
+        raise
+
+
 def read_manifest(root):
     root = Path(root)
     mpath = root / "manifest.json"
@@ -817,6 +951,10 @@ def load(root=None, providers=None, threads=None, verify_files=True, layout="mod
     'prebuilt' or 'rebuild'; ``engine_file`` runs a plan you built yourself (build_engine.sh); ``runtime='onnxruntime'`` runs the bundle's ONNX on onnxruntime instead, exactly as the
     build validated it (for checking a bundle on a machine without a GPU)."""
     root = Path(root) if root is not None else Path(__file__).resolve().parent
+    if is_archive(root):  # extracted (safely) into a private temporary folder, removed when the process exits
+        archive, root = root, extract_archive(root)
+        if engine_cache is None:
+            engine_cache = default_engine_cache(archive)
     manifest = read_manifest(root)
     if verify_files:
         verify(root, manifest)
@@ -846,7 +984,8 @@ def load(root=None, providers=None, threads=None, verify_files=True, layout="mod
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Verify and self-test an edgeexport bundle.")
-    parser.add_argument("--bundle", default=None, help="bundle folder (default: this file's folder)")
+    parser.add_argument("--bundle", default=None,
+                        help="bundle folder or archive (.tar.gz, .zip) (default: this file's folder)")
     parser.add_argument("--selftest", action="store_true", help="run the golden input/output pairs")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--providers", default=None, help="comma-separated execution providers")
