@@ -17,6 +17,7 @@ from typing import Any, Callable, Optional
 
 from edgeexport.config import BUDGET_METRICS, BuildConfig
 from edgeexport.errors import ValidationFailed
+from edgeexport.util import tmp_prefix
 
 MAX_FLOAT_SHARE = 0.5  # of the weighted layers (Conv, Gemm, MatMul): beyond that, int8 has lost its point
 RANK_SAMPLES = 32
@@ -76,7 +77,7 @@ def search(config: BuildConfig, source: Any, calib: Any, onnx_path: Path, output
         if "engine" in target.options_spec:
             options["engine"] = "deferred"  # trial rounds validate the ONNX; only the final build makes an engine
         trial = config.model_copy(update={"target_options": options})
-        with tempfile.TemporaryDirectory(prefix="edgeexport-budget-") as tmp:
+        with tempfile.TemporaryDirectory(prefix=tmp_prefix("budget-")) as tmp:
             work = Path(tmp)
             shutil.copyfile(onnx_path, work / "exported.onnx")
             artifact = target.build(source, trial, calib, work, work / "exported.onnx")

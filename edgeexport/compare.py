@@ -20,6 +20,7 @@ import numpy as np
 
 from edgeexport.config import BuildConfig
 from edgeexport.errors import EdgeExportError, UsageError, ValidationFailed
+from edgeexport.util import tmp_prefix
 
 Log = Callable[[str], None]
 
@@ -293,7 +294,7 @@ def run(base: BuildConfig, targets: list[str], precisions: Optional[list[str]], 
     if unknown:
         raise UsageError(f"--option {', '.join(sorted(unknown))}: no compared target knows it",
                          "", "see each target's options in the README")
-    with tempfile.TemporaryDirectory(prefix="edgeexport-compare-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=tmp_prefix("compare-")) as tmp:
         root = out_root or Path(tmp) / "bundles"
         probe = base.model_copy(update={"target": "ort", "precision": "fp32", "target_options": {},
                                         "out": str(Path(tmp) / "probe"), "force": False})

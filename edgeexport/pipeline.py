@@ -21,6 +21,7 @@ from edgeexport.report import render_markdown
 from edgeexport.source import ModelSource, load_source
 from edgeexport.targets import get_target
 from edgeexport.validate import ValidationReport, collect, compare, error_sample
+from edgeexport.util import remove_stale, tmp_prefix
 
 Log = Callable[[str], None]
 _POSITIONAL_SOURCES = ("torchscript", "exported_program")
@@ -233,7 +234,8 @@ def build_resolved(config: BuildConfig, source: ModelSource, calib: CalibrationS
     import shutil
 
     target = get_target(config.target)
-    with tempfile.TemporaryDirectory(prefix="edgeexport-") as tmp:
+    remove_stale(Path(tempfile.gettempdir()), ("edgeexport-",))  # work folders of builds that were killed
+    with tempfile.TemporaryDirectory(prefix=tmp_prefix()) as tmp:
         workdir = Path(tmp)
         onnx_path = workdir / "exported.onnx"
         if exported is None:

@@ -19,7 +19,7 @@ from edgeexport.config import InputSpec
 from edgeexport.errors import ExportError, ModelLoadError, missing_extra
 from edgeexport.source import ModelSource, _short
 from edgeexport.targets.base import Runner, TensorInfo
-from edgeexport.util import quiet
+from edgeexport.util import quiet, tmp_prefix
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 _DIM_NAMES = {"batch_size": "batch", "sequence_length": "sequence"}
@@ -83,7 +83,7 @@ class HFModelSource(ModelSource):
     def export_onnx(self, path: Path, specs: list[InputSpec], opset: int) -> list[str]:
         from optimum.exporters.onnx import main_export
 
-        with tempfile.TemporaryDirectory(prefix="edgeexport-hf-") as tmp, quiet() as log:
+        with tempfile.TemporaryDirectory(prefix=tmp_prefix("hf-")) as tmp, quiet() as log:
             try:
                 main_export(str(self.path), output=tmp, task=self.task, opset=opset, do_validation=False,
                             library_name=self.library, device="cpu")

@@ -8,6 +8,7 @@ import io
 import logging
 import os
 import re
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -60,3 +61,42 @@ def progress(items: Iterable[T], desc: str, total: Optional[int] = None) -> Iter
     from tqdm import tqdm
 
     yield from tqdm(items, desc=desc, total=total, leave=False, file=sys.__stderr__, dynamic_ncols=True)
+
+
+def tmp_prefix(kind: str = "") -> str:
+    """Prefix of this process's temporary folders: ``edgeexport-<pid>-<kind>``, so that a later run can tell the
+    leftovers of a killed process (SIGKILL skips every cleanup) from the folders of one still running."""
+    return f"edgeexport-{os.getpid()}-{kind}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale(folder: Path, stems: tuple[str, ...], restore_to: Optional[Path] = None) -> list[Path]:
+    """Remove ``<stem><pid>-...`` entries in ``folder`` whose process is gone. A stale backup of a bundle (stem
+    ending in ``.old-``) is moved back to ``restore_to`` instead when that path is missing: the process died between
+    moving the old bundle aside and moving the new one in."""
+    removed: list[Path] = []
+    if not folder.is_dir():
+        return removed
+    for entry in folder.iterdir():
+        stem = next((s for s in stems if entry.name.startswith(s)), None)
+        pid = entry.name[len(stem):].split("-", 1)[0] if stem else ""
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        if stem.endswith(".old-") and restore_to is not None and not restore_to.exists():
+            os.rename(entry, restore_to)
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed

@@ -185,7 +185,7 @@ def extract_archive(path):
     import shutil
     import tempfile
 
-    dest = Path(tempfile.mkdtemp(prefix="edgeexport-bundle-"))
+    dest = Path(tempfile.mkdtemp(prefix=f"edgeexport-{os.getpid()}-bundle-"))
     atexit.register(shutil.rmtree, dest, ignore_errors=True)
     try:
         return open_archive(path, dest)

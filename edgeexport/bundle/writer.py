@@ -16,6 +16,7 @@ import numpy as np
 
 from edgeexport.bundle.manifest import SCHEMA_VERSION
 from edgeexport.errors import BundleError
+from edgeexport.util import remove_stale
 from edgeexport.util import sha256_file
 
 LOADER_TEMPLATE = Path(__file__).with_name("loader.py")
@@ -44,9 +45,10 @@ def write_bundle(out: Path, files: dict[str, Path], golden: list[tuple[dict, dic
     ``golden``: (inputs, outputs) pairs saved as golden/NNN.npz. The manifest gets the file list with sha256.
     """
     out = Path(out).absolute()
-    check_output_path(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    remove_stale(out.parent, (f".{out.name}.partial-", f".{out.name}.old-"), restore_to=out)  # killed builds
+    check_output_path(out, force)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
     try:
         for rel, src in files.items():
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -93,7 +95,8 @@ def write_archive(bundle: Path, fmt: str) -> Path:
 
     bundle = Path(bundle)
     dest = bundle.parent / f"{bundle.name}.{fmt}"
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.partial-", dir=bundle.parent)
+    remove_stale(bundle.parent, (f".{dest.name}.partial-",))
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.partial-{os.getpid()}-", dir=bundle.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     files = sorted(p for p in bundle.rglob("*") if p.is_file())
@@ -124,7 +127,7 @@ def write_archive(bundle: Path, fmt: str) -> Path:
 
 def _swap_into_place(tmp: Path, out: Path) -> None:
     if out.exists():
-        backup = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        backup = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}-", dir=out.parent))
         os.rmdir(backup)
         os.rename(out, backup)
         try:
