@@ -254,7 +254,8 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(f"config file {str(p)!r} is not valid YAML", str(e).splitlines()[0], "fix the YAML syntax") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {str(p)!r} must hold a mapping", f"found {type(data).__name__}", "")
+        raise ConfigError(f"config file {str(p)!r} must hold a mapping", f"found {type(data).__name__}",
+                          "write KEY: VALUE lines, as 'edgeexport build ... --dry-run' prints them")
     return data
 
 

@@ -2,6 +2,7 @@
 
 import errno
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,57 +29,113 @@ def build():
 '''
 
 
+#: The catalogue: (case, exit code, what the error says). docs/errors.md holds the same table, checked below.
+CATALOGUE = [
+    ("spec does not resolve", 1, "cannot import module"),
+    ("file not found", 1, "not found"),
+    ("factory name missing", 1, "has no callable 'nope'"),
+    ("factory raises", 1, "raised RuntimeError"),
+    ("factory returns junk", 1, "not a torch.nn.Module"),
+    ("forward raises", 1, "forward raised ValueError"),
+    ("unconvertible op", 1, "no ONNX translation for operator edgetest.mystery.default (graph node %mystery)"),
+    ("garbage onnx", 1, "is not a valid ONNX model"),
+    ("calib names", 1, "do not match the model inputs"),
+    ("calib shape", 1, "dimension 1 is 5"),
+    ("calib NaN", 1, "NaN or Inf in 1 sample(s), first at index 7"),
+    ("calib Inf", 1, "NaN or Inf in 1 sample(s), first at index 3"),
+    ("empty image folder", 1, "4-D image input"),
+    ("truncated image", 1, "cannot decode image"),
+    ("too few samples", 1, "asked for 500 calibration samples but only 48"),
+    ("no calibration", 1, "no calibration data given"),
+    ("calibration file missing", 1, "does not exist"),
+    ("unsupported precision option", 2, "activation_type must be uint8 or int8"),
+    ("unknown target", 2, "unknown target 'coreml'"),
+    ("unknown precision", 2, "Invalid value for '--precision'"),
+    ("not a number", 2, "Invalid value for '--calib-samples'"),
+    ("impossible shape", 2, "dimension 0 must be a positive integer"),
+    ("malformed YAML config", 2, "is not valid YAML"),
+    ("config of the wrong type", 2, "must hold a mapping"),
+    ("unknown accuracy budget", 2, "cannot parse --accuracy-budget"),
+]
+
+
 @pytest.fixture(scope="module")
 def cases(tmp_path_factory, tiny_model, tiny_npz):
+    from PIL import Image
+
     d = tmp_path_factory.mktemp("bad")
     (d / "custom_op.py").write_text(CUSTOM_OP)
     np.savez(d / "names.npz", wrong=np.zeros((20, 6), np.float32))
     np.savez(d / "shape.npz", x=np.zeros((20, 5), np.float32))
-    nan = np.zeros((20, 6), np.float32)
-    nan[7, 2] = np.nan
-    np.savez(d / "nan.npz", x=nan)
+    for name, index, value in (("nan", 7, np.nan), ("inf", 3, np.inf)):
+        bad = np.zeros((20, 6), np.float32)
+        bad[index, 2] = value
+        np.savez(d / f"{name}.npz", x=bad)
     (d / "empty").mkdir()
+    (d / "images").mkdir()
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(d / "images" / "a.png")
+    png = (d / "images" / "a.png").read_bytes()
+    (d / "images" / "b.png").write_bytes(png[: len(png) // 2])  # truncated
     (d / "garbage.onnx").write_bytes(b"\x00not an onnx model")
+    (d / "bad.yaml").write_text("model: [unclosed\n  target: ort: x\n")
+    (d / "list.yaml").write_text("- model\n- target\n")
     t = str(tiny_model)
     good = str(tiny_npz)
+    img = ["--input", "x:1x3x16x16:float32"]
     return {
-        "spec does not resolve": (["--model", "no_such_pkg.models:build", "--calib", good], "cannot import module"),
-        "file not found": (["--model", str(d / "missing.py") + ":build", "--calib", good], "not found"),
-        "factory name missing": (["--model", t + ":nope", "--calib", good], "has no callable 'nope'"),
-        "factory raises": (["--model", t + ":raises", "--calib", good], "raised RuntimeError"),
-        "factory returns junk": (["--model", t + ":not_a_module", "--calib", good], "not a torch.nn.Module"),
-        "forward raises": (["--model", t + ":bad_forward", "--calib", good], "forward raised ValueError"),
-        "unconvertible op": (["--model", str(d / "custom_op.py") + ":build", "--calib", good],
-                             "no ONNX translation for operator edgetest.mystery.default (graph node %mystery)"),
-        "garbage onnx": (["--model", str(d / "garbage.onnx"), "--calib", good], "is not a valid ONNX model"),
-        "calib names": (["--model", t + ":build", "--calib", str(d / "names.npz")], "do not match the model inputs"),
-        "calib shape": (["--model", t + ":build", "--calib", str(d / "shape.npz")], "dimension 1 is 5"),
-        "calib NaN": (["--model", t + ":build", "--calib", str(d / "nan.npz")], "NaN or Inf in 1 sample(s), first at index 7"),
-        "empty image folder": (["--model", t + ":build", "--calib", str(d / "empty")], "4-D image input"),
-        "too few samples": (["--model", t + ":build", "--calib", good, "--calib-samples", "500"],
-                            "asked for 500 calibration samples but only 48"),
-        "no calibration": (["--model", t + ":build"], "no calibration data given"),
-        "unsupported precision option": (["--model", t + ":build", "--calib", good, "--option", "activation_type=int4"],
-                                         "activation_type must be uint8 or int8"),
+        "spec does not resolve": ["--model", "no_such_pkg.models:build", "--calib", good],
+        "file not found": ["--model", str(d / "missing.py") + ":build", "--calib", good],
+        "factory name missing": ["--model", t + ":nope", "--calib", good],
+        "factory raises": ["--model", t + ":raises", "--calib", good],
+        "factory returns junk": ["--model", t + ":not_a_module", "--calib", good],
+        "forward raises": ["--model", t + ":bad_forward", "--calib", good],
+        "unconvertible op": ["--model", str(d / "custom_op.py") + ":build", "--calib", good],
+        "garbage onnx": ["--model", str(d / "garbage.onnx"), "--calib", good],
+        "calib names": ["--model", t + ":build", "--calib", str(d / "names.npz")],
+        "calib shape": ["--model", t + ":build", "--calib", str(d / "shape.npz")],
+        "calib NaN": ["--model", t + ":build", "--calib", str(d / "nan.npz")],
+        "calib Inf": ["--model", t + ":build", "--calib", str(d / "inf.npz")],
+        "empty image folder": ["--model", t + ":build", "--calib", str(d / "empty")],
+        "truncated image": ["--model", t + ":build", "--calib", str(d / "images"), *img],
+        "too few samples": ["--model", t + ":build", "--calib", good, "--calib-samples", "500"],
+        "no calibration": ["--model", t + ":build"],
+        "calibration file missing": ["--model", t + ":build", "--calib", str(d / "nothing.npz")],
+        "unsupported precision option": ["--model", t + ":build", "--calib", good, "--option", "activation_type=int4"],
+        "unknown target": ["--model", t + ":build", "--calib", good, "--target", "coreml"],
+        "unknown precision": ["--model", t + ":build", "--calib", good, "--precision", "int4"],
+        "not a number": ["--model", t + ":build", "--calib", good, "--calib-samples", "many"],
+        "impossible shape": ["--model", t + ":build", "--calib", good, "--input", "x:0x-6:float32"],
+        "malformed YAML config": ["-c", str(d / "bad.yaml")],
+        "config of the wrong type": ["-c", str(d / "list.yaml")],
+        "unknown accuracy budget": ["--model", t + ":build", "--calib", good, "--accuracy-budget", "f1=0.9"],
     }
 
 
-CASES = ["spec does not resolve", "file not found", "factory name missing", "factory raises", "factory returns junk",
-         "forward raises", "unconvertible op", "garbage onnx", "calib names", "calib shape", "calib NaN",
-         "empty image folder", "too few samples", "no calibration", "unsupported precision option"]
-
-
-@pytest.mark.parametrize("name", CASES)
-def test_bad_input_is_a_clear_error(cli, cases, tmp_path, name):
-    args, message = cases[name]
+@pytest.mark.parametrize("name,code,message", CATALOGUE, ids=[c[0] for c in CATALOGUE])
+def test_bad_input_is_a_clear_error(cli, cases, tmp_path, name, code, message):
     out = tmp_path / "out"
-    r = cli("build", *args, "--precision", "int8", "--out", out, "--no-bench")
-    expected_code = 2 if name == "unsupported precision option" else 1
-    assert r.exit_code == expected_code, (r.exit_code, r.stderr)
+    args = cases[name]
+    if "--precision" not in args:
+        args = [*args, "--precision", "int8"]
+    r = cli("build", *args, "--out", out, "--no-bench")
+    assert r.exit_code == code, (r.exit_code, r.stderr)
     assert message in r.stderr, r.stderr
-    assert "error:" in r.stderr and "Traceback" not in r.stderr
-    assert "fix:" in r.stderr or name in ("garbage onnx",)
+    assert ("error:" in r.stderr or "Error:" in r.stderr) and "Traceback" not in r.stderr
+    assert "fix:" in r.stderr or code == 2 or name in ("garbage onnx",)
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def catalogue_markdown() -> str:
+    rows = ["| case | exit code | the error says |", "|---|---|---|"]
+    rows += [f"| {name} | {code} | `{message}` |" for name, code, message in CATALOGUE]
+    return "\n".join(rows) + "\n"
+
+
+def test_the_docs_table_is_the_tested_catalogue():
+    from tests.conftest import REPO
+
+    doc = (REPO / "docs" / "errors.md").read_text()
+    assert catalogue_markdown() in doc, "docs/errors.md is out of date: python -m tests.integration.test_bad_input"
 
 
 def test_disk_failure_midway_leaves_no_bundle_and_keeps_the_old_one(cli, tiny_model, tiny_npz, tmp_path, monkeypatch):
@@ -166,3 +223,39 @@ def test_entropy_and_percentile_calibration_on_real_digits(digits_npz, tmp_path)
                                       calibration={"path": str(digits_npz), "method": method}))
         assert result.manifest["quantization"]["calibration_method"] == method and not result.manifest["notes"][1:]
         assert result.report.task["drop_points"] <= 1.0
+
+
+if __name__ == "__main__":  # regenerate the table in docs/errors.md
+    print(catalogue_markdown(), end="")
+
+
+@pytest.mark.parametrize("name,data", [
+    ("spec does not resolve", {"model": "no_such_pkg.models:build"}),
+    ("factory raises", {"model": "{t}:raises"}),
+    ("forward raises", {"model": "{t}:bad_forward"}),
+    ("calib NaN", {"calibration": {"path": "{d}/nan.npz"}}),
+    ("calib names", {"calibration": {"path": "{d}/names.npz"}}),
+    ("too few samples", {"calibration": {"path": "{good}", "samples": 500}}),
+    ("unknown target", {"target": "coreml"}),
+    ("unknown precision", {"precision": "int4"}),
+    ("impossible shape", {"inputs": [{"name": "x", "shape": [0, -6]}]}),
+])
+def test_python_api_raises_only_documented_errors(cases, tiny_model, tiny_npz, tmp_path, name, data):
+    """The same bad inputs through the Python API: an EdgeExportError subclass saying what the CLI says (or, for
+    values the CLI's own parser refuses, the config's own validation), and nothing written."""
+    import json
+
+    from edgeexport import pipeline
+    from edgeexport.config import make_config
+    from edgeexport.errors import EdgeExportError
+
+    folder = str(Path(cases["calib NaN"][-1]).parent)
+    text = json.dumps({"model": "{t}:build", "precision": "int8", "out": str(tmp_path / "out"),
+                       "calibration": {"path": "{good}"}, **data})
+    config = json.loads(text.replace("{t}", str(tiny_model)).replace("{d}", folder).replace("{good}", str(tiny_npz)))
+    with pytest.raises(EdgeExportError) as e:
+        pipeline.build(make_config(config), log=lambda _m: None)
+    message = {"unknown precision": "precision 'int4' is not one of",
+               "impossible shape": "shape"}.get(name, dict((c[0], c[2]) for c in CATALOGUE)[name])
+    assert message in e.value.render()
+    assert not (tmp_path / "out").exists()
