@@ -131,7 +131,7 @@ def open_archive(path, dest):
 
     Only regular files and folders are accepted: members that escape the folder, links, devices, duplicates, too
     many members or too many bytes (counted while extracting, not taken from headers) are refused before anything
-    is used. Nothing in the archive is executed or unpickled."""
+    is used. Nothing in the archive is executed, and this loader never unpickles."""
     path, dest = Path(path), Path(dest)
     compressed = max(path.stat().st_size, 1)
     budget = min(_MAX_ARCHIVE_BYTES, compressed * _MAX_RATIO)
