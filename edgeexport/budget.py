@@ -61,7 +61,7 @@ def _weighted_nodes(float_model: Path) -> set[str]:
 def search(config: BuildConfig, source: Any, calib: Any, onnx_path: Path, output_names: list[str], log: Log
            ) -> tuple[BuildConfig, dict[str, Any]]:
     """Find float exclusions that meet ``config.accuracy_budget``. Returns the config to build and the record."""
-    from edgeexport.sensitivity import float_fallback, label, rank_layers
+    from edgeexport.sensitivity import label, rank_layers
     from edgeexport.targets import get_target
 
     (metric, limit), = config.accuracy_budget.items()
@@ -70,6 +70,7 @@ def search(config: BuildConfig, source: Any, calib: Any, onnx_path: Path, output
     steps: list[dict[str, Any]] = []
     best: Optional[dict[str, Any]] = None
     feeds = [f for f, _ in zip(calib.calibration(), range(RANK_SAMPLES))]
+    weighted: set[str] = set()
     relation = ">=" if BUDGET_METRICS[metric] == "min" else "<="
     log(f"==> accuracy budget: {metric} {relation} {limit:g} on {len(calib.holdout_idx)} held-out samples")
     for step in range(config.budget_steps + 1):
@@ -93,13 +94,13 @@ def search(config: BuildConfig, source: Any, calib: Any, onnx_path: Path, output
             if artifact.float_model is None:
                 break
             ranked = rank_layers(artifact.float_model, artifact.model_path, feeds)
-            weighted = _weighted_nodes(artifact.float_model)
+            weighted = weighted or _weighted_nodes(artifact.float_model)  # the float graph is the same every round
             record["worst"] = [{k: r[k] for k in ("node", "module", "op_type", "nodes", "added_noise_db", "snr_db")}
                                for r in ranked[:5]]
             fresh = [r for r in ranked if r["added_noise"] > 0 and not set(r["nodes"]) <= set(excluded)]
             if step == 0 and ranked:
                 log("    worst layers: " + ", ".join(f"{label(r)} ({r['added_noise_db']:.1f} dB)" for r in ranked[:3]))
-            moved = [n for r in fresh[: 2 ** step] for n in float_fallback(artifact.float_model, r)]
+            moved = [n for r in fresh[: 2 ** step] for n in r["float_fallback"]]
             moved = [n for n in dict.fromkeys(moved) if n not in excluded]
             share = len(weighted & (set(excluded) | set(moved))) / max(1, len(weighted))
             if not moved or share > MAX_FLOAT_SHARE:

@@ -57,21 +57,15 @@ def _node_flops(node: Any, shape: dict[str, list[int]]) -> int:
 def count_flops(onnx_path: Path, feed: Mapping[str, np.ndarray]) -> dict[str, Any]:
     """FLOPs of one run of the float ONNX model on ``feed``, per op type, plus its parameter count."""
     import onnx
-    import onnxruntime as ort
+
+    from edgeexport.onnxgraph import exposing_session
 
     model = onnx.load(str(onnx_path))
     graph = model.graph
     shape: dict[str, list[int]] = {i.name: list(i.dims) for i in graph.initializer}
     counted = [n for n in graph.node if n.op_type in COUNTED_OPS]
     wanted = {name for n in counted for name in (*n.input[:2], n.output[0]) if name and name not in shape}
-    present = {o.name for o in graph.output}
-    for name in sorted(wanted - present):
-        graph.output.append(onnx.ValueInfoProto(name=name))
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every tensor as exported
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    names = [o.name for o in sess.get_outputs()]
+    sess, names = exposing_session(model, sorted(wanted))
     feeds = {i.name: feed[i.name] for i in sess.get_inputs()}
     for name, value in zip(names, sess.run(names, feeds)):
         shape[name] = list(np.shape(value))

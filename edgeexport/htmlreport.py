@@ -56,10 +56,6 @@ def _figure(png: str, alt: str, caption: str) -> str:
             f"<figcaption>{html.escape(caption)}</figcaption></figure>")
 
 
-def _accuracy(row_metrics: dict[str, Any], metric: str) -> Any:
-    return row_metrics.get(metric)
-
-
 def scatter(c: Comparison) -> str:
     import matplotlib.pyplot as plt
 
@@ -73,7 +69,7 @@ def scatter(c: Comparison) -> str:
                     fontsize=8)
     colours = plt.get_cmap("tab10")
     for n, r in enumerate(c.rows):
-        y = _accuracy(r.metrics, c.accuracy_metric)
+        y = r.metrics.get(c.accuracy_metric)
         if r.latency is None or y is None:
             continue
         chosen = r is c.chosen

@@ -44,9 +44,6 @@ class Reader:
     def get_next(self) -> Optional[dict[str, np.ndarray]]:
         return next(self._it, None)
 
-    def rewind(self) -> None:  # pragma: no cover - not used by the calibrators we call
-        raise NotImplementedError
-
 
 def preprocess(src: Path, dst: Path) -> list[str]:
     """ORT's quant_pre_process (shape inference, basic fusions); BERT-like graphs fall back to skipping the
@@ -68,29 +65,17 @@ def preprocess(src: Path, dst: Path) -> list[str]:
 def nonfinite_nodes(model_path: Path, feeds: list[dict[str, np.ndarray]]) -> list[str]:
     """Names of nodes that produce or consume float tensors holding non-finite values on ``feeds``."""
     import onnx
-    import onnxruntime as ort
+
+    from edgeexport.onnxgraph import exposing_session, float_tensors
 
     if not feeds:
         return []
-    model = onnx.shape_inference.infer_shapes(onnx.load(str(model_path)))
-    float_types = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE}
-    typed = {vi.name: vi for vi in list(model.graph.value_info) + list(model.graph.output)}
-    existing = {o.name for o in model.graph.output}
-    for node in model.graph.node:
-        for name in node.output:
-            vi = typed.get(name)
-            if vi is not None and name not in existing and vi.type.tensor_type.elem_type in float_types:
-                model.graph.output.append(vi)
-                existing.add(name)
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    names = [o.name for o in sess.get_outputs()]
+    model = onnx.load(str(model_path))
+    sess, names = exposing_session(model, sorted(float_tensors(model)))
     bad: set[str] = set()
     for feed in feeds:
         for name, value in zip(names, sess.run(None, feed)):
-            if value.dtype.kind == "f" and not np.isfinite(value).all():
+            if isinstance(value, np.ndarray) and value.dtype.kind == "f" and not np.isfinite(value).all():
                 bad.add(name)
     return sorted({n.name or n.output[0] for n in model.graph.node if bad & (set(n.output) | set(n.input))})
 

@@ -24,44 +24,24 @@ from typing import Any, Iterable, Optional
 
 import numpy as np
 
+from edgeexport.flops import COUNTED_OPS
+
 _CAP = 200.0
 _SKIP_OPS = {"QuantizeLinear", "DequantizeLinear", "Constant", "Shape", "Identity"}
 
 
-def _session(model_path: Path, names: Optional[set[str]] = None) -> tuple[Any, list[str], Any]:
-    """An onnxruntime session (optimizations off) that also outputs every float node output (or only ``names``)."""
-    import onnx
-    import onnxruntime as ort
+def _session(model: Any, names: Optional[set[str]] = None) -> tuple[Any, list[str]]:
+    """A session of ``model`` that also outputs every float node output (or only those in ``names``)."""
+    from edgeexport.onnxgraph import exposing_session, float_tensors
 
-    model = onnx.load(str(model_path))
-    present = {o.name for o in model.graph.output}
-    floats = _float_tensors(model)
-    for node in model.graph.node:
-        for out in node.output:
-            if out and out not in present and out in floats and (names is None or out in names):
-                model.graph.output.append(onnx.ValueInfoProto(name=out))
-                present.add(out)
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    return sess, [o.name for o in sess.get_outputs()], model
+    floats = float_tensors(model)
+    return exposing_session(model, [out for n in model.graph.node for out in n.output
+                                    if out in floats and (names is None or out in names)])
 
 
 def _run(sess: Any, outs: list[str], feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     values = sess.run(outs, {i.name: feed[i.name] for i in sess.get_inputs()})
     return {n: v for n, v in zip(outs, values) if isinstance(v, np.ndarray) and v.dtype.kind == "f"}
-
-
-def _float_tensors(model: Any) -> set[str]:
-    import onnx
-
-    inferred = onnx.shape_inference.infer_shapes(model)
-    float_types = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE}
-    infos = list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input)
-    known = {vi.name: vi.type.tensor_type.elem_type for vi in infos}
-    # tensors whose type shape inference could not tell are kept (their values are filtered by dtype later)
-    return {out for n in model.graph.node for out in n.output if known.get(out, onnx.TensorProto.FLOAT) in float_types}
 
 
 def _channels(x: np.ndarray) -> np.ndarray:
@@ -125,18 +105,21 @@ def _as_consumed(quant_model: Any) -> dict[str, str]:
     return seen
 
 
-def rank_layers(float_model: Path, quant_model: Path, feeds: Iterable[dict[str, np.ndarray]],
-                candidates: Optional[set[str]] = None) -> list[dict[str, Any]]:
+def rank_layers(float_model: Path, quant_model: Path, feeds: Iterable[dict[str, np.ndarray]]) -> list[dict[str, Any]]:
     """Compute nodes of the float graph, ranked by the error they add in the quantized graph (worst first).
 
     A node's output is measured as its consumers read it: after its Q/DQ pair when the quantizer put one there.
     So a layer whose output quantizes badly (e.g. one huge outlier channel squeezing the rest of the range) is the
-    one that adds the error, not the layer after it. ``candidates`` restricts the ranking to these node names."""
+    one that adds the error, not the layer after it. Each row also lists ``float_fallback``: the nodes to keep in
+    float so that the layer's output is never quantized (the layer, what was fused into it, and every consumer of
+    its output: with Q/DQ, a tensor stays float only when every node reading it is float)."""
     import onnx
 
-    fsess, fouts, fmodel = _session(float_model)
-    seen = _as_consumed(onnx.load(str(quant_model)))
-    qsess, qouts, _ = _session(quant_model, names=set(fouts) | set(seen.values()))
+    fmodel = onnx.load(str(float_model))
+    fsess, fouts = _session(fmodel)
+    qmodel = onnx.load(str(quant_model))
+    seen = _as_consumed(qmodel)
+    qsess, qouts = _session(qmodel, names=set(fouts) | set(seen.values()))
     graph_inputs = {i.name for i in fmodel.graph.input}
     weights = {i.name for i in fmodel.graph.initializer}
     acc: dict[str, _ChannelSNR] = {}
@@ -150,14 +133,16 @@ def rank_layers(float_model: Path, quant_model: Path, feeds: Iterable[dict[str, 
     producer = {o: n for n in fmodel.graph.node for o in n.output}
     depth_of = {id(n): i for i, n in enumerate(fmodel.graph.node)}
     absorbed = _activation_pairs(fmodel.graph, producer)
+    consumers: dict[str, list] = {}
+    for n in fmodel.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
     rows = []
     for node in fmodel.graph.node:
         out = node.output[0] if node.output else ""
         if node.op_type in _SKIP_OPS or out not in snr or id(node) in absorbed:
             continue
         group, inputs = _fused_group(node, producer, snr, weights, graph_inputs, absorbed)
-        if candidates is not None and not any(n.name in candidates for n in group):
-            continue
         ins = [_CAP if i in graph_inputs else snr[i] for i in inputs if i in graph_inputs or i in snr]
         worst_in = min(ins) if ins else _CAP
         head = group[0]
@@ -166,7 +151,9 @@ def rank_layers(float_model: Path, quant_model: Path, feeds: Iterable[dict[str, 
                      "nodes": [n.name for n in group], "depth": depth_of[id(head)], "output": out,
                      "snr_db": snr[out], "input_snr_db": worst_in, "added_noise": added,
                      "added_noise_db": 10 * float(np.log10(added)) if added > 0 else -_CAP,
-                     "quantized_output": out in seen})
+                     "quantized_output": out in seen,
+                     "float_fallback": list(dict.fromkeys([*(n.name for n in group),
+                                                           *(n.name for n in consumers.get(out, []) if n.name)]))})
     rows.sort(key=lambda r: (-r["added_noise"], r["depth"]))
     return rows
 
@@ -190,7 +177,7 @@ def module_path(node: Any) -> str:
 
 ACTIVATIONS = {"Relu", "Clip", "LeakyRelu", "PRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Gelu", "Elu",
                "Selu", "Softplus", "Mish"}
-WEIGHTED = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
+WEIGHTED = set(COUNTED_OPS)  # the layers that carry weights (and FLOPs)
 
 
 def _activation_pairs(graph: Any, producer: dict) -> set[int]:
@@ -225,15 +212,6 @@ def _fused_group(node: Any, producer: dict, snr: dict, weights: set, graph_input
             group.insert(0, src)
             todo += [i for i in src.input if i and i not in weights]
     return group, inputs
-
-
-def float_fallback(float_model: Path, row: dict[str, Any]) -> list[str]:
-    """The nodes to keep in float so that a ranked layer's output is never quantized: the layer (with what was
-    fused into it) and every consumer of its output."""
-    import onnx
-
-    graph = onnx.load(str(float_model)).graph
-    return list(dict.fromkeys([*row["nodes"], *(n.name for n in graph.node if n.name and row["output"] in n.input)]))
 
 
 def label(row: dict[str, Any]) -> str:

@@ -1,0 +1,35 @@
+"""Running an ONNX graph with its intermediate tensors exposed: shared by FLOP counting (shapes), the non-finite
+probe before quantization (values) and the per-layer error ranking (values of two graphs)."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+
+def float_tensors(model: Any) -> set[str]:
+    """Node outputs that are float tensors (or whose type shape inference cannot tell: kept, filtered later)."""
+    import onnx
+
+    inferred = onnx.shape_inference.infer_shapes(model)
+    float_types = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE}
+    infos = list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input)
+    known = {vi.name: vi.type.tensor_type.elem_type for vi in infos}
+    return {out for n in model.graph.node for out in n.output if known.get(out, onnx.TensorProto.FLOAT) in float_types}
+
+
+def exposing_session(model: Any, names: Iterable[str]) -> tuple[Any, list[str]]:
+    """An onnxruntime CPU session of ``model`` (a ModelProto, extended in place) that also outputs ``names``.
+    Graph optimizations are off, so every tensor exists as written and Q/DQ pairs act as fake-quantization."""
+    import onnx
+    import onnxruntime as ort
+
+    present = {o.name for o in model.graph.output}
+    for name in names:
+        if name and name not in present:
+            model.graph.output.append(onnx.ValueInfoProto(name=name))
+            present.add(name)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return sess, [o.name for o in sess.get_outputs()]
