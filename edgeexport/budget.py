@@ -43,11 +43,10 @@ def _better(a: float, b: float, metric: str) -> bool:
 
 
 def validate(config: BuildConfig, source: Any, calib: Any, artifact: Any, target: Any, output_names: list[str]):
-    from edgeexport.validate import collect, compare
+    from edgeexport.pipeline import holdout_report
 
     with source.reference(config.inputs, output_names) as ref, target.load(artifact, config.bench.threads) as cand:
-        refs, outs, masks = collect(ref, cand, calib.holdout(), total=len(calib.holdout_idx))
-    return compare(refs, outs, config.resolved_tolerance(), calib.holdout_labels(), masks=masks, task=config.task)
+        return holdout_report(ref, cand, config, calib)[0]
 
 
 def _weighted_nodes(float_model: Path) -> set[str]:

@@ -60,10 +60,11 @@ def resolve(config: BuildConfig, log: Log = _stderr) -> tuple[BuildConfig, Model
             "change the settings named above")
     check_output_path(Path(config.out), config.force)
     if config.archive:
-        packed = Path(config.out).parent / f"{Path(config.out).name}.{config.archive}"
-        if packed.exists() and not config.force:
-            from edgeexport.errors import BundleError
+        from edgeexport.bundle.writer import archive_path
+        from edgeexport.errors import BundleError
 
+        packed = archive_path(Path(config.out), config.archive)
+        if packed.exists() and not config.force:
             raise BundleError(f"archive {str(packed)!r} already exists", "a build never overwrites a file unless asked",
                               "pass --force to replace it, or choose another --out")
     log(f"==> loading model {config.model}")
@@ -228,6 +229,14 @@ def model_stats(onnx_path: Path, calib: CalibrationSet, log: Log) -> Optional[di
     return stats
 
 
+def holdout_report(ref, cand, config: BuildConfig, calib: CalibrationSet
+                   ) -> tuple[ValidationReport, dict[str, list], dict[str, list]]:
+    """The gate's comparison: both runners on every held-out sample, checked against the config's limits."""
+    refs, outs, masks = collect(ref, cand, calib.holdout(), total=len(calib.holdout_idx))
+    report = compare(refs, outs, config.resolved_tolerance(), calib.holdout_labels(), masks=masks, task=config.task)
+    return report, refs, outs
+
+
 def build_resolved(config: BuildConfig, source: ModelSource, calib: CalibrationSet, log: Log = _stderr,
                    exported: Optional[Exported] = None) -> BuildResult:
     """Build from what :func:`resolve` returned; ``exported`` reuses an ONNX export of the same inputs and opset."""
@@ -252,11 +261,9 @@ def build_resolved(config: BuildConfig, source: ModelSource, calib: CalibrationS
         artifact = target.build(source, config, calib, workdir, onnx_path)
         for note in artifact.notes:
             log(f"    note: {note}")
-        tolerance = config.resolved_tolerance()
         log(f"==> validating on {len(calib.holdout_idx)} held-out samples")
         with source.reference(config.inputs, output_names) as ref, target.load(artifact, config.bench.threads) as cand:
-            refs, outs, masks = collect(ref, cand, calib.holdout(), total=len(calib.holdout_idx))
-            report = compare(refs, outs, tolerance, calib.holdout_labels(), masks=masks, task=config.task)
+            report, refs, outs = holdout_report(ref, cand, config, calib)
             errors = error_sample(refs, outs)
             log(report.table())
             layers = explain(artifact, calib, workdir, log) if config.explain else None

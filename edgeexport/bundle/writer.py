@@ -87,6 +87,11 @@ def write_bundle(out: Path, files: dict[str, Path], golden: list[tuple[dict, dic
 ARCHIVE_FORMATS = ("tar.gz", "zip")
 
 
+def archive_path(bundle: Path, fmt: str) -> Path:
+    """Where ``--archive FMT`` puts the archive of the bundle folder ``bundle``: beside it, ``<name>.<fmt>``."""
+    return Path(bundle).parent / f"{Path(bundle).name}.{fmt}"
+
+
 def write_archive(bundle: Path, fmt: str) -> Path:
     """Pack the bundle folder into ``<bundle>.tar.gz`` or ``<bundle>.zip`` (members under ``<name>/``), atomically:
     regular files and folders only, owner 0, so the loader's archive checks accept it."""
@@ -94,7 +99,7 @@ def write_archive(bundle: Path, fmt: str) -> Path:
     import zipfile
 
     bundle = Path(bundle)
-    dest = bundle.parent / f"{bundle.name}.{fmt}"
+    dest = archive_path(bundle, fmt)
     remove_stale(bundle.parent, (f".{dest.name}.partial-",))
     fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.partial-{os.getpid()}-", dir=bundle.parent)
     os.close(fd)

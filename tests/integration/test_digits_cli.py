@@ -147,3 +147,21 @@ def test_labels_from_a_separate_file(cli, digits_npz, tmp_path):
     labels.write_text("1\n2\n")
     r = cli("build", "--model", MODEL, "--calib", images, "--labels", labels, "--out", tmp_path / "c")
     assert r.exit_code == 1 and "2 labels for 540 samples" in r.stderr
+
+
+@pytest.mark.parametrize("fmt", ["tar.gz", "zip"])
+def test_archive_is_written_opened_and_never_overwritten_unasked(cli, digits_npz, tmp_path, fmt):
+    out = tmp_path / "b"
+    args = ["build", "--model", MODEL, "--calib", digits_npz, "--precision", "int8", "--no-bench", "--out", out]
+    r = cli(*args, "--archive", fmt)
+    assert r.exit_code == 0, r.stderr
+    packed = tmp_path / f"b.{fmt}"
+    assert packed.is_file() and sorted(p.name for p in tmp_path.iterdir()) == sorted(["b", packed.name])
+    assert loader.load(packed).selftest(verbose=False)
+    r = cli("verify", packed)
+    assert r.exit_code == 0 and "checksums match" in r.stdout
+    import shutil
+
+    shutil.rmtree(out)  # the folder is gone, the archive is still there: a new build must not replace it unasked
+    r = cli(*args, "--archive", fmt)
+    assert r.exit_code == 1 and "already exists" in r.stderr and "--force" in r.stderr and not out.exists()
