@@ -27,6 +27,9 @@ import numpy as np
 
 SCHEMA_VERSION = 1
 _REQUIRED = ("schema_version", "target", "precision", "model_file", "files", "inputs", "outputs", "runtime", "golden")
+_FIELD_TYPES = (("target", str, "a string"), ("precision", str, "a string"), ("model_file", str, "a string"),
+                ("files", list, "a list"), ("inputs", list, "a list"), ("outputs", list, "a list"),
+                ("runtime", dict, "an object"), ("golden", dict, "an object"))
 _MAX_MANIFEST_BYTES = 16 << 20
 
 
@@ -210,11 +213,15 @@ def read_manifest(root):
     missing = [k for k in _REQUIRED if k not in manifest]
     if missing:
         raise BundleError(f"manifest.json lacks required fields: {', '.join(missing)}")
-    if manifest["schema_version"] != SCHEMA_VERSION:
+    if type(manifest["schema_version"]) is not int or manifest["schema_version"] != SCHEMA_VERSION:  # True == 1
         raise BundleError(f"manifest schema_version {manifest['schema_version']!r} is not supported by this loader "
                           f"(it reads version {SCHEMA_VERSION}); rebuild the bundle or use its own loader.py")
-    if not isinstance(manifest["files"], list) or not all(isinstance(f, dict) for f in manifest["files"]):
-        raise BundleError("manifest.json 'files' must be a list of objects")
+    for key, kind, what in _FIELD_TYPES:
+        if not isinstance(manifest[key], kind):
+            raise BundleError(f"manifest.json field {key!r} must be {what}, not {type(manifest[key]).__name__}")
+    for key in ("files", "inputs", "outputs"):
+        if not all(isinstance(f, dict) for f in manifest[key]):
+            raise BundleError(f"manifest.json {key!r} must be a list of objects")
     return manifest
 
 

@@ -8,7 +8,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from edgeexport.bundle.loader import BundleError, open_archive, read_manifest, verify
@@ -142,8 +142,13 @@ _REQUIRED = ["schema_version", "target", "precision", "model_file", "files", "in
 
 
 @FUZZ
-@given(manifest=st.dictionaries(st.sampled_from(_REQUIRED + ["extra"]), _json, max_size=10) | _json,
+@given(manifest=st.dictionaries(st.sampled_from(_REQUIRED + ["extra"]), _json, max_size=10) | _json
+       # every required field present, with schema_version 1 (or what compares equal to it), types left to chance
+       | st.fixed_dictionaries({k: _json for k in _REQUIRED[1:]}).map(lambda d: {"schema_version": 1, **d})
+       | st.fixed_dictionaries({k: _json for k in _REQUIRED[1:]}).map(lambda d: {"schema_version": True, **d}),
        raw=st.none() | st.binary(max_size=64))
+@example(manifest={"target": None, "precision": None, "model_file": [], "files": [], "schema_version": True,
+                   "inputs": None, "outputs": None, "runtime": None, "golden": None}, raw=None)  # found by this fuzzer
 def test_fuzz_manifest_parser_and_checksum_verifier(tmp_path_factory, manifest, raw):
     root = tmp_path_factory.mktemp("m")
     (root / "manifest.json").write_bytes(raw if raw is not None else json.dumps(manifest).encode())
