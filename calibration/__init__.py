@@ -1,8 +1,11 @@
 """Calibration data: read it, check it against the model's inputs, split it deterministically.
 
-A :class:`CalibrationSet` holds every sample as a ``{input_name: ndarray}`` feed (batch of one, unless the data
+A :class:`CalibrationSet` gives every sample as a ``{input_name: ndarray}`` feed (batch of one, unless the data
 carries whole batches). A seeded permutation splits it into a *calibration* part, which quantization sees, and a
 *holdout* part, which only validation sees. Its content hash goes into the manifest.
+
+The data is never held whole: sources are :class:`~edgeexport.calibration.store.Samples` stores that read a sample
+or a block when asked (see ``store.py``), so a build's memory does not grow with the size of the data set.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 
+from edgeexport.calibration.store import Concat, Samples
 from edgeexport.config import CalibrationConfig, InputSpec
 from edgeexport.errors import CalibrationError
 
@@ -22,9 +26,9 @@ MAX_DEFAULT_HOLDOUT = 200
 
 @dataclass
 class RawData:
-    """Arrays keyed by input name, first axis = samples, as read from a source."""
+    """Sample stores keyed by input name, first axis = samples, as read from a source."""
 
-    arrays: dict[str, np.ndarray]
+    arrays: dict[str, Samples]
     labels: Optional[np.ndarray]
     kind: str  # npz | npy | images | synthetic
     description: str
@@ -52,7 +56,7 @@ class CalibrationSet:
         feed = {}
         for spec in self.specs:
             arr = self.data.arrays[spec.name]
-            feed[spec.name] = arr[i : i + 1] if arr.ndim == len(spec.shape) else arr[i]
+            feed[spec.name] = arr.rows(i, i + 1) if arr.ndim == len(spec.shape) else arr.row(i)
         return feed
 
     def calibration(self) -> Iterator[dict[str, np.ndarray]]:
@@ -88,12 +92,14 @@ class CalibrationSet:
         }
 
 
-def content_hash(arrays: dict[str, np.ndarray], labels: Optional[np.ndarray]) -> str:
+def content_hash(arrays: dict[str, Samples], labels: Optional[np.ndarray]) -> str:
+    """sha256 of the arrays' names, dtypes, shapes and bytes (C order), read a block at a time."""
     h = hashlib.sha256()
     for name in sorted(arrays):
-        a = np.ascontiguousarray(arrays[name])
+        a = arrays[name]
         h.update(f"{name}|{a.dtype}|{a.shape}|".encode())
-        h.update(a.tobytes())
+        for block in a.blocks():
+            h.update(block.tobytes())
     if labels is not None:
         h.update(b"labels|")
         h.update(np.ascontiguousarray(labels).tobytes())
@@ -157,7 +163,7 @@ def _with_separate_validation(raw: RawData, val: RawData, specs: list[InputSpec]
     if raw.labels is not None or val.labels is not None:
         fill = lambda d, n: d.labels if d.labels is not None else np.full(n, -1, dtype=np.int64)  # noqa: E731
         labels = np.concatenate([fill(raw, n_cal), fill(val, n_val)])
-    arrays = {k: np.concatenate([raw.arrays[k], val.arrays[k]]) for k in raw.arrays}
+    arrays: dict[str, Samples] = {k: Concat(raw.arrays[k], val.arrays[k]) for k in raw.arrays}
     merged = RawData(arrays, labels, raw.kind, raw.description, raw.synthetic or val.synthetic,
                      raw.notes + [f"validation data: {n}" for n in val.notes] +
                      [f"held-out validation samples come from a separate source: {val.description}"],
@@ -213,13 +219,12 @@ def check_arrays(raw: RawData, specs: list[InputSpec]) -> None:
                     "this conversion could change values, so it is not done silently",
                     f"save the data as {spec.dtype}",
                 )
-            raw.arrays[spec.name] = arr.astype(spec.dtype)
+            raw.arrays[spec.name] = arr.astype(spec.dtype)  # applied per block as samples are read
             raw.notes.append(f"{spec.name}: cast {arr.dtype} -> {spec.dtype}")
             arr = raw.arrays[spec.name]
         if arr.dtype.kind == "f":
-            bad = ~np.isfinite(arr.reshape(len(arr), -1)).all(axis=1)
-            if bad.any():
-                idx = np.flatnonzero(bad)
+            idx = _nonfinite_samples(arr)
+            if len(idx):
                 raise CalibrationError(
                     f"calibration array {spec.name!r} contains NaN or Inf in {len(idx)} sample(s), first at index {idx[0]}",
                     "non-finite inputs make calibration ranges and validation metrics meaningless",
@@ -238,3 +243,12 @@ def check_arrays(raw: RawData, specs: list[InputSpec]) -> None:
             "labels must align with samples",
             "pass one label per sample",
         )
+
+
+def _nonfinite_samples(arr: Samples) -> np.ndarray:
+    """Indices of samples holding NaN or Inf, scanned a block at a time."""
+    bad, start = [], 0
+    for block in arr.blocks():
+        bad.append(start + np.flatnonzero(~np.isfinite(block.reshape(len(block), -1)).all(axis=1)))
+        start += len(block)
+    return np.concatenate(bad) if bad else np.empty(0, np.int64)

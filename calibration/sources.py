@@ -9,6 +9,7 @@ from typing import Optional
 import numpy as np
 
 from edgeexport.calibration import RawData
+from edgeexport.calibration.store import Decoded, InMemory, check_magic, open_npy, open_npz, pickled
 from edgeexport.config import CalibrationConfig, ImagePreprocess, InputSpec
 from edgeexport.errors import CalibrationError
 
@@ -65,20 +66,12 @@ def read_path(path_text: str, cfg: CalibrationConfig, specs: list[InputSpec], to
 
 
 def _np_load(path: Path):
-    with open(path, "rb") as f:
-        magic = f.read(6)
-    if not (magic.startswith(b"PK\x03\x04") or magic == b"\x93NUMPY"):
-        raise CalibrationError(f"{str(path)!r} is not a numpy .npy/.npz file", "its first bytes are not numpy's",
-                               "save the data with np.savez / np.save")
+    check_magic(path)
     try:
         return np.load(path, allow_pickle=False)
     except ValueError as e:
         if "pickle" in str(e).lower():
-            raise CalibrationError(
-                f"{str(path)!r} holds pickled Python objects",
-                "edgeexport never unpickles data files (it could run arbitrary code)",
-                "save plain numeric arrays with np.savez / np.save",
-            ) from None
+            raise pickled(str(path)) from None
         raise CalibrationError(f"cannot read {str(path)!r}", str(e), "re-save it with numpy") from None
     except (OSError, EOFError) as e:
         raise CalibrationError(f"cannot read {str(path)!r}", str(e) or "the file is truncated or not numpy data",
@@ -86,15 +79,12 @@ def _np_load(path: Path):
 
 
 def read_npz(path: Path, specs: list[InputSpec]) -> RawData:
-    with _np_load(path) as z:
-        try:
-            arrays = {k: z[k] for k in z.files}
-        except (ValueError, OSError, EOFError) as e:
-            raise CalibrationError(f"cannot read {str(path)!r}", str(e), "re-save it with np.savez") from None
+    arrays = open_npz(path)
     labels = None
     notes = []
     if LABELS_KEY in arrays and LABELS_KEY not in {s.name for s in specs}:
-        labels = arrays.pop(LABELS_KEY)
+        stored = arrays.pop(LABELS_KEY)
+        labels = stored.rows(0, len(stored))
         notes.append(f"labels taken from the '{LABELS_KEY}' array of {path.name}")
     if not arrays:
         raise CalibrationError(f"{str(path)!r} holds no input arrays", "", "save one array per model input")
@@ -108,8 +98,7 @@ def read_npy(path: Path, specs: list[InputSpec]) -> RawData:
             "arrays are matched to inputs by name",
             "save an .npz with one array per input: np.savez(path, " + ", ".join(f"{s.name}=..." for s in specs) + ")",
         )
-    arr = _np_load(path)
-    return RawData({specs[0].name: arr}, None, "npy", str(path))
+    return RawData({specs[0].name: open_npy(path)}, None, "npy", str(path))
 
 
 def read_labels(path: Path) -> np.ndarray:
@@ -158,7 +147,7 @@ def read_text(path: Path, specs: list[InputSpec], tokenizer: Optional[Path], max
     notes = [f"{len(lines) - len(texts)} empty line(s) skipped"] if len(lines) != len(texts) else []
     if truncated:
         notes.append(f"{truncated} of {len(texts)} text samples were truncated to {max_length} tokens")
-    return RawData(arrays, None, "text", str(path), notes=notes, text=settings)
+    return RawData({k: InMemory(v) for k, v in arrays.items()}, None, "text", str(path), notes=notes, text=settings)
 
 
 def synthetic(specs: list[InputSpec], n: int, seed: int) -> RawData:
@@ -184,7 +173,7 @@ def synthetic(specs: list[InputSpec], n: int, seed: int) -> RawData:
             arrays[spec.name] = rng.integers(0, 2, shape).astype(bool)
         else:
             arrays[spec.name] = rng.integers(0, 2, shape).astype(spec.dtype)
-    return RawData(arrays, None, "synthetic", f"synthetic:{n}", synthetic=True,
+    return RawData({k: InMemory(v) for k, v in arrays.items()}, None, "synthetic", f"synthetic:{n}", synthetic=True,
                    notes=["SYNTHETIC random data: calibration ranges and validation metrics do not reflect real inputs"])
 
 
@@ -250,17 +239,18 @@ def read_images(files: list[Path], where: str, specs: list[InputSpec], pre: Imag
             f"looked for files ending in {', '.join(sorted(IMAGE_EXTS))}",
             "point --calib at a folder of real input images",
         )
-    out = []
-    for f in files:
+
+    def decode(f: Path) -> np.ndarray:
         try:
             with Image.open(f) as img:
                 img.load()
-                out.append(preprocess_image(img, pre, h, w))
+                return preprocess_image(img, pre, h, w).astype(spec.dtype)
         except (UnidentifiedImageError, OSError, ValueError) as e:
             raise CalibrationError(
                 f"cannot decode image {str(f)!r}", str(e) or type(e).__name__, "remove or replace the corrupt file"
             ) from None
-    arr = np.stack(out)
+
     resolved = pre.model_copy(update={"size": [h, w]}).model_dump()
-    return RawData({spec.name: arr.astype(spec.dtype)}, None, "images", where, preprocess=resolved,
+    # decoded when read; the checks that follow decode every file once, so a corrupt one fails the build up front
+    return RawData({spec.name: Decoded(files, decode)}, None, "images", where, preprocess=resolved,
                    files=[str(f) for f in files])

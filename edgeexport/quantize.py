@@ -9,6 +9,7 @@ Q/DQ graph, TensorRT's calibration cache) uses exactly the same numbers.
 from __future__ import annotations
 
 import contextlib
+import itertools
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Optional
 
@@ -21,6 +22,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from edgeexport.calibration import CalibrationSet
 
 PROBE_SAMPLES = 8
+#: samples per onnxruntime collect_data call (see collect_chunked)
+CALIBRATION_CHUNK = 32
 FALLBACKS = {"entropy": ["entropy", "percentile", "minmax"], "percentile": ["percentile", "minmax"]}
 
 
@@ -43,6 +46,19 @@ class Reader:
 
     def get_next(self) -> Optional[dict[str, np.ndarray]]:
         return next(self._it, None)
+
+
+def collect_chunked(calibrator, feeds: Iterator[dict[str, np.ndarray]], chunk: int = CALIBRATION_CHUNK) -> int:
+    """Feed ``calibrator`` ``chunk`` samples per ``collect_data`` call. onnxruntime's calibrators keep every
+    intermediate output of a call until it ends (histogram calibrators: whole activation tensors), and merge the
+    ranges or histograms of successive calls; so memory is bounded by a chunk, not by the number of samples.
+    (``max_intermediate_outputs`` is no substitute: in onnxruntime 1.32 it drops the outputs it clears.)"""
+    it = iter(feeds)
+    total = 0
+    while batch := list(itertools.islice(it, chunk)):
+        calibrator.collect_data(Reader(iter(batch)))
+        total += len(batch)
+    return total
 
 
 def preprocess(src: Path, dst: Path) -> list[str]:
@@ -118,7 +134,7 @@ def calibrate_ranges(pre: Path, calibration: "CalibrationSet", method: str, perc
             with quiet():
                 calibrator = create_calibrator(pre, op_types, augmented_model_path=str(pre.parent / f"augmented_{m}.onnx"),
                                                calibrate_method=_method(m), extra_options=extra)
-                calibrator.collect_data(Reader(iter(feeds)))
+                collect_chunked(calibrator, feeds)
                 ranges = calibrator.compute_data()
             save_tensors_data(ranges, ranges_json)
         except Exception as e:

@@ -172,3 +172,84 @@ def test_image_glob_resize_shorter_and_center_crop(tmp_path):
     # the device-side loader's preprocessing gives the very same array
     direct = preprocess_image(tmp_path / "g" / "a.png", cs.summary()["preprocess"])
     np.testing.assert_array_equal(direct, cs.data.arrays["image"][0])
+
+
+def _whole_array_hash(arrays: dict) -> str:
+    """The content hash as defined in the manifest docs, computed from whole in-memory arrays."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(f"{name}|{a.dtype}|{a.shape}|".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+@pytest.mark.parametrize("layout", ["npy", "npz", "npz-compressed", "npy-fortran", "npy-float64"])
+def test_stores_read_in_place_and_hash_like_whole_arrays(tmp_path, layout, monkeypatch):
+    from edgeexport.calibration import store
+
+    monkeypatch.setattr(store, "BLOCK_BYTES", 100)  # many small blocks: the scan must stitch them exactly
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((37, 4)).astype(np.float64 if layout == "npy-float64" else np.float32)
+    if layout.startswith("npy"):
+        path = tmp_path / "x.npy"
+        np.save(path, np.asfortranarray(x) if layout == "npy-fortran" else x)
+    else:
+        path = tmp_path / "x.npz"
+        (np.savez_compressed if layout == "npz-compressed" else np.savez)(path, x=x)
+    cs = load_calibration(CalibrationConfig(path=str(path), holdout=7, seed=1), SPEC)
+    want = x.astype(np.float32)
+    assert cs.sha256 == _whole_array_hash({"x": want})
+    got = {int(i): f["x"] for i, f in zip(cs.calib_idx, cs.calibration())}
+    assert len(got) == 30 and all(np.array_equal(v, want[i : i + 1]) for i, v in got.items())
+    hold = np.concatenate([f["x"] for f in cs.holdout()])
+    np.testing.assert_array_equal(hold, want[cs.holdout_idx])
+
+
+def test_stores_refuse_truncated_and_foreign_data(tmp_path):
+    x = np.zeros((50, 4), np.float32)
+    np.save(tmp_path / "x.npy", x)
+    data = (tmp_path / "x.npy").read_bytes()
+    (tmp_path / "cut.npy").write_bytes(data[: len(data) - 16])
+    with pytest.raises(CalibrationError, match="shorter than its header says"):
+        load_calibration(CalibrationConfig(path=str(tmp_path / "cut.npy")), SPEC)
+    np.savez(tmp_path / "s.npz", x=x)
+    data = (tmp_path / "s.npz").read_bytes()
+    (tmp_path / "cut.npz").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CalibrationError, match="cannot read"):
+        load_calibration(CalibrationConfig(path=str(tmp_path / "cut.npz")), SPEC)
+    np.save(tmp_path / "scalar.npy", np.float32(1))
+    with pytest.raises(CalibrationError, match="single number"):
+        load_calibration(CalibrationConfig(path=str(tmp_path / "scalar.npy")), SPEC)
+
+
+def test_separate_validation_hash_covers_both_sources(tmp_path):
+    a = np.arange(40, dtype=np.float32).reshape(10, 4)
+    b = -np.arange(24, dtype=np.float32).reshape(6, 4)
+    cs = load_calibration(CalibrationConfig(path=_npz(tmp_path, "a.npz", x=a),
+                                            validation_path=_npz(tmp_path, "b.npz", x=b)), SPEC)
+    assert cs.sha256 == _whole_array_hash({"x": np.concatenate([a, b])})
+    np.testing.assert_array_equal(np.concatenate([f["x"] for f in cs.holdout()]), b[cs.holdout_idx - 10])
+
+
+def test_decoded_images_are_cached_within_budget(tmp_path, monkeypatch):
+    from edgeexport.calibration import store
+
+    calls = []
+
+    def decode(path):
+        calls.append(path)
+        return np.full((2, 2), int(path.stem), np.float32)
+
+    files = [tmp_path / f"{i}.png" for i in range(6)]
+    monkeypatch.setattr(store, "DECODED_CACHE_BYTES", 3 * 16)  # room for three decoded samples
+    s = store.Decoded(files, decode)
+    assert s.shape == (6, 2, 2) and len(calls) == 1
+    first = s.rows(0, 6)
+    assert [int(v) for v in first[:, 0, 0]] == list(range(6)) and len(calls) == 6
+    s.rows(0, 6)
+    assert len(calls) == 9  # samples 0-2 came from the cache, 3-5 were decoded again
+    s.row(1)[:] = 99  # callers get copies: the cache cannot be changed through them
+    assert s.row(1)[0, 0] == 1
