@@ -74,6 +74,16 @@ def config_from_options(ctx: click.Context, params: dict[str, Any]):
         data.setdefault("tolerance", {}).update(parse_tolerance(params["tolerance"]))
     if params.get("accuracy_budget"):
         data["accuracy_budget"] = parse_budget(params["accuracy_budget"])
+    if params.get("prune"):
+        from edgeexport.config import parse_prune
+
+        data["prune"] = dict(data.get("prune") or {}, **parse_prune(params["prune"]))
+    for key in ("finetune_steps", "finetune_lr"):
+        if params.get(key) is not None:
+            if not (params.get("prune") or data.get("prune")):
+                raise UsageError(f"--{key.replace('_', '-')} needs --prune", "recovery training follows pruning",
+                                 "add e.g. --prune structured:0.3")
+            data["prune"][key] = params[key]
     if params.get("no_bench"):
         _set(data, ("bench", "enabled"), False)
     for item in params["option"]:
@@ -152,6 +162,12 @@ _MODEL_AND_DATA_OPTIONS = [
     click.option("--option", multiple=True, help="Target option KEY=VALUE, e.g. reduce_range=false."),
     click.option("--io-dtype", type=click.Choice(["float32", "int8", "uint8"]),
                   help="tflite int8: dtype of the model's inputs/outputs (int8/uint8 for accelerators, MCUs)."),
+    click.option("--prune", help="Prune the PyTorch model before export: structured:AMOUNT removes that share of "
+                  "channels (smaller and faster), magnitude:AMOUNT zeroes that share of weights (smaller compressed, "
+                  "not faster). Validated against the unpruned model."),
+    click.option("--finetune-steps", type=int, help="With --prune: recovery steps on the calibration split (labels' "
+                  "loss plus distillation from the unpruned model; distillation alone without labels) [default: 0]."),
+    click.option("--finetune-lr", type=float, help="With --prune: Adam learning rate of the recovery [default: 1e-3]."),
     click.option("--engine", type=click.Choice(["auto", "now", "deferred"]),
                   help="trt: build the TensorRT engine here (now; needs TensorRT and a GPU) or on the device on first "
                        "load (deferred) [default: auto = now when TensorRT and a GPU are here]."),

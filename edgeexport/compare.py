@@ -51,6 +51,7 @@ class Row:
     reason: str = ""
     out: Optional[Path] = None
     size_bytes: Optional[int] = None
+    deflated_bytes: Optional[int] = None  # the model file after zlib: what an archive or a download of it costs
     latency: Optional[dict[str, float]] = None
     speedup: Optional[float] = None
     gflops_per_s: Optional[float] = None
@@ -69,6 +70,7 @@ class Row:
     def to_dict(self) -> dict[str, Any]:
         return {"target": self.target, "precision": self.precision, "status": self.status, "reason": self.reason,
                 "bundle": str(self.out) if self.out else None, "size_bytes": self.size_bytes,
+                "deflated_bytes": self.deflated_bytes,
                 "latency": self.latency, "speedup_vs_reference": self.speedup, "gflops_per_s": self.gflops_per_s,
                 "metrics": self.metrics, "validation": self.validation, "build_s": self.build_s}
 
@@ -83,12 +85,14 @@ class Comparison:
     accuracy_metric: str
     model_stats: Optional[dict[str, Any]] = None
     command: str = ""
+    pruning: Optional[dict[str, Any]] = None  # what --prune did before the one export every row was built from
     chosen: Optional[Row] = None  # the recommendation
     focus: Optional[Row] = None  # the row whose error histograms the report shows (default: the recommendation)
 
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model, "reference": self.reference, "data": self.data, "protocol": self.protocol,
                 "accuracy_metric": self.accuracy_metric, "model_stats": self.model_stats, "command": self.command,
+                "pruning": self.pruning,
                 "recommended": self.chosen.key if self.chosen else None,
                 "focus": self.focus.key if self.focus else None, "rows": [r.to_dict() for r in self.rows]}
 
@@ -178,10 +182,17 @@ def _build_row(row: Row, config: BuildConfig, resolved: tuple, log: Log, time_fa
         runtime = result.manifest["validation"].get("runtime", "")
         if runtime != f"{row.target} runtime":
             row.add_note(f"validated with {runtime}")
-        row.size_bytes = (result.out / result.manifest["model_file"]).stat().st_size
+        _measure_size(row, result)
     row.build_s = time.perf_counter() - t0
     if row.validation:
         row.metrics = _primary_metrics(row.validation)
+
+
+def _measure_size(row: Row, result: Any) -> None:
+    from edgeexport.pipeline import deflated_size
+
+    model = result.out / result.manifest["model_file"]
+    row.size_bytes, row.deflated_bytes = model.stat().st_size, deflated_size(model)
 
 
 def _rebuild_lifted(row: Row, config: BuildConfig, resolved: tuple, where: Path, log: Log) -> None:
@@ -196,7 +207,7 @@ def _rebuild_lifted(row: Row, config: BuildConfig, resolved: tuple, where: Path,
     except Exception as e:  # noqa: BLE001 - reported in the row
         row.add_note(f"could not time it: {type(e).__name__}: {e}")
         return
-    row.size_bytes = (result.out / result.manifest["model_file"]).stat().st_size
+    _measure_size(row, result)
     skip = (result.manifest.get("benchmark") or {}).get("skipped")
     if skip:
         row.add_note(f"latency not measured: {skip}")
@@ -330,7 +341,7 @@ def run(base: BuildConfig, targets: list[str], precisions: Optional[list[str]], 
                 "machine": machine(), "versions": runtime_versions(),
                 "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     result = Comparison(base.model, rows, reference, calib.summary(), protocol, accuracy_metric(rows),
-                        exported.stats, command)
+                        exported.stats, command, pruning=exported.pruning)
     result.chosen = choose(rows)
     result.focus = next((r for r in rows if r.key == focus), None) or result.chosen
     return result
@@ -377,6 +388,9 @@ def table_lines(c: Comparison, markdown: bool = False) -> list[str]:
         lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths))]
         lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in body]
     notes = [f"{r.key}: {r.reason}" for r in c.rows if r.reason]
+    if c.pruning:
+        notes.insert(0, f"every row is pruned ({c.pruning['summary']}) and validated against the unpruned model, "
+                        "which is also the reference timed here")
     if notes:
         lines += ["", "Notes:"] + [f"- {n}" for n in notes]
     lines += ["", recommendation(c)]

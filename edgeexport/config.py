@@ -30,6 +30,10 @@ DEFAULT_TOLERANCES: dict[str, dict[str, float]] = {
     "dynamic-range": {"cosine": 0.98, "snr_db": 12.0, "top1": 0.95, "accuracy_drop": 1.0},
     "int8": {"cosine": 0.98, "snr_db": 12.0, "top1": 0.95, "accuracy_drop": 1.0},
 }
+#: A pruned model is a different function from the original it is validated against: it is held to the looser of
+#: its precision's limits and these (agreement on the task, not bit-for-bit closeness). See docs/pruning.md.
+PRUNED_TOLERANCES: dict[str, float] = {"cosine": 0.95, "snr_db": 10.0, "top1": 0.95, "accuracy_drop": 1.0}
+PRUNE_METHODS = ("structured", "magnitude")
 #: --accuracy-budget metrics: the validation check each one sets, and whether it is a floor (min) or a ceiling (max)
 BUDGET_METRICS = {"cosine": "min", "top1": "min", "snr_db": "min", "pooled_cosine": "min", "accuracy_drop": "max"}
 TOLERANCE_KEYS = {
@@ -141,6 +145,30 @@ class BenchConfig(_Strict):
     threads: Optional[int] = Field(default=None, ge=1)
 
 
+class PruneConfig(_Strict):
+    """Pruning before export (``--prune structured:0.3``), then an optional short recovery."""
+
+    method: Literal["structured", "magnitude"]
+    amount: float = Field(gt=0.0, lt=1.0)  # structured: share of channels removed per layer; magnitude: of weights
+    finetune_steps: int = Field(default=0, ge=0)  # recovery steps on the calibration split (never the holdout)
+    finetune_lr: float = Field(default=1e-3, gt=0.0, le=1.0)
+    finetune_batch: int = Field(default=32, ge=1)
+
+
+def parse_prune(text: str) -> dict[str, Any]:
+    """``structured:0.3`` / ``magnitude:0.5`` -> PruneConfig fields."""
+    method, sep, amount = text.partition(":")
+    try:
+        value = float(amount)
+    except ValueError:
+        value = None
+    if not sep or method not in PRUNE_METHODS or value is None or not 0.0 < value < 1.0:
+        raise ConfigError(f"cannot parse --prune {text!r}",
+                          f"expected METHOD:AMOUNT with METHOD one of {', '.join(PRUNE_METHODS)} and 0 < AMOUNT < 1",
+                          "e.g. --prune structured:0.3 (remove 30% of channels) or --prune magnitude:0.5")
+    return {"method": method, "amount": value}
+
+
 class BuildConfig(_Strict):
     """Everything that determines one build."""
 
@@ -162,6 +190,7 @@ class BuildConfig(_Strict):
     budget_steps: int = Field(default=8, ge=1, le=32)  # most re-quantize/re-validate rounds of that search
     explain: bool = False  # int8: rank layers by the error they add, print the top ones, record them
     archive: Optional[str] = None  # also pack the bundle as <out>.tar.gz or <out>.zip
+    prune: Optional[PruneConfig] = None  # prune the PyTorch model before export (validated against the original)
 
     @field_validator("archive")
     @classmethod
@@ -206,6 +235,9 @@ class BuildConfig(_Strict):
         """Per-precision defaults overlaid with the user's overrides, then the accuracy budget (the limit the user
         asked the build to reach is also the limit it is validated against)."""
         merged = dict(DEFAULT_TOLERANCES[self.precision])
+        if self.prune is not None:
+            for key, limit in PRUNED_TOLERANCES.items():
+                merged[key] = max(merged[key], limit) if key == "accuracy_drop" else min(merged[key], limit)
         merged.update(self.tolerance)
         merged.update(self.accuracy_budget)
         return merged

@@ -49,6 +49,10 @@ class ExportError(EdgeExportError):
     """PyTorch -> ONNX export failed."""
 
 
+class PruneError(EdgeExportError):
+    """The model cannot be pruned as asked, or its recovery training failed."""
+
+
 class CalibrationError(EdgeExportError):
     """Calibration / validation data is missing, malformed or does not match the model."""
 

@@ -49,6 +49,7 @@ class BuildResult:
             "validation": self.report.to_dict() if self.report is not None else None,
             "benchmark": self.manifest.get("benchmark"),
             "calibration": self.manifest.get("calibration"),
+            "pruning": self.manifest.get("pruning"),
             "notes": self.manifest.get("notes", []),
         }
 
@@ -204,13 +205,21 @@ class Exported:
     output_names: list[str]
     info: dict[str, Any]
     stats: Optional[dict[str, Any]]
+    #: what --prune did to the model before this export (the manifest's ``pruning``); None when not pruned
+    pruning: Optional[dict[str, Any]] = None
 
 
 def export(config: BuildConfig, source: ModelSource, calib: CalibrationSet, path: Path, log: Log = _stderr) -> Exported:
-    log(f"==> exporting ONNX (opset {config.opset}) from {source.kind}")
+    """Export ONNX from ``source``; with ``config.prune``, from a pruned copy (``source`` stays the reference)."""
+    pruning = None
+    if config.prune is not None:
+        from edgeexport.prune import prune_source
+
+        source, pruning = prune_source(config, source, calib, log)
+    log(f"==> exporting ONNX (opset {config.opset}) from {source.kind}" + (" (pruned)" if pruning else ""))
     output_names = source.export_onnx(path, config.inputs, config.opset)
     info = finalize_onnx(path, config.inputs)
-    return Exported(path, output_names, info, model_stats(path, calib, log))
+    return Exported(path, output_names, info, model_stats(path, calib, log), pruning)
 
 
 def model_stats(onnx_path: Path, calib: CalibrationSet, log: Log) -> Optional[dict[str, Any]]:
@@ -272,8 +281,10 @@ def build_resolved(config: BuildConfig, source: ModelSource, calib: CalibrationS
                     f"validation failed: {config.target}/{config.precision} is out of tolerance on "
                     f"{report.samples} held-out samples; no bundle was written",
                     "; ".join(f"{c.output} {c.metric}={c.value:.4g} (limit {c.limit:g})" for c in report.failures()),
-                    "try another --calib-method or more calibration samples, a higher precision, or relax the "
-                    "limit knowingly with --tolerance KEY=VALUE",
+                    ("prune less (a smaller --prune amount) or recover longer (--finetune-steps), or relax the limit "
+                     "knowingly with --tolerance KEY=VALUE" if config.prune is not None else
+                     "try another --calib-method or more calibration samples, a higher precision, or relax the "
+                     "limit knowingly with --tolerance KEY=VALUE"),
                 )
                 err.report, err.errors = report, errors  # type: ignore[attr-defined]
                 raise err
@@ -292,6 +303,8 @@ def build_resolved(config: BuildConfig, source: ModelSource, calib: CalibrationS
         manifest = make_manifest(config, source, calib, artifact, report, bench, golden, io)
         manifest["export"].update(export_info)
         manifest["model_stats"] = exported.stats
+        if exported.pruning is not None:
+            manifest["pruning"] = dict(exported.pruning, model_file_deflated_bytes=deflated_size(artifact.model_path))
         if budget:
             manifest["accuracy_budget"] = budget
         if layers:
@@ -309,6 +322,17 @@ def build_resolved(config: BuildConfig, source: ModelSource, calib: CalibrationS
 
         log(f"==> packing {write_archive(out, config.archive)}")
     return BuildResult(config, out, manifest, report, errors)
+
+
+def deflated_size(path: Path) -> int:
+    """Bytes of ``path`` after zlib level 6 (what an archive or a compressed download of it costs)."""
+    import zlib
+
+    comp, total = zlib.compressobj(6), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            total += len(comp.compress(chunk))
+    return total + len(comp.flush())
 
 
 LAYER_PLOT = "layer_errors.png"

@@ -59,13 +59,28 @@ def render_markdown(manifest: dict[str, Any]) -> str:
                   f"| built | {_f(bench['built']['median_ms'])} | {_f(bench['built']['p90_ms'])} |",
                   "", f"Speed-up vs reference: {bench['speedup_vs_reference']:.2f}x "
                   f"({bench['machine'].get('cpu', bench['machine'].get('machine'))}, threads {bench.get('threads') or 'default'})."]
-    lines += _budget_lines(manifest) + _layer_lines(manifest)
+    lines += _pruning_lines(manifest) + _budget_lines(manifest) + _layer_lines(manifest)
     if manifest.get("notes"):
         lines += ["", "## Notes", ""] + [f"- {n}" for n in manifest["notes"]]
     device = (manifest.get("runtime_config") or {}).get("device_commands") or \
         ["pip install -r requirements.txt", "python loader.py --selftest"]
     lines += ["", "## On the device", "", "```", *device, "```", ""]
     return "\n".join(lines)
+
+
+def _pruning_lines(manifest: dict[str, Any]) -> list[str]:
+    p = manifest.get("pruning")
+    if not p:
+        return []
+    lines = ["", f"## Pruned before export: {p['method']} {p['amount']:g}", "", f"- {p['summary']}.",
+             f"- {p['note'][0].upper()}{p['note'][1:]}.",
+             f"- Model file compressed (zlib): {p['model_file_deflated_bytes'] / 1024:,.1f} KiB.",
+             f"- Never pruned (they set the outputs' shapes): {', '.join(f'`{n}`' for n in p['protected_layers']) or 'none'}.",
+             f"- Validated against {p['reference']}, with the limits for pruned models (docs/pruning.md)."]
+    r = p.get("recovery")
+    lines.append(f"- Recovery: {r['steps']} steps, {r['objective']}, on the {r['samples']}; loss {r['loss_first10']:.4g} "
+                 f"-> {r['loss_last10']:.4g}." if r else "- No recovery training (--finetune-steps 0).")
+    return lines
 
 
 def _budget_lines(manifest: dict[str, Any]) -> list[str]:
@@ -115,6 +130,8 @@ def inspect_text(manifest: dict[str, Any]) -> str:
     if stats.get("flops_per_sample"):
         lines.append(f"model:      {stats['params'] / 1e6:.3g} M parameters, {stats['flops_per_sample'] / 1e9:.3g} GFLOP "
                      "per sample (Conv/MatMul/Gemm)")
+    if manifest.get("pruning"):
+        lines.append(f"pruning:    {manifest['pruning']['summary']}")
     cal = manifest.get("calibration", {})
     lines.append(f"calibration: {cal.get('source')} ({cal.get('calibration_samples')} calib / {cal.get('holdout_samples')} "
                  f"holdout){' SYNTHETIC' if cal.get('synthetic') else ''}")

@@ -56,6 +56,9 @@ CATALOGUE = [
     ("malformed YAML config", 2, "is not valid YAML"),
     ("config of the wrong type", 2, "must hold a mapping"),
     ("unknown accuracy budget", 2, "cannot parse --accuracy-budget"),
+    ("bad prune spec", 2, "cannot parse --prune 'half'"),
+    ("recovery without pruning", 2, "--finetune-steps needs --prune"),
+    ("pruning a TorchScript model", 1, "--prune cannot prune a TorchScript model"),
 ]
 
 
@@ -79,6 +82,9 @@ def cases(tmp_path_factory, tiny_model, tiny_npz):
     (d / "garbage.onnx").write_bytes(b"\x00not an onnx model")
     (d / "bad.yaml").write_text("model: [unclosed\n  target: ort: x\n")
     (d / "list.yaml").write_text("- model\n- target\n")
+    import torch
+
+    torch.jit.save(torch.jit.trace(torch.nn.Linear(6, 4).eval(), torch.zeros(1, 6)), str(d / "linear.pt"))
     t = str(tiny_model)
     good = str(tiny_npz)
     img = ["--input", "x:1x3x16x16:float32"]
@@ -108,6 +114,10 @@ def cases(tmp_path_factory, tiny_model, tiny_npz):
         "malformed YAML config": ["-c", str(d / "bad.yaml")],
         "config of the wrong type": ["-c", str(d / "list.yaml")],
         "unknown accuracy budget": ["--model", t + ":build", "--calib", good, "--accuracy-budget", "f1=0.9"],
+        "bad prune spec": ["--model", t + ":build", "--calib", good, "--prune", "half"],
+        "recovery without pruning": ["--model", t + ":build", "--calib", good, "--finetune-steps", "10"],
+        "pruning a TorchScript model": ["--model", str(d / "linear.pt"), "--calib", good, "--input", "x:1x6:float32",
+                                        "--prune", "magnitude:0.5"],
     }
 
 

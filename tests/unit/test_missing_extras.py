@@ -71,3 +71,19 @@ def test_compare_plans_a_missing_extra_as_a_skipped_row(monkeypatch):
     assert [(r.key, r.status) for r in rows] == [("tflite/fp32", "skipped"), ("tflite/dynamic-range", "skipped"),
                                                  ("trt/fp32", "pending"), ("trt/int8-dynamic", "skipped")]
     assert "pip install 'edgeexport[tflite]'" in rows[0].reason and "onnx2tf" in rows[0].reason
+
+
+def test_structured_pruning_without_torch_pruning(monkeypatch):
+    import torch
+
+    from edgeexport.prune import _magnitude, _structured, output_layers
+
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    _block(monkeypatch, "torch_pruning")
+    with pytest.raises(MissingExtraError) as e:
+        _structured(net, (torch.zeros(1, 4),), 0.5, [])
+    assert "pip install 'edgeexport[prune]'" in e.value.fix and "--prune structured" in e.value.what
+    # magnitude pruning and finding the output layers need only torch
+    assert output_layers(net, (torch.zeros(1, 4),)) == [net[2]]
+    _magnitude(net, 0.5, [net[2]])
+    assert float((net[0].weight == 0).float().mean()) == 0.5

@@ -1,0 +1,264 @@
+"""Pruning before export, judged against the unpruned model.
+
+``--prune structured:A`` removes the share ``A`` of the output channels of every Conv and Linear layer (and what
+depends on them: BatchNorm, the next layer's inputs, residual partners) with torch-pruning's dependency graph, ranked
+by L2 magnitude. The result is a smaller dense model that every target converts as usual.
+
+``--prune magnitude:A`` zeroes the share ``A`` of each such layer's weights with the smallest magnitude
+(``torch.nn.utils.prune``). Shapes do not change, so the file compresses better but runs no faster: dense kernels
+multiply the zeros too. The report says so.
+
+Layers that produce the model's outputs are never pruned (their width is the output's shape). ``--finetune-steps
+N`` then trains the pruned copy for N Adam steps on the calibration split, never on the held-out samples: the loss
+is the unpruned model's outputs (mean squared error relative to their power, i.e. distillation) plus the labels'
+cross-entropy when labels exist. The unpruned model stays the validation reference.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
+
+from edgeexport.errors import PruneError, missing_extra
+from edgeexport.util import progress
+
+if TYPE_CHECKING:  # pragma: no cover
+    from edgeexport.calibration import CalibrationSet
+    from edgeexport.config import BuildConfig
+    from edgeexport.source import ModelSource
+
+Log = Callable[[str], None]
+_KINDS = {"onnx": "an ONNX model", "torchscript": "a TorchScript model", "exported_program": "a torch.export program",
+          "hf": "a Hugging Face model"}
+#: the most per-layer channel changes the manifest lists
+MAX_LISTED_LAYERS = 200
+
+
+def _weighted_types():
+    import torch.nn as nn
+
+    return (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+def prune_source(config: "BuildConfig", source: "ModelSource", calib: "CalibrationSet", log: Log
+                 ) -> tuple["ModelSource", dict[str, Any]]:
+    """A copy of ``source`` whose module is pruned (and recovered), and what the manifest records about it."""
+    import torch
+
+    from edgeexport.targets.torch_ref import flatten_outputs
+
+    spec = config.prune
+    assert spec is not None
+    if source.kind != "factory":
+        raise PruneError(f"--prune cannot prune {_KINDS.get(source.kind, source.kind)}",
+                         "pruning rebuilds the layers of a PyTorch nn.Module; this model is not loaded as one "
+                         "(Hugging Face models: transformer heads need their own pruning rules, not built yet)",
+                         "pass a factory that returns the nn.Module (--model pkg.module:factory or file.py:factory)")
+    original = source.module
+    example = source.export_args(config.inputs)
+    pruned = copy.deepcopy(original).eval()
+    with torch.no_grad():
+        shapes = [tuple(t.shape) for t in flatten_outputs(original(*example))]
+    protected = output_layers(pruned, example)
+    before = census(pruned)
+    if not before["layers"]:
+        raise PruneError("--prune found no Conv or Linear layer to prune", "", "prune a model with such layers")
+    log(f"==> pruning: {spec.method} {spec.amount:g} of every Conv/Linear layer except the "
+        f"{len(protected)} producing outputs ({', '.join(_names(pruned, protected)) or 'none found'})")
+    if spec.method == "structured":
+        library = _structured(pruned, example, spec.amount, protected)
+    else:
+        library = _magnitude(pruned, spec.amount, protected)
+    with torch.no_grad():
+        got = [tuple(t.shape) for t in flatten_outputs(pruned.eval()(*example))]
+    if got != shapes:
+        raise PruneError(f"pruning changed the model's output shapes from {shapes} to {got}",
+                         "the layer that sets an output's width was not recognised as an output layer",
+                         "use --prune magnitude:AMOUNT, which never changes shapes")
+    recovery = finetune(pruned, original, calib, config, log) if spec.finetune_steps else None
+    if spec.method == "magnitude":
+        _make_permanent(pruned)
+    after = census(pruned.eval())
+    record = _record(config, library, before, after, _names(pruned, protected), recovery)
+    log(f"    {record['summary']}")
+    out = copy.copy(source)
+    out.module = pruned
+    return out, record
+
+
+def output_layers(module: Any, example: tuple) -> list[Any]:
+    """The Conv/Linear layers that set the width of a model output, whose channels are never pruned:
+
+    - a layer whose output tensor is a model output (also as a view, e.g. flattened);
+    - a layer whose channel group reaches an output through other ops (a softmax, a residual add): torch-pruning's
+      dependency graph says so, when it is installed;
+    - the last one that runs (the usual classifier), in any case."""
+    import torch
+
+    from edgeexport.targets.torch_ref import flatten_outputs
+
+    produced: dict[int, Any] = {}
+    order: list[Any] = []
+
+    def hook(mod, _inputs, out):
+        if isinstance(out, torch.Tensor):
+            produced[out.data_ptr()] = mod
+        order.append(mod)
+
+    handles = [m.register_forward_hook(hook) for m in module.modules() if isinstance(m, _weighted_types())]
+    try:
+        with torch.no_grad():
+            outputs = flatten_outputs(module(*example))
+    finally:
+        for h in handles:
+            h.remove()
+    found = [produced[t.data_ptr()] for t in outputs if t.data_ptr() in produced]
+    found += _reaching_outputs(module, example)
+    if order:
+        found.append(order[-1])
+    unique: list[Any] = []
+    for m in found:
+        if all(m is not u for u in unique):
+            unique.append(m)
+    return unique
+
+
+def _reaching_outputs(module: Any, example: tuple) -> list[Any]:
+    try:
+        import torch_pruning as tp
+    except ImportError:
+        return []
+    graph = tp.DependencyGraph().build_dependency(module, example_inputs=example)
+    found = []
+    for m in module.modules():
+        if isinstance(m, _weighted_types()):
+            group = graph.get_pruning_group(m, graph.get_pruner_of_module(m).prune_out_channels, idxs=[0])
+            if any(item.dep.target.type == tp.ops.OPTYPE.OUTPUT for item in group):
+                found.append(m)
+    return found
+
+
+def _names(module: Any, layers: list[Any]) -> list[str]:
+    return [name for name, m in module.named_modules() if any(m is layer for layer in layers)]
+
+
+def census(module: Any) -> dict[str, Any]:
+    """Parameters, prunable weights and their zeros, output channels per Conv/Linear layer."""
+    layers, weights, zeros = {}, 0, 0
+    for name, m in module.named_modules():
+        if isinstance(m, _weighted_types()):
+            w = m.weight.detach()
+            layers[name] = int(w.shape[0])
+            weights += w.numel()
+            zeros += int((w == 0).sum())
+    params = sum(p.numel() for p in module.parameters())
+    return {"params": int(params), "weights": int(weights), "zero_weights": int(zeros), "layers": layers}
+
+
+def _structured(module: Any, example: tuple, amount: float, protected: list[Any]) -> str:
+    try:
+        import torch_pruning as tp
+    except ImportError:
+        raise missing_extra("torch-pruning", "prune", "--prune structured") from None
+    try:
+        pruner = tp.pruner.MetaPruner(module, example, importance=tp.importance.GroupMagnitudeImportance(p=2),
+                                      pruning_ratio=amount, ignored_layers=protected)
+        pruner.step()
+    except Exception as e:  # torch-pruning traces the model; an op it cannot follow ends here
+        raise PruneError("structured pruning failed", f"torch-pruning: {type(e).__name__}: {str(e)[:300]}",
+                         "try --prune magnitude:AMOUNT, or a smaller amount") from None
+    return f"torch-pruning {getattr(tp, '__version__', '?')} (MetaPruner, group L2 magnitude)"
+
+
+def _magnitude(module: Any, amount: float, protected: list[Any]) -> str:
+    from torch.nn.utils import prune
+
+    for m in module.modules():
+        if isinstance(m, _weighted_types()) and all(m is not p for p in protected):
+            prune.l1_unstructured(m, "weight", amount=amount)  # a mask: zeros stay zero while recovering
+    return "torch.nn.utils.prune (l1_unstructured per layer)"
+
+
+def _make_permanent(module: Any) -> None:
+    from torch.nn.utils import prune
+
+    for m in module.modules():
+        if prune.is_pruned(m) and hasattr(m, "weight_orig"):
+            prune.remove(m, "weight")
+
+
+def finetune(student: Any, teacher: Any, calib: "CalibrationSet", config: "BuildConfig", log: Log) -> dict[str, Any]:
+    """A short recovery of ``student`` on the calibration split: distillation from ``teacher`` (relative MSE of every
+    output), plus cross-entropy on the labels when the data has them and the model has one classifier output."""
+    import torch
+    import torch.nn.functional as F
+
+    from edgeexport.targets.torch_ref import flatten_outputs
+
+    spec = config.prune
+    assert spec is not None
+    pool = np.asarray(calib.calib_idx)
+    labels = calib.data.labels
+    labels = labels[pool] if labels is not None and (labels[pool] >= 0).all() else None
+    batch = min(spec.finetune_batch, len(pool))
+    torch.manual_seed(config.calibration.seed)
+    rng = np.random.default_rng(config.calibration.seed)
+    opt = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=spec.finetune_lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=spec.finetune_steps)
+    teacher.eval()
+    student.train()
+    losses: list[float] = []
+    use_labels = False
+    for _ in progress(range(spec.finetune_steps), f"recovering ({spec.finetune_steps} steps)",
+                      total=spec.finetune_steps):
+        pick = rng.choice(len(pool), size=batch, replace=False)
+        feeds = [calib.sample(int(pool[k])) for k in pick]
+        args = [torch.from_numpy(np.concatenate([f[s.name] for f in feeds])) for s in config.inputs]
+        with torch.no_grad():
+            targets = flatten_outputs(teacher(*args))
+        outputs = flatten_outputs(student(*args))
+        loss = sum(F.mse_loss(o.float(), t.float()) / t.float().pow(2).mean().clamp_min(1e-12)
+                   for o, t in zip(outputs, targets) if o.is_floating_point())
+        use_labels = (labels is not None and len(outputs) == 1 and outputs[0].ndim == 2
+                      and outputs[0].shape[0] == len(pick) and int(labels.max()) < outputs[0].shape[1])
+        if use_labels:
+            loss = loss + F.cross_entropy(outputs[0], torch.from_numpy(labels[pick]).long())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        schedule.step()
+        losses.append(float(loss.detach()))
+    student.eval()
+    first, last = float(np.mean(losses[:10])), float(np.mean(losses[-10:]))
+    objective = "labels' cross-entropy + distillation" if use_labels else "distillation from the unpruned model"
+    log(f"    recovery: {spec.finetune_steps} steps of {batch} calibration samples ({objective}); "
+        f"loss {first:.4g} -> {last:.4g}")
+    return {"steps": spec.finetune_steps, "lr": spec.finetune_lr, "batch": batch, "objective": objective,
+            "optimizer": "Adam, cosine-annealed learning rate", "samples": "calibration split only (never held-out)",
+            "pool": int(len(pool)), "loss_first10": first, "loss_last10": last}
+
+
+def _record(config: "BuildConfig", library: str, before: dict[str, Any], after: dict[str, Any], protected: list[str],
+            recovery: dict[str, Any] | None) -> dict[str, Any]:
+    spec = config.prune
+    assert spec is not None
+    changed = {k: [v, after["layers"].get(k, 0)] for k, v in before["layers"].items() if after["layers"].get(k) != v}
+    ch_before, ch_after = sum(before["layers"].values()), sum(after["layers"].values())
+    sparsity = after["zero_weights"] / max(1, after["weights"])
+    if spec.method == "structured":
+        summary = (f"structured: {ch_before - ch_after} of {ch_before} channels removed "
+                   f"({len(changed)} layers); parameters {before['params']:,} -> {after['params']:,} "
+                   f"({100 * (1 - after['params'] / before['params']):.1f}% fewer)")
+        note = "whole channels removed: the model is smaller and does less arithmetic on every target"
+    else:
+        summary = (f"magnitude: {100 * sparsity:.1f}% of Conv/Linear weights are zero "
+                   f"({after['zero_weights']:,} of {after['weights']:,}); shapes unchanged")
+        note = ("unstructured zeros: the model file compresses better (e.g. in an archive or an OTA update), but "
+                "dense kernels multiply the zeros too, so latency and the uncompressed size do not change")
+    return {"method": spec.method, "amount": spec.amount, "library": library, "protected_layers": protected,
+            "params_before": before["params"], "params_after": after["params"],
+            "channels_before": ch_before, "channels_after": ch_after, "weight_sparsity": sparsity,
+            "layers_changed": dict(list(changed.items())[:MAX_LISTED_LAYERS]), "recovery": recovery,
+            "reference": "the unpruned model", "summary": summary, "note": note}
