@@ -5,13 +5,15 @@ depends on them: BatchNorm, the next layer's inputs, residual partners) with tor
 by L2 magnitude. The result is a smaller dense model that every target converts as usual.
 
 ``--prune magnitude:A`` zeroes the share ``A`` of each such layer's weights with the smallest magnitude
-(``torch.nn.utils.prune``). Shapes do not change, so the file compresses better but runs no faster: dense kernels
+(``torch.nn.utils.prune``), except in grouped (depthwise) convolutions: a sliver of the size, and the most
+sensitive. Shapes do not change, so the file compresses better but runs no faster: dense kernels
 multiply the zeros too. The report says so.
 
 Layers that produce the model's outputs are never pruned (their width is the output's shape). ``--finetune-steps
 N`` then trains the pruned copy for N Adam steps on the calibration split, never on the held-out samples: the loss
 is the unpruned model's outputs (mean squared error relative to their power, i.e. distillation) plus the labels'
-cross-entropy when labels exist. The unpruned model stays the validation reference.
+cross-entropy when labels exist; BatchNorm keeps its learned statistics (a few calibration samples per batch would
+overwrite them). The unpruned model stays the validation reference.
 """
 
 from __future__ import annotations
@@ -176,9 +178,15 @@ def _magnitude(module: Any, amount: float, protected: list[Any]) -> str:
     from torch.nn.utils import prune
 
     for m in module.modules():
-        if isinstance(m, _weighted_types()) and all(m is not p for p in protected):
+        if isinstance(m, _weighted_types()) and not _depthwise(m) and all(m is not p for p in protected):
             prune.l1_unstructured(m, "weight", amount=amount)  # a mask: zeros stay zero while recovering
-    return "torch.nn.utils.prune (l1_unstructured per layer)"
+    return "torch.nn.utils.prune (l1_unstructured per layer; grouped/depthwise convolutions left dense)"
+
+
+def _depthwise(m: Any) -> bool:
+    """A grouped convolution (depthwise: a few weights per channel, a sliver of the model's size and the layers it
+    is most sensitive to); magnitude pruning leaves them dense."""
+    return getattr(m, "groups", 1) > 1
 
 
 def _make_permanent(module: Any) -> None:
@@ -209,6 +217,9 @@ def finetune(student: Any, teacher: Any, calib: "CalibrationSet", config: "Build
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=spec.finetune_steps)
     teacher.eval()
     student.train()
+    for m in student.modules():  # batch statistics of a few calibration samples would overwrite the learned ones
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.eval()
     losses: list[float] = []
     use_labels = False
     for _ in progress(range(spec.finetune_steps), f"recovering ({spec.finetune_steps} steps)",
