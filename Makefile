@@ -38,6 +38,7 @@ chromium:
 bench: $(STAMP)
 	$(BIN)/python benchmarks/targets_vs_eager.py
 	$(BIN)/python benchmarks/minilm.py
+	$(BIN)/python benchmarks/pruning.py
 
 clean:
 	rm -rf build $(VENV)

@@ -227,9 +227,14 @@ def finetune(student: Any, teacher: Any, calib: "CalibrationSet", config: "Build
         pick = rng.choice(len(pool), size=batch, replace=False)
         feeds = [calib.sample(int(pool[k])) for k in pick]
         args = [torch.from_numpy(np.concatenate([f[s.name] for f in feeds])) for s in config.inputs]
-        with torch.no_grad():
-            targets = flatten_outputs(teacher(*args))
-        outputs = flatten_outputs(student(*args))
+        try:
+            with torch.no_grad():
+                targets = flatten_outputs(teacher(*args))
+            outputs = flatten_outputs(student(*args))
+        except Exception as e:  # e.g. a model that only takes a batch of one
+            raise PruneError(f"recovery failed: the model's forward raised {type(e).__name__} on a batch of {batch} "
+                             "calibration samples", str(e).strip().splitlines()[0][:300] if str(e).strip() else "",
+                             "set prune.finetune_batch: 1 in a -c config, or drop --finetune-steps") from None
         loss = sum(F.mse_loss(o.float(), t.float()) / t.float().pow(2).mean().clamp_min(1e-12)
                    for o, t in zip(outputs, targets) if o.is_floating_point())
         use_labels = (labels is not None and len(outputs) == 1 and outputs[0].ndim == 2

@@ -143,3 +143,33 @@ def test_output_layers_are_protected_whatever_the_model_returns():
     _structured(net, example, 0.5, found)
     out = net(*example)
     assert out["a"].shape == (2, 3) and out["b"].shape == (2, 12)  # the outputs keep their shapes
+
+
+BATCH_OF_ONE = '''
+import torch
+import torch.nn as nn
+
+
+class OnlyOne(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Linear(6, 16)
+        self.b = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x.reshape(1, 6))))
+
+
+def build():
+    return OnlyOne(), (torch.zeros(1, 6),)
+'''
+
+
+def test_recovery_on_a_model_that_takes_one_sample_fails_clearly(cli, tiny_npz, tmp_path):
+    (tmp_path / "one.py").write_text(BATCH_OF_ONE)
+    out = tmp_path / "o"
+    r = cli("build", "--model", f"{tmp_path / 'one.py'}:build", "--calib", tiny_npz, "--precision", "fp32",
+            "--prune", "magnitude:0.5", "--finetune-steps", "5", "--out", out, "--no-bench")
+    assert r.exit_code == 1 and "recovery failed: the model's forward raised RuntimeError" in r.stderr
+    assert "finetune_batch: 1" in r.stderr and "Traceback" not in r.stderr and not out.exists()
