@@ -98,11 +98,12 @@ def test_peak_memory_does_not_grow_with_the_data(tmp_path, suffix):
     rss_growth = m[f"rss_mb_{large}"] - m[f"rss_mb_{small}"]
     print(f"{suffix}: data {m[f'data_mb_{small}']:.0f} -> {m[f'data_mb_{large}']:.0f} MB, "
           f"peak RSS {m[f'rss_mb_{small}']:.0f} -> {m[f'rss_mb_{large}']:.0f} MB")
-    # 10x the data (+130 MB on disk; whole activations of 2,950 samples would be another +1 GB) adds at most a
-    # fraction of the data's own size: the data and the calibrator's outputs are streamed
+    # 10x the data (+127 MB on disk) adds well under the data's own size: reading it whole would add at least that,
+    # and keeping the calibrator's activations added 2 GB (measured before streaming: 704 -> 2,721 MB). Measured
+    # now: +0-1 MB; the margin covers allocator noise on a loaded CI machine.
     assert data_growth > 120
-    assert rss_growth < 0.25 * data_growth, m
-    assert m[f"rss_mb_{large}"] < 1.2 * m[f"rss_mb_{small}"], m
+    assert rss_growth < 0.5 * data_growth, m
+    assert m[f"rss_mb_{large}"] < 1.25 * m[f"rss_mb_{small}"], m
 
 
 if __name__ == "__main__":
