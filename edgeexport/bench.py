@@ -114,8 +114,13 @@ model(feed)
 t_first = time.time()
 for _ in range(runs):
     model(feed)
+# VmHWM is this process's own peak; ru_maxrss also counts the parent's memory at fork/exec on Linux
+try:
+    peak = int(next(ln.split()[1] for ln in open("/proc/self/status") if ln.startswith("VmHWM:")))
+except (OSError, StopIteration, ValueError):
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(json.dumps({"t_start": t_start, "t_import": t_import, "t_load": t_load, "t_first": t_first,
-                  "peak_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+                  "peak_rss_kib": peak}))
 """
 
 
