@@ -8,7 +8,8 @@ eager in interleaved rounds. The latency ratio of a pruned row is its latency re
 precision unpruned, each first divided by the eager latency measured in its own comparison, so drift of the machine
 between comparisons cancels.
 
-Writes benchmarks/results/pruning.{json,md}.
+Writes benchmarks/results/pruning.{json,md}. With --models, the other models' results already in the JSON are kept
+(each model's table is one run; its time and machine are recorded with it).
 
     python benchmarks/pruning.py [--models digits,efficientnet] [--threads 2] [--rounds 3]
 """
@@ -20,6 +21,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 os.environ.setdefault("EDGEEXPORT_NO_PROGRESS", "1")
@@ -38,9 +40,9 @@ MODELS = {
                True),
     # EfficientNet-Lite0 recovers on 112 photo crops only; 40 steps of 8 keep the run under half an hour here
     "efficientnet": (efficientnet, 30, "EfficientNet-Lite0 (ImageNet weights, 224x224 photo crops)",
-                     [None, ("magnitude", 0.1, 40, 1e-4, 8), ("magnitude", 0.3, 40, 1e-4, 8),
+                     [None, ("magnitude", 0.05, 40, 1e-4, 8), ("magnitude", 0.1, 40, 1e-4, 8),
                       ("structured", 0.05, 40, 1e-4, 8), ("structured", 0.1, 40, 1e-4, 8)],
-                     False),
+                     True),
 }
 
 
@@ -59,7 +61,7 @@ def markdown(results: dict) -> str:
              "an OTA download of it costs. TensorRT rows are validated on onnxruntime and not timed (no TensorRT "
              "here).", ""]
     for m in results["models"].values():
-        lines += [f"## {m['label']}", "",
+        lines += [f"## {m['label']}", "", f"Measured {m.get('measured', '?')}, {m.get('threads', '?')} threads.", "",
                   "| pruning | params / FLOPs per sample | channels | weight zeros | variant | status | size KiB | deflated KiB "
                   "| p50 ms | latency vs unpruned | accuracy vs unpruned model |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -109,12 +111,15 @@ def main() -> int:
     from edgeexport.config import make_config
 
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
-    results: dict = {"models": {}}
+    out = Path(args.out)
+    previous = out / "pruning.json"
+    results: dict = {"models": json.loads(previous.read_text())["models"] if previous.is_file() else {}}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
             data, runs, label, prunings, time_failed = MODELS[name]
             base = data(Path(tmp))
-            entry: dict = {"label": label, "settings": []}
+            entry: dict = {"label": label, "settings": [], "machine": machine(), "threads": args.threads,
+                           "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
             for p in prunings:
                 log(f"#### {name}: pruning {_setting(p)}")
                 cfg = dict(base, prune={"method": p[0], "amount": p[1], "finetune_steps": p[2], "finetune_lr": p[3],
@@ -126,12 +131,12 @@ def main() -> int:
                 log(c.table())
                 d = c.to_dict()
                 entry["metric"] = d["accuracy_metric"]
-                entry["settings"].append({"setting": _setting(p), "pruning": d["pruning"], "rows": d["rows"],
+                rows = [{k: v for k, v in r.items() if k != "validation"} for r in d["rows"]]  # metrics are kept
+                entry["settings"].append({"setting": _setting(p), "pruning": d["pruning"], "rows": rows,
                                           "model_stats": d["model_stats"], "reference": d["reference"]})
             results["models"][name] = entry
     results["meta"] = {"threads": args.threads, "rounds": args.rounds, "machine": machine(),
                        "versions": runtime_versions()}
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "pruning.json").write_text(json.dumps(results, indent=2) + "\n")
     table = markdown(results)
