@@ -28,7 +28,7 @@ os.environ.setdefault("EDGEEXPORT_NO_PROGRESS", "1")
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
-from targets_vs_eager import digits, efficientnet  # noqa: E402  (the same data as the targets benchmark)
+from targets_vs_eager import _accuracy, _kib, digits, efficientnet  # noqa: E402  (same data and formatting)
 
 TARGETS = ["ort", "tflite", "trt"]
 PRECISIONS = ["fp32", "int8"]
@@ -85,18 +85,6 @@ def markdown(results: dict) -> str:
                         for s in m["settings"] for r in s["rows"] if r["reason"] and r["status"] != "passed"})
         lines += ["", *notes, ""]
     return "\n".join(lines)
-
-
-def _kib(b) -> str:
-    return "-" if not b else f"{b / 1024:,.1f}"
-
-
-def _accuracy(m: dict, metric: str) -> str:
-    if not m:
-        return "-"
-    if metric == "task_accuracy":
-        return f"drop {m['task_drop_points']:+.2f} pts, top-1 agree {m['top1']:.3f}"
-    return f"top-1 agree {m['top1']:.3f}, cosine {m['cosine']:.4f}"
 
 
 def main() -> int:
