@@ -57,68 +57,132 @@ def _weighted_nodes(float_model: Path) -> set[str]:
     return {n.name for n in onnx.load(str(float_model)).graph.node if n.op_type in WEIGHTED}
 
 
+def _trial(config: BuildConfig, target: Any, excluded: list[str], wide: list[str]) -> BuildConfig:
+    options = {**config.target_options, "exclude_nodes": list(excluded)}
+    if wide or "int16_tensors" in options:
+        options["int16_tensors"] = list(wide)
+    if "engine" in target.options_spec:
+        options["engine"] = "deferred"  # trial rounds validate the ONNX; only the final build makes an engine
+    return config.model_copy(update={"target_options": options})
+
+
 def search(config: BuildConfig, source: Any, calib: Any, onnx_path: Path, output_names: list[str], log: Log
            ) -> tuple[BuildConfig, dict[str, Any]]:
-    """Find float exclusions that meet ``config.accuracy_budget``. Returns the config to build and the record."""
+    """Find the mix of int8, int16 and float that meets ``config.accuracy_budget``. Returns the config to build
+    and the record. Each round moves the worst layers one step up: int8 -> int16 activations (where the target
+    runs them) -> float. Once the budget holds, layers are tried back at their lower precision, last moved first,
+    and kept there when the budget still holds."""
     from edgeexport.sensitivity import label, rank_layers
     from edgeexport.targets import get_target
 
     (metric, limit), = config.accuracy_budget.items()
     target = get_target(config.target)
+    int16 = "int16_tensors" in target.options_spec
     excluded = list(config.target_options.get("exclude_nodes") or [])
+    wide = list(config.target_options.get("int16_tensors") or [])
     steps: list[dict[str, Any]] = []
+    moves: list[tuple[str, Any]] = []  # ("int16", tensor) or ("float", [nodes]) in the order they were made
     best: Optional[dict[str, Any]] = None
     feeds = [f for f, _ in zip(calib.calibration(), range(RANK_SAMPLES))]
     weighted: set[str] = set()
     relation = ">=" if BUDGET_METRICS[metric] == "min" else "<="
-    log(f"==> accuracy budget: {metric} {relation} {limit:g} on {len(calib.holdout_idx)} held-out samples")
-    for step in range(config.budget_steps + 1):
-        options = {**config.target_options, "exclude_nodes": excluded}
-        if "engine" in target.options_spec:
-            options["engine"] = "deferred"  # trial rounds validate the ONNX; only the final build makes an engine
-        trial = config.model_copy(update={"target_options": options})
+    log(f"==> accuracy budget: {metric} {relation} {limit:g} on {len(calib.holdout_idx)} held-out samples"
+        + ("" if int16 else f" (target {config.target!r} has no 16-bit activations: layers go from int8 to float)"))
+
+    def evaluate(excl: list[str], w: list[str], keep: bool):
+        trial = _trial(config, target, excl, w)
         with tempfile.TemporaryDirectory(prefix=tmp_prefix("budget-")) as tmp:
             work = Path(tmp)
             shutil.copyfile(onnx_path, work / "exported.onnx")
             artifact = target.build(source, trial, calib, work, work / "exported.onnx")
             value = budget_value(validate(trial, source, calib, artifact, target, output_names), metric)
-            record = {"step": step, "float_nodes": list(excluded), "value": value, "met": met(value, metric, limit)}
-            steps.append(record)
-            log(f"    step {step}: {len(excluded)} node(s) in float -> {metric} = "
-                f"{'n/a' if value is None else f'{value:.5g}'} ({'met' if record['met'] else 'short'})")
-            if value is not None and (best is None or _better(value, best["value"], metric)):
-                best = record
-            if record["met"]:
-                break
-            if artifact.float_model is None:
-                break
-            ranked = rank_layers(artifact.float_model, artifact.model_path, feeds)
-            weighted = weighted or _weighted_nodes(artifact.float_model)  # the float graph is the same every round
-            record["worst"] = [{k: r[k] for k in ("node", "module", "op_type", "nodes", "added_noise_db", "snr_db")}
-                               for r in ranked[:5]]
-            fresh = [r for r in ranked if r["added_noise"] > 0 and not set(r["nodes"]) <= set(excluded)]
-            if step == 0 and ranked:
-                log("    worst layers: " + ", ".join(f"{label(r)} ({r['added_noise_db']:.1f} dB)" for r in ranked[:3]))
-            moved = [n for r in fresh[: 2 ** step] for n in r["float_fallback"]]
-            moved = [n for n in dict.fromkeys(moved) if n not in excluded]
-            share = len(weighted & (set(excluded) | set(moved))) / max(1, len(weighted))
-            if not moved or share > MAX_FLOAT_SHARE:
-                log("    stopping: " + ("no layer left to move to float" if not moved else
-                                         f"more than {MAX_FLOAT_SHARE:.0%} of the layers would be float"))
-                break
-            excluded += moved
+            ranked = (rank_layers(artifact.float_model, artifact.model_path, feeds)
+                      if keep and artifact.float_model is not None else None)
+            if keep and artifact.float_model is not None and not weighted:
+                weighted.update(_weighted_nodes(artifact.float_model))
+        return value, ranked
+
+    for step in range(config.budget_steps + 1):
+        value, ranked = evaluate(excluded, wide, keep=True)
+        record = {"step": step, "float_nodes": list(excluded), "int16_tensors": list(wide), "value": value,
+                  "met": met(value, metric, limit)}
+        steps.append(record)
+        log(f"    step {step}: {len(wide)} tensor(s) in int16, {len(excluded)} node(s) in float -> {metric} = "
+            f"{'n/a' if value is None else f'{value:.5g}'} ({'met' if record['met'] else 'short'})")
+        if value is not None and (best is None or _better(value, best["value"], metric)):
+            best = record
+        if record["met"] or ranked is None:
+            break
+        record["worst"] = [{k: r[k] for k in ("node", "module", "op_type", "nodes", "output", "added_noise_db",
+                                              "snr_db")} for r in ranked[:5]]
+        if step == 0 and ranked:
+            log("    worst layers: " + ", ".join(f"{label(r)} ({r['added_noise_db']:.1f} dB)" for r in ranked[:3]))
+        fresh = [r for r in ranked if r["added_noise"] > 0 and not set(r["nodes"]) <= set(excluded)]
+        new_wide, new_float = [], []
+        for r in fresh[: 2 ** step]:
+            if int16 and r["quantized_output"] and r["output"] not in wide:
+                new_wide.append(r["output"])
+            else:
+                new_float.append([n for n in r["float_fallback"] if n not in excluded])
+        share = len(weighted & (set(excluded) | {n for g in new_float for n in g})) / max(1, len(weighted))
+        if not (new_wide or any(new_float)) or share > MAX_FLOAT_SHARE:
+            log("    stopping: " + ("no layer left to move" if not (new_wide or any(new_float)) else
+                                     f"more than {MAX_FLOAT_SHARE:.0%} of the layers would be float"))
+            break
+        wide += new_wide
+        moves += [("int16", t) for t in new_wide]
+        for group in new_float:
+            if group:
+                excluded += [n for n in group if n not in excluded]
+                moves.append(("float", group))
+    if steps[-1]["met"]:
+        excluded, wide = _give_back(steps, moves, excluded, wide, evaluate, metric, limit, config.budget_steps, log)
     result = {"metric": metric, "limit": limit, "relation": relation, "steps": steps,
-              "float_nodes": steps[-1]["float_nodes"] if steps[-1]["met"] else None,
-              "met": steps[-1]["met"], "ranked_on": f"{len(feeds)} calibration samples"}
+              "float_nodes": excluded if steps[-1]["met"] else None,
+              "int16_tensors": wide if steps[-1]["met"] else None,
+              "met": steps[-1]["met"], "ranked_on": f"{len(feeds)} calibration samples",
+              "int16": "yes" if int16 else f"target {config.target!r} has no 16-bit activations"}
     if not steps[-1]["met"]:
         reached = "n/a" if best is None else f"{best['value']:.5g}"
         err = ValidationFailed(
             f"accuracy budget not met: {metric} {relation} {limit:g} was not reached; no bundle was written",
             f"best reachable {metric} = {reached} with "
+            f"{0 if best is None else len(best['int16_tensors'])} tensor(s) in int16 and "
             f"{0 if best is None else len(best['float_nodes'])} node(s) in float, after {len(steps)} round(s)",
             "relax the budget, try another --calib-method, raise --budget-steps, or use a higher precision")
         err.budget = result  # type: ignore[attr-defined]
         raise err
-    final = config.model_copy(update={"target_options": {**config.target_options,
-                                                         "exclude_nodes": steps[-1]["float_nodes"]}})
-    return final, result
+    options = {**config.target_options, "exclude_nodes": excluded}
+    if int16:
+        options["int16_tensors"] = wide
+    return config.model_copy(update={"target_options": options}), result
+
+
+def _give_back(steps: list, moves: list, excluded: list[str], wide: list[str], evaluate: Callable, metric: str,
+               limit: float, tries: int, log: Log) -> tuple[list[str], list[str]]:
+    """With the budget met, try each move back at its lower precision (float -> int16/int8, int16 -> int8), the
+    last made first; keep the ones the budget survives. At most ``tries`` rebuilds."""
+    seen = {(tuple(sorted(s["float_nodes"])), tuple(sorted(s["int16_tensors"]))): s["value"] for s in steps}
+    for kind, what in list(reversed(moves))[:tries]:
+        if kind == "int16":
+            trial_excl, trial_wide = excluded, [t for t in wide if t != what]
+        else:
+            trial_excl, trial_wide = [n for n in excluded if n not in what], wide
+        key = (tuple(sorted(trial_excl)), tuple(sorted(trial_wide)))
+        if key in seen and not met(seen[key], metric, limit):
+            continue  # already measured short (e.g. plain int8)
+        value, _ = evaluate(trial_excl, trial_wide, keep=False)
+        seen[key] = value
+        ok = met(value, metric, limit)
+        name = what if kind == "int16" else ", ".join(what[:2]) + (" ..." if len(what) > 2 else "")
+        log(f"    give back {'int16' if kind == 'int16' else 'float'} {name} -> {metric} = "
+            f"{'n/a' if value is None else f'{value:.5g}'} ({'kept lower' if ok else 'reverted'})")
+        steps.append({"step": len(steps), "give_back": {kind: what}, "float_nodes": list(trial_excl),
+                      "int16_tensors": list(trial_wide), "value": value, "met": ok})
+        if ok:
+            excluded, wide = list(trial_excl), list(trial_wide)
+    if steps[-1]["met"] is False:  # the final record must describe what is built
+        steps.append({"step": len(steps), "float_nodes": list(excluded), "int16_tensors": list(wide),
+                      "value": max((s["value"] for s in steps if s["met"] and s["float_nodes"] == excluded
+                                    and s["int16_tensors"] == wide), default=None), "met": True, "final": True})
+    return excluded, wide

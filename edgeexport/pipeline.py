@@ -270,6 +270,11 @@ def build_resolved(config: BuildConfig, source: ModelSource, calib: CalibrationS
         artifact = target.build(source, config, calib, workdir, onnx_path)
         for note in artifact.notes:
             log(f"    note: {note}")
+        share = artifact.settings.get("integer_share")
+        if share:
+            log(f"    integer: {share['integer_mac_share']:.1%} of the multiply-adds, {share['integer_weight_share']:.1%} "
+                f"of the weight bytes ({share['float_weighted_layers']} of {share['weighted_layers']} weighted layers "
+                "float)")
         log(f"==> validating on {len(calib.holdout_idx)} held-out samples")
         with source.reference(config.inputs, output_names) as ref, target.load(artifact, config.bench.threads) as cand:
             report, refs, outs = holdout_report(ref, cand, config, calib)
@@ -283,8 +288,7 @@ def build_resolved(config: BuildConfig, source: ModelSource, calib: CalibrationS
                     "; ".join(f"{c.output} {c.metric}={c.value:.4g} (limit {c.limit:g})" for c in report.failures()),
                     ("prune less (a smaller --prune amount) or recover longer (--finetune-steps), or relax the limit "
                      "knowingly with --tolerance KEY=VALUE" if config.prune is not None else
-                     "try another --calib-method or more calibration samples, a higher precision, or relax the "
-                     "limit knowingly with --tolerance KEY=VALUE"),
+                     failure_advice(config, target)),
                 )
                 err.report, err.errors = report, errors  # type: ignore[attr-defined]
                 raise err
@@ -322,6 +326,17 @@ def build_resolved(config: BuildConfig, source: ModelSource, calib: CalibrationS
 
         log(f"==> packing {write_archive(out, config.archive)}")
     return BuildResult(config, out, manifest, report, errors)
+
+
+def failure_advice(config: BuildConfig, target: Any) -> str:
+    """What to try when the gate refuses a build, for what this target and precision can do."""
+    if config.precision == "int8" and not target.layer_fallback(config):
+        tried = "" if config.accuracy_budget else ("--accuracy-budget METRIC=VALUE (e.g. cosine=0.995) to move the "
+                                                   "layers that lose the most to 16-bit activations or float; ")
+        return (f"{tried}--explain to see which layers lose it; more or more representative calibration data; "
+                "or relax the limit knowingly with --tolerance KEY=VALUE")
+    return ("try another --calib-method or more calibration samples, a higher precision, or relax the limit "
+            "knowingly with --tolerance KEY=VALUE")
 
 
 def deflated_size(path: Path) -> int:

@@ -78,33 +78,18 @@ def preprocess(src: Path, dst: Path) -> list[str]:
     return notes
 
 
-def nonfinite_nodes(model_path: Path, feeds: list[dict[str, np.ndarray]]) -> list[str]:
-    """Names of nodes that produce or consume float tensors holding non-finite values on ``feeds``."""
-    import onnx
-
-    from edgeexport.onnxgraph import exposing_session, float_tensors
-
-    if not feeds:
-        return []
-    model = onnx.load(str(model_path))
-    sess, names = exposing_session(model, sorted(float_tensors(model)))
-    bad: set[str] = set()
-    for feed in feeds:
-        for name, value in zip(names, sess.run(None, feed)):
-            if isinstance(value, np.ndarray) and value.dtype.kind == "f" and not np.isfinite(value).all():
-                bad.add(name)
-    return sorted({n.name or n.output[0] for n in model.graph.node if bad & (set(n.output) | set(n.input))})
-
-
 def nonfinite_exclusions(pre: Path, calibration: "CalibrationSet") -> tuple[list[str], list[str]]:
-    """Nodes to keep in float because their tensors hold -inf/inf/NaN on calibration data, and a note saying so."""
+    """Nodes to keep in float because their tensors hold values no 8-bit range can represent on calibration data
+    (-inf/inf/NaN, or sentinels such as the -3.4e38 of an additive attention mask), and a note saying so."""
+    from edgeexport.recipes import unrepresentable_nodes
+
     probe = [f for f, _ in zip(calibration.calibration(), range(PROBE_SAMPLES))]
-    nodes = nonfinite_nodes(pre, probe)
+    nodes, tensors = unrepresentable_nodes(pre, probe)
     if not nodes:
         return [], []
-    return nodes, [f"kept {len(nodes)} node(s) in float because their tensors hold -inf/inf/NaN on calibration data "
-                   f"(e.g. additive attention masks), which no 8-bit range can represent: "
-                   f"{', '.join(nodes[:5])}{' ...' if len(nodes) > 5 else ''}"]
+    return nodes, [f"kept {len(nodes)} node(s) in float because {len(tensors)} of their tensors hold -inf/inf/NaN or "
+                   f"sentinel values (e.g. the -3.4e38 of an additive attention mask) that no 8-bit range can "
+                   f"represent next to ordinary values: {', '.join(nodes[:5])}{' ...' if len(nodes) > 5 else ''}"]
 
 
 def _method(name: str):
@@ -156,10 +141,19 @@ def load_ranges(ranges_json: Path) -> dict[str, tuple[float, float]]:
 
 def quantize_qdq(pre: Path, dst: Path, ranges_json: Path, method: str, *, per_channel: bool, reduce_range: bool,
                  activation_type: str, op_types: Optional[list[str]], exclude_nodes: list[str],
-                 extra_options: Optional[dict[str, Any]] = None) -> None:
-    """Static QDQ quantization from the ranges :func:`calibrate_ranges` recorded (no second calibration pass)."""
+                 extra_options: Optional[dict[str, Any]] = None, nodes: Optional[list[str]] = None,
+                 int16_tensors: Optional[list[str]] = None) -> None:
+    """Static QDQ quantization from the ranges :func:`calibrate_ranges` recorded (no second calibration pass).
+    ``nodes`` restricts it to those nodes; ``int16_tensors`` get 16-bit activations (8-bit weights stay)."""
     from onnxruntime.quantization import QuantFormat, QuantType
     from onnxruntime.quantization import quantize_static as ort_quantize_static
+
+    extra = dict(extra_options or {})
+    if int16_tensors:
+        wide = QuantType.QUInt16 if activation_type == "uint8" else QuantType.QInt16
+        overrides = dict(extra.get("TensorQuantOverrides", {}))
+        overrides.update({t: [{"quant_type": wide}] for t in int16_tensors})
+        extra["TensorQuantOverrides"] = overrides
 
     with quiet():
         try:
@@ -168,7 +162,7 @@ def quantize_qdq(pre: Path, dst: Path, ranges_json: Path, method: str, *, per_ch
                 reduce_range=reduce_range,
                 activation_type=QuantType.QUInt8 if activation_type == "uint8" else QuantType.QInt8,
                 weight_type=QuantType.QInt8, calibrate_method=_method(method), op_types_to_quantize=op_types,
-                nodes_to_exclude=exclude_nodes, extra_options=dict(extra_options or {}),
+                nodes_to_exclude=exclude_nodes, nodes_to_quantize=nodes, extra_options=extra,
                 calibration_cache_path=str(ranges_json),
             )
         except Exception as e:

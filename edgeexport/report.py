@@ -59,7 +59,7 @@ def render_markdown(manifest: dict[str, Any]) -> str:
                   f"| built | {_f(bench['built']['median_ms'])} | {_f(bench['built']['p90_ms'])} |",
                   "", f"Speed-up vs reference: {bench['speedup_vs_reference']:.2f}x "
                   f"({bench['machine'].get('cpu', bench['machine'].get('machine'))}, threads {bench.get('threads') or 'default'})."]
-    lines += _pruning_lines(manifest) + _budget_lines(manifest) + _layer_lines(manifest)
+    lines += _recipe_lines(manifest) + _pruning_lines(manifest) + _budget_lines(manifest) + _layer_lines(manifest)
     if manifest.get("notes"):
         lines += ["", "## Notes", ""] + [f"- {n}" for n in manifest["notes"]]
     device = (manifest.get("runtime_config") or {}).get("device_commands") or \
@@ -88,11 +88,32 @@ def _budget_lines(manifest: dict[str, Any]) -> list[str]:
     if not b:
         return []
     lines = ["", f"## Accuracy budget: {b['metric']} {b['relation']} {b['limit']:g} "
-                 f"({'met' if b['met'] else 'not met'})", "", "| step | nodes in float | value | met |", "|---|---|---|---|"]
-    lines += [f"| {s['step']} | {len(s['float_nodes'])} | {_f(s['value'])} | {'yes' if s['met'] else 'no'} |"
-              for s in b["steps"]]
+                 f"({'met' if b['met'] else 'not met'})", "",
+             "| step | tensors in int16 | nodes in float | value | met |", "|---|---|---|---|---|"]
+    lines += [f"| {s['step']}{' (give back)' if s.get('give_back') else ''} | {len(s.get('int16_tensors') or [])} | "
+              f"{len(s['float_nodes'])} | {_f(s['value'])} | {'yes' if s['met'] else 'no'} |" for s in b["steps"]]
+    if b.get("int16_tensors"):
+        lines += ["", "16-bit activations: " + ", ".join(f"`{n}`" for n in b["int16_tensors"])]
     if b.get("float_nodes"):
         lines += ["", "Kept in float: " + ", ".join(f"`{n}`" for n in b["float_nodes"])]
+    return lines
+
+
+def _recipe_lines(manifest: dict[str, Any]) -> list[str]:
+    """How the precision was reached, and how much of the model really is integer."""
+    q = manifest.get("quantization") or {}
+    share = q.get("integer_share")
+    if not q.get("recipe") and not share:
+        return []
+    lines = ["", "## Quantization recipe", ""]
+    keys = ("quantizer", "recipe", "graph_family", "calibration_method", "calibration_samples", "weight_type",
+            "activation_type", "per_channel", "device", "reduce_range", "bias_correction", "bias_corrected_layers",
+            "unquantized_outputs_of", "int16_tensors", "exclude_nodes")
+    lines += [f"- {k}: `{q[k]}`" for k in keys if k in q and q[k] not in (None, [], "")]
+    if share:
+        lines.append(f"- really integer: {share['integer_mac_share']:.1%} of the multiply-adds, "
+                     f"{share['integer_weight_share']:.1%} of the weight bytes ({share['float_weighted_layers']} of "
+                     f"{share['weighted_layers']} weighted layers stayed float)")
     return lines
 
 

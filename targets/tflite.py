@@ -45,13 +45,20 @@ class TfliteTarget(Target):
     build_imports = ("onnx2tf", "tensorflow")
     precisions = ("fp32", "fp16", "dynamic-range", "int8")
     description = "TFLite / LiteRT (.tflite) for Android, iOS, Linux SBCs and microcontrollers"
-    options_spec = {"io_dtype": ("float32", "int8 only: dtype of the model's inputs/outputs (float32, int8, uint8)")}
+    options_spec = {"io_dtype": ("float32", "int8 only: dtype of the model's inputs/outputs (float32, int8, uint8)"),
+                    "bias_correction": (True, "int8: subtract the mean shift that weight rounding causes from each "
+                                              "Conv/Gemm bias (before conversion)")}
 
     def check(self, config: "BuildConfig") -> list[Problem]:
         problems = super().check(config)
         if config.precision == "int8-dynamic":
             problems[-1].fix = "TFLite calls weight-only int8 'dynamic-range': use --precision dynamic-range"
         io = config.target_options.get("io_dtype", "float32")
+        if not isinstance(config.target_options.get("bias_correction", True), bool):
+            problems.append(Problem("target_options.bias_correction", "bias_correction must be true or false", ""))
+        elif "bias_correction" in config.target_options and config.precision != "int8":
+            problems.append(Problem("target_options.bias_correction", "bias_correction applies to --precision int8",
+                                    "drop it or use --precision int8"))
         if io not in ("float32", "int8", "uint8"):
             problems.append(Problem("target_options.io_dtype", f"io_dtype must be float32, int8 or uint8, not {io!r}", ""))
         elif io != "float32" and config.precision != "int8":
@@ -76,6 +83,9 @@ class TfliteTarget(Target):
         io = config.target_options.get("io_dtype", "float32")
         name = f"model_{config.precision}.tflite"
         notes = []
+        corrected: dict[str, Any] = {}
+        if config.precision == "int8" and config.target_options.get("bias_correction", True):
+            onnx_path, corrected = _bias_corrected(onnx_path, calibration, workdir)
         try:
             data, in_perm, out_perm, native_in, native_out = _convert_once(onnx_path, config, calibration, out_dir, io)
         except TargetError as e:
@@ -92,6 +102,7 @@ class TfliteTarget(Target):
         (out_dir / name).write_bytes(data)
         settings = {"format": "tflite", "converter": f"onnx2tf {_version('onnx2tf')} -> SavedModel -> "
                     f"TFLiteConverter (tensorflow {_version('tensorflow')})", "io_dtype": io}
+        settings.update(corrected)
         settings.update(inspect_tflite(out_dir / name, config.precision))
         if in_perm:
             notes.append(f"the .tflite takes NHWC for {', '.join(in_perm)}; the loader transposes from NCHW "
@@ -107,6 +118,22 @@ class TfliteTarget(Target):
     def requirements(self, artifact: Artifact) -> list[str]:
         major, minor = artifact.runtime["ai-edge-litert"].split(".")[:2]
         return ["numpy", f"ai-edge-litert>={major}.{minor}"]
+
+
+def _bias_corrected(onnx_path: Path, calibration: "CalibrationSet", workdir: Path) -> tuple[Path, dict[str, Any]]:
+    """The ONNX with each Conv/Gemm bias corrected for the rounding TFLite's int8 weights (symmetric, per output
+    channel, [-127, 127]) will make; the converter quantizes what it is given, so the correction goes in first."""
+    import onnx
+
+    from edgeexport import recipes
+
+    dst = workdir / "tflite_bias_corrected.onnx"
+    feeds = recipes.take(calibration.calibration(), recipes.BIAS_SAMPLES)
+    done = recipes.bias_correct(onnx_path, dst, recipes.rounded_weights(onnx.load(str(onnx_path))), feeds)
+    if not done["bias_corrected_layers"]:
+        return onnx_path, {"bias_correction": "no Conv/Gemm with a bias"}
+    return dst, dict(done, bias_correction="dW . E[x] subtracted from each bias before conversion (dW: TFLite's "
+                                           "symmetric per-channel int8 rounding)")
 
 
 _PSEUDO_OPS = {"Erf": "erf", "Gelu": "gelu", "Asin": "asin", "Acos": "acos", "Atan": "atan"}  # onnx2tf wants lowercase

@@ -59,6 +59,10 @@ CATALOGUE = [
     ("bad prune spec", 2, "cannot parse --prune 'half'"),
     ("recovery without pruning", 2, "--finetune-steps needs --prune"),
     ("pruning a TorchScript model", 1, "--prune cannot prune a TorchScript model"),
+    ("unknown device", 2, "unknown device 'riscv'"),
+    ("int8 option on fp32", 2, "recipe apply to --precision int8 only, not fp32"),
+    ("excluded node that does not exist", 1, "exclude_nodes names 1 node(s) the graph does not have: no_such_node"),
+    ("int16 tensor that does not exist", 1, "int16_tensors names 1 tensor(s) the graph does not have: ghost"),
 ]
 
 
@@ -118,6 +122,13 @@ def cases(tmp_path_factory, tiny_model, tiny_npz):
         "recovery without pruning": ["--model", t + ":build", "--calib", good, "--finetune-steps", "10"],
         "pruning a TorchScript model": ["--model", str(d / "linear.pt"), "--calib", good, "--input", "x:1x6:float32",
                                         "--prune", "magnitude:0.5"],
+        "unknown device": ["--model", t + ":build", "--calib", good, "--option", "device=riscv"],
+        "int8 option on fp32": ["--model", t + ":build", "--calib", good, "--precision", "fp32",
+                                "--option", "recipe=weighted"],
+        "excluded node that does not exist": ["--model", t + ":build", "--calib", good,
+                                              "--option", "exclude_nodes=[no_such_node]"],
+        "int16 tensor that does not exist": ["--model", t + ":build", "--calib", good,
+                                             "--option", "int16_tensors=[ghost]"],
     }
 
 

@@ -1,0 +1,359 @@
+"""Int8 recipes for ONNX graphs: which tensors no 8-bit range can hold, which ops to quantize for the graph's
+family, bias correction of the weight rounding error, and what share of the model really ended up integer.
+
+Shared by the targets that quantize an ONNX graph (ORT, TensorRT) or hand one to a converter (TFLite); targets
+never import each other.
+
+- **Unrepresentable tensors.** A tensor holding -inf/inf/NaN, or a *sentinel*: a few huge values of one magnitude
+  (optimum's additive attention mask is ``Where(pad, -3.4e38, 0)``; older BERTs use -10000) with a gap of 100x
+  down to every other value. A min/max range spanning a sentinel gives a scale so large that every real value
+  quantizes to the zero point (MiniLM: softmax over constant scores, embedding cosine 0.38). Nodes touching them
+  stay float.
+- **Families.** A graph with Softmax fed by an activation x activation MatMul is a transformer: only the weighted
+  MatMul/Gemm (constant weights) are quantized, with float outputs, so attention scores, softmax, LayerNorm and
+  GELU stay float. Anything else is quantized whole (every op ORT knows), which keeps CNN pipelines integer.
+- **Bias correction.** Rounding the weights shifts each output channel's mean by ``dW . E[x]`` (``dW`` the rounding
+  error, ``E[x]`` the mean of each input channel over calibration samples). Subtracting it from the bias (Nagel et
+  al. 2019; NNCF's fast bias correction does the same per layer) is exact in expectation and costs nothing at run
+  time. On EfficientNet-Lite0 it moved top-1 agreement from 0.92 to 0.96-0.98.
+"""
+
+from __future__ import annotations
+
+from math import prod
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import numpy as np
+
+WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+#: a tensor whose largest magnitude is beyond this holds a sentinel, whatever its other values
+SENTINEL_ABS = 1e30
+#: sentinel test: the large values (within LARGE_BAND of the maximum) agree to this relative spread ...
+SENTINEL_SPREAD = 0.01
+LARGE_BAND = 16.0
+#: ... and every other value is at least this many times smaller
+SENTINEL_GAP = 100.0
+SENTINEL_MIN_ABS = 1e3
+SENTINEL_MIN_COUNT = 16
+
+
+def is_unrepresentable(value: np.ndarray) -> bool:
+    """True when no single 8- or 16-bit range over ``value`` can keep its ordinary values apart."""
+    v = np.asarray(value)
+    if v.dtype.kind != "f" or v.size == 0:
+        return False
+    if not np.isfinite(v).all():
+        return True
+    a = np.abs(v.astype(np.float64, copy=False)).ravel()
+    top = float(a.max())
+    if top > SENTINEL_ABS:
+        return True
+    if top < SENTINEL_MIN_ABS:
+        return False
+    large = a >= top / LARGE_BAND
+    if int(large.sum()) < SENTINEL_MIN_COUNT:
+        return False
+    if float(a[large].min()) < top * (1 - SENTINEL_SPREAD):
+        return False  # the big values vary: an outlier channel, not a sentinel
+    rest = a[~large]
+    return rest.size > 0 and float(rest.max()) <= top / SENTINEL_GAP  # a constant tensor quantizes exactly
+
+
+def unrepresentable_nodes(model_path: Path, feeds: list[dict[str, np.ndarray]]) -> tuple[list[str], list[str]]:
+    """(nodes that produce or consume an unrepresentable float tensor on ``feeds``, those tensors)."""
+    import onnx
+
+    from edgeexport.onnxgraph import exposing_session, float_tensors
+
+    if not feeds:
+        return [], []
+    model = onnx.load(str(model_path))
+    sess, names = exposing_session(model, sorted(float_tensors(model)))
+    bad: set[str] = set()
+    for feed in feeds:
+        for name, value in zip(names, sess.run(None, {i.name: feed[i.name] for i in sess.get_inputs()})):
+            if name not in bad and isinstance(value, np.ndarray) and is_unrepresentable(value):
+                bad.add(name)
+    nodes = sorted({n.name or n.output[0] for n in model.graph.node if bad & (set(n.output) | set(n.input))})
+    return nodes, sorted(bad)
+
+
+def weighted_nodes(model: Any) -> list[str]:
+    """Names of Conv/ConvTranspose/Gemm/MatMul nodes whose weight (second input) is a constant."""
+    consts = {t.name for t in model.graph.initializer}
+    consts |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    return [n.name for n in model.graph.node
+            if n.op_type in WEIGHTED_OPS and len(n.input) > 1 and n.input[1] in consts and n.name]
+
+
+def family(model: Any) -> str:
+    """'transformer' when a Softmax reads the product of two activations (attention), else 'cnn'."""
+    consts = {t.name for t in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    act_matmuls = {n.output[0] for n in model.graph.node
+                   if n.op_type == "MatMul" and len(n.input) > 1 and not {n.input[0], n.input[1]} & consts}
+    for n in model.graph.node:
+        if n.op_type != "Softmax":
+            continue
+        todo, seen = [n.input[0]], set()
+        while todo:  # walk back through scaling, masking and reshapes to the scores' MatMul
+            name = todo.pop()
+            if name in act_matmuls:
+                return "transformer"
+            src = producer.get(name)
+            if src is None or name in seen or len(seen) > 8:
+                continue
+            seen.add(name)
+            if src.op_type in ("Add", "Mul", "Div", "Where", "Reshape", "Transpose", "Cast", "Sub"):
+                todo += [i for i in src.input if i and i not in consts]
+    return "cnn"
+
+
+def output_op_types(model: Any) -> list[str]:
+    """Op types of the weighted nodes that produce graph outputs (their outputs are left unquantized)."""
+    outs = {o.name for o in model.graph.output}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    types = set()
+    for name in outs:
+        node = producer.get(name)
+        # through a trailing reshape/flatten/identity to the layer that computes it
+        while node is not None and node.op_type in ("Reshape", "Flatten", "Identity", "Squeeze") and node.input:
+            node = producer.get(node.input[0])
+        if node is not None and node.op_type in WEIGHTED_OPS:
+            types.add(node.op_type)
+    return sorted(types)
+
+
+def _attr(node: Any, name: str, default: Any) -> Any:
+    import onnx
+
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def dequantized_weights(qdq_model: Any) -> dict[str, np.ndarray]:
+    """node name -> the weight its runtime will use (the DequantizeLinear of its constant weight input)."""
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in qdq_model.graph.initializer}
+    deq: dict[str, np.ndarray] = {}
+    for n in qdq_model.graph.node:
+        if n.op_type != "DequantizeLinear" or n.input[0] not in inits:
+            continue
+        q = numpy_helper.to_array(inits[n.input[0]]).astype(np.float64)
+        scale = numpy_helper.to_array(inits[n.input[1]]).astype(np.float64)
+        zp = numpy_helper.to_array(inits[n.input[2]]).astype(np.float64) if len(n.input) > 2 and n.input[2] else 0.0
+        if scale.ndim == 1 and scale.size > 1:
+            shape = [1] * q.ndim
+            shape[_attr(n, "axis", 1) % q.ndim] = -1
+            scale = scale.reshape(shape)
+            zp = np.reshape(zp, shape) if np.ndim(zp) else zp
+        deq[n.output[0]] = (q - zp) * scale
+    return {n.name: deq[n.input[1]] for n in qdq_model.graph.node
+            if n.op_type in WEIGHTED_OPS and len(n.input) > 1 and n.input[1] in deq and n.name}
+
+
+def rounded_weights(model: Any, qmax: int = 127) -> dict[str, np.ndarray]:
+    """node name -> its weight after symmetric per-output-channel rounding to [-qmax, qmax] (TFLite's and
+    TensorRT's int8 weight scheme), for converters whose quantizer cannot be asked what it will do."""
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    out = {}
+    for n in model.graph.node:
+        if n.op_type not in ("Conv", "Gemm") or len(n.input) < 2 or n.input[1] not in inits:
+            continue
+        w = numpy_helper.to_array(inits[n.input[1]]).astype(np.float64)
+        axis = 0 if n.op_type == "Conv" or _attr(n, "transB", 0) else 1
+        wm = np.moveaxis(w, axis, 0)
+        scale = np.abs(wm).reshape(wm.shape[0], -1).max(axis=1) / qmax
+        scale = np.where(scale > 0, scale, 1.0).reshape((-1,) + (1,) * (wm.ndim - 1))
+        out[n.name] = np.moveaxis(np.clip(np.round(wm / scale), -qmax, qmax) * scale, 0, axis)
+    return out
+
+
+def _channel_means(model_path: Path, axes: dict[str, int], feeds: Iterable[dict[str, np.ndarray]]
+                   ) -> dict[str, np.ndarray]:
+    """Mean of each channel (tensor name -> channel axis: 1 for NC.. conv inputs, -1 for features) over ``feeds``."""
+    import onnx
+
+    from edgeexport.onnxgraph import exposing_session
+
+    names = sorted(axes)
+    sess, _ = exposing_session(onnx.load(str(model_path)), names)
+    sums: dict[str, np.ndarray] = {}
+    count = 0
+    for feed in feeds:
+        values = sess.run(names, {i.name: feed[i.name] for i in sess.get_inputs()})
+        for name, v in zip(names, values):
+            v = np.moveaxis(np.asarray(v, dtype=np.float64), axes[name], 0)
+            sums[name] = sums.get(name, 0.0) + v.reshape(v.shape[0], -1).mean(axis=1)
+        count += 1
+    return {k: v / max(count, 1) for k, v in sums.items()}
+
+
+BIAS_SAMPLES = 64
+
+
+def _bias_of(node: Any, inits: dict[str, Any], consumers: dict[str, list]) -> Optional[Any]:
+    """The bias initializer of a Conv/Gemm (third input) or of a MatMul's only consumer Add(x, [O] constant)."""
+    if node.op_type in ("Conv", "Gemm"):
+        return inits.get(node.input[2]) if len(node.input) > 2 else None
+    users = consumers.get(node.output[0], [])
+    if node.op_type != "MatMul" or len(users) != 1 or users[0].op_type != "Add":
+        return None
+    other = [inits.get(i) for i in users[0].input if i != node.output[0]]
+    return other[0] if len(other) == 1 and other[0] is not None and len(other[0].dims) == 1 else None
+
+
+def _shift(node: Any, dw: np.ndarray, mu: np.ndarray) -> Optional[np.ndarray]:
+    """The mean output shift per output channel that weight error ``dw`` causes on inputs of channel means ``mu``."""
+    if node.op_type == "Conv":
+        groups = _attr(node, "group", 1)
+        cout, cin_g = dw.shape[:2]
+        if mu.shape[0] != groups * cin_g:
+            return None
+        mu_o = np.repeat(mu.reshape(groups, cin_g), cout // groups, axis=0)  # [cout, cin/group]
+        return np.einsum("oi,oi->o", dw.reshape(cout, cin_g, -1).sum(-1), mu_o)
+    if node.op_type == "Gemm":
+        if _attr(node, "transA", 0):
+            return None
+        return (dw if _attr(node, "transB", 0) else dw.T) @ mu
+    return dw.T @ mu if dw.ndim == 2 and dw.shape[0] == mu.shape[0] else None  # MatMul: x [.., I] @ W [I, O]
+
+
+def bias_correct(float_path: Path, dst: Path, quantized: dict[str, np.ndarray],
+                 feeds: Iterable[dict[str, np.ndarray]]) -> dict[str, Any]:
+    """Write ``float_path`` with each Conv/Gemm bias (and each MatMul's Add bias) minus the mean shift its weight
+    rounding causes. ``quantized`` maps node names to the weights the runtime will use. Layers without a bias are
+    left alone (one would have to be added). Returns what was done, for the manifest."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(float_path))
+    inits = {t.name: t for t in model.graph.initializer}
+    consumers: dict[str, list] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    todo = [(n, b) for n in model.graph.node if n.name in quantized and n.op_type in ("Conv", "Gemm", "MatMul")
+            and len(n.input) > 1 and n.input[1] in inits and (b := _bias_of(n, inits, consumers)) is not None]
+    used: dict[str, int] = {}
+    for _, b in todo:
+        used[b.name] = used.get(b.name, 0) + 1
+    todo = [(n, b) for n, b in todo if used[b.name] == 1]  # a bias shared by two layers cannot serve both
+    axes = {n.input[0]: 1 if n.op_type == "Conv" else -1 for n, _ in todo}
+    means = _channel_means(float_path, axes, feeds) if todo else {}
+    corrected = 0
+    for n, bias in todo:
+        w = numpy_helper.to_array(inits[n.input[1]]).astype(np.float64)
+        dw, mu = quantized[n.name] - w, means.get(n.input[0])
+        shift = _shift(n, dw, mu) if mu is not None and dw.shape == w.shape else None
+        b = numpy_helper.to_array(bias).astype(np.float64)
+        if shift is None or b.shape != shift.shape:
+            continue
+        bias.CopyFrom(numpy_helper.from_array((b - shift).astype(np.float32), bias.name))
+        corrected += 1
+    onnx.save(model, str(dst))
+    return {"bias_correction": "dW . E[x] subtracted from each bias", "bias_corrected_layers": corrected,
+            "bias_correction_samples": BIAS_SAMPLES}
+
+
+def integer_share(qdq_path: Path, float_path: Path, feed: dict[str, np.ndarray]) -> dict[str, Any]:
+    """What share of the weighted work really runs in integers: multiply-adds and weight bytes of the Conv/Gemm/
+    MatMul (and LSTM/GRU) nodes whose data and weight inputs both come from 8-bit DequantizeLinear (or that are
+    integer ops, e.g. ConvInteger, DynamicQuantizeLSTM), against all weighted nodes of the float graph."""
+    import onnx
+
+    from edgeexport.flops import _node_flops
+    from edgeexport.onnxgraph import exposing_session
+
+    fmodel = onnx.load(str(float_path))
+    qmodel = onnx.load(str(qdq_path))
+    integer_nodes = _integer_nodes(qmodel)
+    counted = [n for n in fmodel.graph.node if n.op_type in WEIGHTED_OPS + ("LSTM", "GRU", "RNN")]
+    shape: dict[str, list[int]] = {i.name: list(i.dims) for i in fmodel.graph.initializer}
+    wanted = sorted({x for n in counted for x in (*n.input[:2], n.output[0]) if x and x not in shape})
+    sess, names = exposing_session(fmodel, wanted)
+    for name, value in zip(names, sess.run(names, {i.name: feed[i.name] for i in sess.get_inputs()})):
+        shape[name] = list(np.shape(value))
+    weights = {t.name: prod(t.dims) for t in fmodel.graph.initializer}
+    macs = {"int": 0, "all": 0}
+    wbytes = {"int": 0, "all": 0}
+    float_layers = []
+    for n in counted:
+        flops = _node_flops(n, shape) if n.op_type in WEIGHTED_OPS else _recurrent_flops(n, shape)
+        wsize = sum(weights.get(i, 0) for i in n.input[1:3] if i) * 4
+        macs["all"] += flops // 2
+        wbytes["all"] += wsize
+        if n.name in integer_nodes:
+            macs["int"] += flops // 2
+            wbytes["int"] += wsize
+        else:
+            float_layers.append(n.name)
+    def share(d: dict[str, int]) -> float:
+        return round(d["int"] / d["all"], 4) if d["all"] else 0.0
+    return {"integer_mac_share": share(macs), "integer_weight_share": share(wbytes), "weighted_layers": len(counted),
+            "float_weighted_layers": len(float_layers), "float_layers_sample": float_layers[:10],
+            "macs_per_sample": macs["all"]}
+
+
+def _recurrent_flops(node: Any, shape: dict[str, list[int]]) -> int:
+    x, w, r = (shape.get(i) for i in node.input[:3])
+    if not x or not w or not r:
+        return 0
+    return 2 * x[0] * x[1] * (prod(w) // max(w[0], 1) + prod(r) // max(r[0], 1)) * w[0]  # seq x batch x gates
+
+
+_INTEGER_OPS = {"ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul", "DynamicQuantizeMatMul",
+                "DynamicQuantizeLSTM", "MatMulIntegerToFloat", "QGemm"}
+
+
+def _integer_nodes(qmodel: Any) -> set[str]:
+    """Names (as in the float graph) of weighted nodes that run on 8-bit inputs in ``qmodel``."""
+    from onnx import TensorProto
+
+    inits = {t.name: t for t in qmodel.graph.initializer}
+    producer = {o: n for n in qmodel.graph.node for o in n.output}
+    q_type = {}
+    for n in qmodel.graph.node:
+        if n.op_type == "QuantizeLinear" and len(n.input) > 2 and n.input[2] in inits:
+            q_type[n.output[0]] = inits[n.input[2]].data_type
+    eight = {TensorProto.INT8, TensorProto.UINT8}
+
+    def eight_bit(name: str) -> bool:
+        dq = producer.get(name)
+        if dq is None or dq.op_type != "DequantizeLinear":
+            return False
+        src = dq.input[0]
+        if src in inits:
+            return inits[src].data_type in eight
+        return q_type.get(src) in eight
+
+    out = set()
+    for n in qmodel.graph.node:
+        base = n.name.removesuffix("_quant")
+        if n.op_type in _INTEGER_OPS:
+            out.add(base)
+        elif n.op_type in WEIGHTED_OPS and len(n.input) > 1 and eight_bit(n.input[0]) and eight_bit(n.input[1]):
+            out.add(base)
+    return out
+
+
+def advise(share: dict[str, Any], threshold: float = 0.5) -> Optional[str]:
+    """A plain note when most of the weighted work stayed float (None otherwise)."""
+    s = share.get("integer_mac_share", 1.0)
+    if s >= threshold:
+        return None
+    return (f"only {s:.0%} of the multiply-adds ({share.get('integer_weight_share', 0):.0%} of the weight bytes) run "
+            f"in int8; {share['float_weighted_layers']} of {share['weighted_layers']} weighted layers stayed float "
+            f"(e.g. {', '.join(share['float_layers_sample'][:3])})")
+
+
+def take(feeds: Iterable[dict[str, np.ndarray]], n: int) -> list[dict[str, np.ndarray]]:
+    return [f for f, _ in zip(feeds, range(n))]
+
+

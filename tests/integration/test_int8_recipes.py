@@ -1,0 +1,159 @@
+"""Int8 recipes on classes of models built here (not the workloads they were tuned on): small encoders whose
+additive attention masks use the fills real exporters use, and a depthwise-separable residual CNN."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+pytestmark = pytest.mark.slow
+
+ENCODER = '''
+import torch
+import torch.nn as nn
+
+FILL = {fill}
+
+
+class Block(nn.Module):
+    def __init__(self, d, heads):
+        super().__init__()
+        self.h, self.dk = heads, d // heads
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.ff1, self.ff2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+        self.n1, self.n2 = nn.LayerNorm(d), nn.LayerNorm(d)
+
+    def split(self, x):
+        b, s, _ = x.shape
+        return x.view(b, s, self.h, self.dk).transpose(1, 2)
+
+    def forward(self, x, bias):
+        q, k, v = self.split(self.q(x)), self.split(self.k(x)), self.split(self.v(x))
+        scores = q @ k.transpose(-1, -2) / self.dk ** 0.5 + bias
+        ctx = (torch.softmax(scores, -1) @ v).transpose(1, 2).reshape(x.shape)
+        x = self.n1(x + self.o(ctx))
+        return self.n2(x + self.ff2(torch.nn.functional.gelu(self.ff1(x))))
+
+
+class Encoder(nn.Module):
+    def __init__(self, vocab=300, d=64, heads=4, layers=2):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.pos = nn.Embedding(vocab, d), nn.Parameter(torch.randn(1, 32, d) * 0.1)
+        self.blocks = nn.ModuleList(Block(d, heads) for _ in range(layers))
+
+    def forward(self, input_ids, attention_mask):
+        x = self.emb(input_ids) + self.pos
+        pad = attention_mask[:, None, None, :] == 0
+        bias = torch.where(pad, torch.tensor(FILL), torch.tensor(0.0))  # the exporters' additive mask
+        for b in self.blocks:
+            x = b(x, bias)
+        m = attention_mask[..., None].float()
+        return (x * m).sum(1) / m.sum(1)
+
+
+def build():
+    return {{"model": Encoder().eval(), "inputs": ["input_ids:1x32:int64", "attention_mask:1x32:int64"]}}
+'''
+
+
+@pytest.fixture(scope="module")
+def tokens(tmp_path_factory):
+    """Token ids of real English sentences (hashed words), padded to 32 with their attention masks."""
+    from edgeexport.models.sentences import sentences
+
+    ids, masks = [], []
+    for s in sentences(160):
+        words = [sum(map(ord, w)) % 299 + 1 for w in s.split()][:32]
+        ids.append(words + [0] * (32 - len(words)))
+        masks.append([1] * len(words) + [0] * (32 - len(words)))
+    path = tmp_path_factory.mktemp("tok") / "tokens.npz"
+    np.savez(path, input_ids=np.array(ids, np.int64), attention_mask=np.array(masks, np.int64))
+    return path
+
+
+@pytest.mark.parametrize("fill", ["torch.finfo(torch.float32).min", "-1e4"])
+def test_encoders_with_additive_masks_keep_their_embeddings_at_int8(cli, tokens, tmp_path, fill):
+    """The mask's sentinel would squeeze every real attention score onto the zero point; it stays float, the
+    transformer recipe quantizes the weighted MatMuls, and the embedding survives."""
+    (tmp_path / "enc.py").write_text(ENCODER.format(fill=fill))
+    out = tmp_path / "b"
+    r = cli("build", "--model", f"{tmp_path / 'enc.py'}:build", "--calib", tokens, "--precision", "int8",
+            "--out", out, "--no-bench")
+    assert r.exit_code == 0, r.stderr
+    assert "sentinel values" in r.stderr
+    m = json.loads((out / "manifest.json").read_text())
+    q = m["quantization"]
+    assert q["graph_family"] == "transformer" and q["recipe"] == "weighted"
+    assert any("Softmax" in n or "softmax" in n for n in q["exclude_nodes"]) or q["exclude_nodes"]
+    cos = next(c["value"] for c in m["validation"]["checks"] if c["metric"] == "cosine")
+    assert cos >= 0.99, cos
+    share = q["integer_share"]
+    assert share["integer_weight_share"] == 1.0 and 0.5 < share["integer_mac_share"] < 1.0  # scores stay float
+    graph = onnx.load(str(out / "model.onnx")).graph
+    weighted = [n for n in graph.node if n.op_type == "MatMul"]
+    assert sum(1 for n in graph.node if n.op_type == "DequantizeLinear") >= 12 and weighted
+
+
+SEPARABLE = '''
+import torch
+import torch.nn as nn
+
+
+class Block(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.dw = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, groups=c), nn.BatchNorm2d(c), nn.ReLU6())
+        self.pw = nn.Sequential(nn.Conv2d(c, c, 1), nn.BatchNorm2d(c))
+
+    def forward(self, x):
+        return x + self.pw(self.dw(x))
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 24, 3, padding=1), nn.BatchNorm2d(24), nn.ReLU6())
+        self.blocks = nn.Sequential(Block(24), Block(24), Block(24))
+        self.head = nn.Linear(24, 10)
+
+    def forward(self, image):
+        return self.head(self.blocks(self.stem(image)).mean((2, 3)))
+
+
+def build():
+    from edgeexport.models.digits import fit, load_data
+
+    torch.manual_seed(0)
+    x, y, _, _ = load_data()
+    return {"model": fit(Net(), x, y, epochs=8, lr=3e-3).eval(), "example_inputs": {"image": torch.zeros(1, 1, 8, 8)}}
+'''
+
+
+def test_a_depthwise_residual_cnn_is_bias_corrected_and_fully_integer(cli, digits_npz, tmp_path):
+    (tmp_path / "sep.py").write_text(SEPARABLE)
+    out = tmp_path / "b"
+    r = cli("build", "--model", f"{tmp_path / 'sep.py'}:build", "--calib", digits_npz, "--precision", "int8",
+            "--out", out, "--no-bench")
+    assert r.exit_code == 0, r.stderr
+    m = json.loads((out / "manifest.json").read_text())
+    q = m["quantization"]
+    assert q["graph_family"] == "cnn" and q["recipe"] == "full" and q["reduce_range"] is False
+    assert q["bias_corrected_layers"] >= 7 and q["unquantized_outputs_of"] == ["Gemm"]
+    assert q["integer_share"]["integer_mac_share"] == 1.0
+    assert m["validation"]["passed"] and m["validation"]["task"]["drop_points"] <= 1.0
+    assert "integer: 100.0% of the multiply-adds" in r.stderr
+
+
+def test_device_preset_sets_the_weight_range_and_says_why(cli, digits_npz, tmp_path):
+    out = tmp_path / "avx2"
+    r = cli("build", "--model", "edgeexport.models.digits:model", "--calib", digits_npz, "--precision", "int8",
+            "--option", "device=x86-avx2", "--out", out, "--no-bench")
+    assert r.exit_code == 0, r.stderr
+    q = json.loads((out / "manifest.json").read_text())["quantization"]
+    assert q["device"] == "x86-avx2" and q["reduce_range"] is True and "VPMADDUBSW" in q["reduce_range_reason"]
+    r = cli("build", "--model", "edgeexport.models.digits:model", "--calib", digits_npz, "--precision", "int8",
+            "--option", "device=x86-avx2", "--option", "reduce_range=false", "--out", tmp_path / "o", "--no-bench")
+    q = json.loads((tmp_path / "o" / "manifest.json").read_text())["quantization"]
+    assert q["reduce_range"] is False and q["reduce_range_reason"] == "set by --option reduce_range"

@@ -1,0 +1,159 @@
+"""The int8 recipe pieces on small graphs built in code: sentinel detection, graph families, bias correction,
+integer share."""
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from edgeexport import recipes
+
+RNG = np.random.default_rng(0)
+
+
+def _scores(pads: int, fill: float) -> np.ndarray:
+    """[1, heads, 16, 16] attention scores plus an additive mask over the last ``pads`` key positions."""
+    s = RNG.standard_normal((1, 4, 16, 16)).astype(np.float32) * 3
+    s[..., 16 - pads:] += fill
+    return s
+
+
+@pytest.mark.parametrize("fill", [np.finfo(np.float32).min, -1e9, -1e4, -np.inf])
+def test_additive_masks_are_unrepresentable_whatever_their_fill(fill):
+    assert recipes.is_unrepresentable(_scores(5, fill))
+    mask = np.zeros((1, 1, 1, 16), np.float32)
+    mask[..., 10:] = fill
+    assert recipes.is_unrepresentable(np.broadcast_to(mask, (1, 4, 16, 16)).copy())
+
+
+def test_outlier_channels_and_ordinary_tensors_are_not_sentinels():
+    x = np.abs(RNG.standard_normal((1, 64, 8, 8)).astype(np.float32))
+    assert not recipes.is_unrepresentable(x)
+    x[:, 3] *= 400  # an outlier channel varies: int16 or float fallback is for the ranking to decide
+    assert not recipes.is_unrepresentable(x * 10)
+    one = np.zeros((1, 1000), np.float32)
+    one[0, 0] = 1e6  # a single huge value is not a mask
+    assert not recipes.is_unrepresentable(one)
+    assert not recipes.is_unrepresentable(np.full((4, 4), 5000.0, np.float32))  # no small values: nothing lost
+    assert not recipes.is_unrepresentable(np.arange(10, dtype=np.int64))
+
+
+def _graph(nodes, inputs, outputs, inits):
+    g = helper.make_graph(nodes, "g", inputs, outputs, [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _vi(name, shape):
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+
+
+def test_family_tells_attention_from_convolutions():
+    w = RNG.standard_normal((8, 8)).astype(np.float32)
+    attn = _graph([helper.make_node("MatMul", ["x", "w"], ["q"], name="proj"),
+                   helper.make_node("Transpose", ["x"], ["xt"], perm=[0, 2, 1], name="t"),
+                   helper.make_node("MatMul", ["q", "xt"], ["s"], name="scores"),
+                   helper.make_node("Add", ["s", "mask"], ["sm"], name="masked"),
+                   helper.make_node("Softmax", ["sm"], ["p"], axis=-1, name="softmax"),
+                   helper.make_node("MatMul", ["p", "x"], ["y"], name="ctx")],
+                  [_vi("x", [1, 8, 8])], [_vi("y", [1, 8, 8])],
+                  {"w": w, "mask": np.zeros((1, 8, 8), np.float32)})
+    assert recipes.family(attn) == "transformer"
+    assert recipes.weighted_nodes(attn) == ["proj"]  # the activation x activation MatMuls are not weighted
+    conv = _graph([helper.make_node("Conv", ["x", "k", "b"], ["c"], name="conv"),
+                   helper.make_node("Flatten", ["c"], ["f"], name="flat"),
+                   helper.make_node("Gemm", ["f", "fc", "fb"], ["logits"], transB=1, name="fc"),
+                   helper.make_node("Softmax", ["logits"], ["y"], name="softmax")],
+                  [_vi("x", [1, 2, 4, 4])], [_vi("y", [1, 3])],
+                  {"k": RNG.standard_normal((4, 2, 1, 1)).astype(np.float32), "b": np.zeros(4, np.float32),
+                   "fc": RNG.standard_normal((3, 64)).astype(np.float32), "fb": np.zeros(3, np.float32)})
+    assert recipes.family(conv) == "cnn"  # a classifier's softmax reads a Gemm, not attention
+    assert recipes.weighted_nodes(conv) == ["conv", "fc"]
+
+
+def _run(model, feed):
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+
+
+@pytest.mark.parametrize("kind", ["conv", "depthwise", "gemm", "matmul_add"])
+def test_bias_correction_cancels_the_mean_shift_of_weight_rounding(tmp_path, kind):
+    """With the rounded weights in place, the corrected model's mean output equals the float model's (exactly,
+    for 1x1 kernels without padding), while the uncorrected one is off."""
+    cin, cout = 6, 6
+    if kind in ("conv", "depthwise"):
+        group = cin if kind == "depthwise" else 1
+        w = RNG.standard_normal((cout, cin // group, 1, 1)).astype(np.float32)
+        nodes = [helper.make_node("Conv", ["x", "w", "b"], ["y"], group=group, name="layer")]
+        shape, feed_shape = [1, cin, 5, 5], (1, cin, 5, 5)
+        inits = {"w": w, "b": RNG.standard_normal(cout).astype(np.float32)}
+    elif kind == "gemm":
+        w = RNG.standard_normal((cout, cin)).astype(np.float32)
+        nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["y"], transB=1, name="layer")]
+        shape, feed_shape = [1, cin], (1, cin)
+        inits = {"w": w, "b": RNG.standard_normal(cout).astype(np.float32)}
+    else:
+        w = RNG.standard_normal((cin, cout)).astype(np.float32)
+        nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="layer"),
+                 helper.make_node("Add", ["h", "b"], ["y"], name="bias")]
+        shape, feed_shape = [1, 7, cin], (1, 7, cin)
+        inits = {"w": w, "b": RNG.standard_normal(cout).astype(np.float32)}
+    model = _graph(nodes, [_vi("x", shape)], [_vi("y", None)], inits)
+    src = tmp_path / "f.onnx"
+    onnx.save(model, str(src))
+    feeds = [{"x": (RNG.standard_normal(feed_shape) + 2.0).astype(np.float32)} for _ in range(32)]  # non-zero means
+    rounded = w + RNG.uniform(-0.05, 0.05, w.shape)  # what a quantizer's rounding did to the weight
+    done = recipes.bias_correct(src, tmp_path / "c.onnx", {"layer": rounded}, feeds)
+    assert done["bias_corrected_layers"] == 1
+
+    def with_rounded(path):
+        m = onnx.load(str(path))
+        for t in m.graph.initializer:
+            if t.name == "w":
+                t.CopyFrom(numpy_helper.from_array(rounded.astype(np.float32), "w"))
+        return m
+
+    def mean_out(m):
+        outs = np.stack([_run(m, f) for f in feeds])
+        return outs.mean(axis=tuple(a for a in range(outs.ndim) if a != (2 if kind in ("conv", "depthwise") else outs.ndim - 1)))
+
+    ref = mean_out(model)
+    assert np.abs(mean_out(with_rounded(src)) - ref).max() > 1e-2  # the rounding shifted the means ...
+    np.testing.assert_allclose(mean_out(with_rounded(tmp_path / "c.onnx")), ref, atol=1e-4)  # ... corrected
+
+
+def test_rounded_weights_are_symmetric_per_channel():
+    w = RNG.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    model = _graph([helper.make_node("Conv", ["x", "w"], ["y"], name="c")], [_vi("x", [1, 3, 5, 5])],
+                   [_vi("y", None)], {"w": w})
+    q = recipes.rounded_weights(model)["c"]
+    for o in range(4):
+        step = np.abs(w[o]).max() / 127
+        np.testing.assert_allclose(q[o] / step, np.round(q[o] / step), atol=1e-6)
+        assert np.abs(q[o] - w[o]).max() <= step / 2 + 1e-9
+
+
+def test_integer_share_counts_what_really_runs_in_int8(tmp_path):
+    """A Q/DQ Gemm on int8 weights and activations counts; a float Gemm next to it does not."""
+    from onnxruntime.quantization import QuantType, quantize_static
+
+    w1 = RNG.standard_normal((16, 32)).astype(np.float32)
+    w2 = RNG.standard_normal((4, 16)).astype(np.float32)
+    model = _graph([helper.make_node("Gemm", ["x", "w1"], ["h"], transB=1, name="big"),
+                    helper.make_node("Gemm", ["h", "w2"], ["y"], transB=1, name="small")],
+                   [_vi("x", [1, 32])], [_vi("y", [1, 4])], {"w1": w1, "w2": w2})
+    src, dst = tmp_path / "f.onnx", tmp_path / "q.onnx"
+    onnx.save(model, str(src))
+
+    class Reader:
+        def __init__(self):
+            self.it = iter([{"x": RNG.standard_normal((1, 32)).astype(np.float32)} for _ in range(8)])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    quantize_static(str(src), str(dst), Reader(), nodes_to_exclude=["small"], weight_type=QuantType.QInt8)
+    share = recipes.integer_share(dst, src, {"x": np.ones((1, 32), np.float32)})
+    assert share["weighted_layers"] == 2 and share["float_weighted_layers"] == 1
+    assert share["integer_mac_share"] == pytest.approx(512 / (512 + 64), abs=1e-3)
+    assert recipes.advise(share) is None  # most of the work is integer
+    assert "stayed float" in recipes.advise({**share, "integer_mac_share": 0.1})
