@@ -72,9 +72,9 @@ def test_minilm_example_reports_both_int8_modes(tmp_path):
     dyn = json.loads((tmp_path / "out" / "int8-dynamic.json").read_text())
     assert dyn["ok"] and dyn["validation"]["outputs"]["sentence_embedding"]["cosine"] >= 0.99
     static = json.loads((tmp_path / "out" / "int8.json").read_text())
-    assert "sentence_embedding" in static["validation"]["outputs"]  # reported either way
-    # static int8 is refused, and --explain says where: attention's MatMuls add the most error
+    # static int8 no longer collapses (the mask's -3.4e38 stays float; only weighted MatMuls are quantized)
+    assert static["ok"] and static["validation"]["outputs"]["sentence_embedding"]["cosine"] >= 0.98
     ranking = r.stderr[r.stderr.index("layers adding the most error"):].splitlines()[2:5]
-    assert all("attention" in line and "MatMul" in line for line in ranking), ranking
-    assert "int8-dynamic: validated" in r.stdout and "selftest passed" in r.stdout
+    assert len(ranking) == 3 and all(line.split()[0].isdigit() for line in ranking), ranking
+    assert "int8: validated" in r.stdout and "int8-dynamic: validated" in r.stdout and "selftest passed" in r.stdout
     assert "similarity of the first two sentences" in r.stdout
