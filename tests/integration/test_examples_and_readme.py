@@ -74,7 +74,7 @@ def test_minilm_example_reports_both_int8_modes(tmp_path):
     static = json.loads((tmp_path / "out" / "int8.json").read_text())
     # static int8 no longer collapses (the mask's -3.4e38 stays float; only weighted MatMuls are quantized)
     assert static["ok"] and static["validation"]["outputs"]["sentence_embedding"]["cosine"] >= 0.98
-    ranking = r.stderr[r.stderr.index("layers adding the most error"):].splitlines()[2:5]
-    assert len(ranking) == 3 and all(line.split()[0].isdigit() for line in ranking), ranking
+    ranking = r.stderr[r.stderr.index("layers adding the most error"):].splitlines()[2:14]
+    assert sum(1 for line in ranking if line.split() and line.split()[0].isdigit()) >= 3, ranking
     assert "int8: validated" in r.stdout and "int8-dynamic: validated" in r.stdout and "selftest passed" in r.stdout
     assert "similarity of the first two sentences" in r.stdout
