@@ -72,6 +72,7 @@ def search(config: BuildConfig, source: Any, calib: Any, onnx_path: Path, output
     and the record. Each round moves the worst layers one step up: int8 -> int16 activations (where the target
     runs them) -> float. Once the budget holds, layers are tried back at their lower precision, last moved first,
     and kept there when the budget still holds."""
+    from edgeexport.recipes import take
     from edgeexport.sensitivity import label, rank_layers
     from edgeexport.targets import get_target
 
@@ -83,7 +84,7 @@ def search(config: BuildConfig, source: Any, calib: Any, onnx_path: Path, output
     steps: list[dict[str, Any]] = []
     moves: list[tuple[str, Any]] = []  # ("int16", tensor) or ("float", [nodes]) in the order they were made
     best: Optional[dict[str, Any]] = None
-    feeds = [f for f, _ in zip(calib.calibration(), range(RANK_SAMPLES))]
+    feeds = take(calib.calibration(), RANK_SAMPLES)
     weighted: set[str] = set()
     relation = ">=" if BUDGET_METRICS[metric] == "min" else "<="
     log(f"==> accuracy budget: {metric} {relation} {limit:g} on {len(calib.holdout_idx)} held-out samples"
@@ -163,6 +164,7 @@ def _give_back(steps: list, moves: list, excluded: list[str], wide: list[str], e
     """With the budget met, try each move back at its lower precision (float -> int16/int8, int16 -> int8), the
     last made first; keep the ones the budget survives. At most ``tries`` rebuilds."""
     seen = {(tuple(sorted(s["float_nodes"])), tuple(sorted(s["int16_tensors"]))): s["value"] for s in steps}
+    kept = steps[-1]["value"]  # the value of the mix that will be built
     for kind, what in list(reversed(moves))[:tries]:
         if kind == "int16":
             trial_excl, trial_wide = excluded, [t for t in wide if t != what]
@@ -180,9 +182,8 @@ def _give_back(steps: list, moves: list, excluded: list[str], wide: list[str], e
         steps.append({"step": len(steps), "give_back": {kind: what}, "float_nodes": list(trial_excl),
                       "int16_tensors": list(trial_wide), "value": value, "met": ok})
         if ok:
-            excluded, wide = list(trial_excl), list(trial_wide)
+            excluded, wide, kept = list(trial_excl), list(trial_wide), value
     if steps[-1]["met"] is False:  # the final record must describe what is built
         steps.append({"step": len(steps), "float_nodes": list(excluded), "int16_tensors": list(wide),
-                      "value": max((s["value"] for s in steps if s["met"] and s["float_nodes"] == excluded
-                                    and s["int16_tensors"] == wide), default=None), "met": True, "final": True})
+                      "value": kept, "met": True, "final": True})
     return excluded, wide

@@ -54,21 +54,27 @@ def _node_flops(node: Any, shape: dict[str, list[int]]) -> int:
     return 0
 
 
+def tensor_shapes(model: Any, nodes: list[Any], feed: Mapping[str, np.ndarray]) -> dict[str, list[int]]:
+    """Shapes of the data/weight inputs and the output of ``nodes`` on one run of ``model`` (a ModelProto,
+    extended in place) on ``feed``, plus every initializer's."""
+    from edgeexport.onnxgraph import exposing_session
+
+    shape: dict[str, list[int]] = {i.name: list(i.dims) for i in model.graph.initializer}
+    wanted = {name for n in nodes for name in (*n.input[:2], n.output[0]) if name and name not in shape}
+    sess, names = exposing_session(model, sorted(wanted))
+    for name, value in zip(names, sess.run(names, {i.name: feed[i.name] for i in sess.get_inputs()})):
+        shape[name] = list(np.shape(value))
+    return shape
+
+
 def count_flops(onnx_path: Path, feed: Mapping[str, np.ndarray]) -> dict[str, Any]:
     """FLOPs of one run of the float ONNX model on ``feed``, per op type, plus its parameter count."""
     import onnx
 
-    from edgeexport.onnxgraph import exposing_session
-
     model = onnx.load(str(onnx_path))
     graph = model.graph
-    shape: dict[str, list[int]] = {i.name: list(i.dims) for i in graph.initializer}
     counted = [n for n in graph.node if n.op_type in COUNTED_OPS]
-    wanted = {name for n in counted for name in (*n.input[:2], n.output[0]) if name and name not in shape}
-    sess, names = exposing_session(model, sorted(wanted))
-    feeds = {i.name: feed[i.name] for i in sess.get_inputs()}
-    for name, value in zip(names, sess.run(names, feeds)):
-        shape[name] = list(np.shape(value))
+    shape = tensor_shapes(model, counted, feed)
     by_op: dict[str, int] = {}
     for node in counted:
         by_op[node.op_type] = by_op.get(node.op_type, 0) + _node_flops(node, shape)

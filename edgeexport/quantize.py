@@ -81,10 +81,9 @@ def preprocess(src: Path, dst: Path) -> list[str]:
 def nonfinite_exclusions(pre: Path, calibration: "CalibrationSet") -> tuple[list[str], list[str]]:
     """Nodes to keep in float because their tensors hold values no 8-bit range can represent on calibration data
     (-inf/inf/NaN, or sentinels such as the -3.4e38 of an additive attention mask), and a note saying so."""
-    from edgeexport.recipes import unrepresentable_nodes
+    from edgeexport.recipes import take, unrepresentable_nodes
 
-    probe = [f for f, _ in zip(calibration.calibration(), range(PROBE_SAMPLES))]
-    nodes, tensors = unrepresentable_nodes(pre, probe)
+    nodes, tensors = unrepresentable_nodes(pre, take(calibration.calibration(), PROBE_SAMPLES))
     if not nodes:
         return [], []
     return nodes, [f"kept {len(nodes)} node(s) in float because {len(tensors)} of their tensors hold -inf/inf/NaN or "
@@ -169,3 +168,21 @@ def quantize_qdq(pre: Path, dst: Path, ranges_json: Path, method: str, *, per_ch
             raise TargetError("ONNX Runtime static quantization failed", f"{type(e).__name__}: {str(e)[:300]}",
                               "exclude the failing nodes (--option exclude_nodes=[...]) or try --precision "
                               "int8-dynamic") from None
+
+
+def requantize_bias_corrected(pre: Path, dst: Path, ranges_json: Path, method: str, calibration: "CalibrationSet",
+                              qargs: dict[str, Any]) -> dict[str, Any]:
+    """After :func:`quantize_qdq` wrote ``dst`` from ``pre``: correct each bias for the rounding of the weights
+    ``dst`` holds, and quantize again from the same ranges (the weights come out the same; only biases moved).
+    Returns the manifest's record of it."""
+    import onnx
+
+    from edgeexport import recipes
+
+    fixed = pre.parent / "bias_corrected.onnx"
+    done = recipes.bias_correct(pre, fixed, recipes.dequantized_weights(onnx.load(str(dst))),
+                                recipes.take(calibration.calibration(), recipes.BIAS_SAMPLES))
+    if not done["bias_corrected_layers"]:
+        return {"bias_correction": "no Conv/Gemm with a bias was quantized"}
+    quantize_qdq(fixed, dst, ranges_json, method, **qargs)
+    return done

@@ -26,7 +26,8 @@ from typing import Any, Iterable, Optional
 
 import numpy as np
 
-WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+from edgeexport.flops import COUNTED_OPS as WEIGHTED_OPS  # Conv, ConvTranspose, MatMul, Gemm
+from edgeexport.flops import _attr
 #: a tensor whose largest magnitude is beyond this holds a sentinel, whatever its other values
 SENTINEL_ABS = 1e30
 #: sentinel test: the large values (within LARGE_BAND of the maximum) agree to this relative spread ...
@@ -125,15 +126,6 @@ def output_op_types(model: Any) -> list[str]:
     return sorted(types)
 
 
-def _attr(node: Any, name: str, default: Any) -> Any:
-    import onnx
-
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return default
-
-
 def dequantized_weights(qdq_model: Any) -> dict[str, np.ndarray]:
     """node name -> the weight its runtime will use (the DequantizeLinear of its constant weight input)."""
     from onnx import numpy_helper
@@ -176,8 +168,9 @@ def rounded_weights(model: Any, qmax: int = 127) -> dict[str, np.ndarray]:
 
 
 def _channel_means(model_path: Path, axes: dict[str, int], feeds: Iterable[dict[str, np.ndarray]]
-                   ) -> dict[str, np.ndarray]:
-    """Mean of each channel (tensor name -> channel axis: 1 for NC.. conv inputs, -1 for features) over ``feeds``."""
+                   ) -> tuple[dict[str, np.ndarray], int]:
+    """Mean of each channel (tensor name -> channel axis: 1 for NC.. conv inputs, -1 for features) over ``feeds``,
+    and how many feeds there were."""
     import onnx
 
     from edgeexport.onnxgraph import exposing_session
@@ -192,7 +185,7 @@ def _channel_means(model_path: Path, axes: dict[str, int], feeds: Iterable[dict[
             v = np.moveaxis(np.asarray(v, dtype=np.float64), axes[name], 0)
             sums[name] = sums.get(name, 0.0) + v.reshape(v.shape[0], -1).mean(axis=1)
         count += 1
-    return {k: v / max(count, 1) for k, v in sums.items()}
+    return {k: v / max(count, 1) for k, v in sums.items()}, count
 
 
 BIAS_SAMPLES = 64
@@ -246,7 +239,7 @@ def bias_correct(float_path: Path, dst: Path, quantized: dict[str, np.ndarray],
         used[b.name] = used.get(b.name, 0) + 1
     todo = [(n, b) for n, b in todo if used[b.name] == 1]  # a bias shared by two layers cannot serve both
     axes = {n.input[0]: 1 if n.op_type == "Conv" else -1 for n, _ in todo}
-    means = _channel_means(float_path, axes, feeds) if todo else {}
+    means, samples = _channel_means(float_path, axes, feeds) if todo else ({}, 0)
     corrected = 0
     for n, bias in todo:
         w = numpy_helper.to_array(inits[n.input[1]]).astype(np.float64)
@@ -259,7 +252,7 @@ def bias_correct(float_path: Path, dst: Path, quantized: dict[str, np.ndarray],
         corrected += 1
     onnx.save(model, str(dst))
     return {"bias_correction": "dW . E[x] subtracted from each bias", "bias_corrected_layers": corrected,
-            "bias_correction_samples": BIAS_SAMPLES}
+            "bias_correction_samples": samples}
 
 
 def integer_share(qdq_path: Path, float_path: Path, feed: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -268,18 +261,12 @@ def integer_share(qdq_path: Path, float_path: Path, feed: dict[str, np.ndarray])
     integer ops, e.g. ConvInteger, DynamicQuantizeLSTM), against all weighted nodes of the float graph."""
     import onnx
 
-    from edgeexport.flops import _node_flops
-    from edgeexport.onnxgraph import exposing_session
+    from edgeexport.flops import _node_flops, tensor_shapes
 
     fmodel = onnx.load(str(float_path))
-    qmodel = onnx.load(str(qdq_path))
-    integer_nodes = _integer_nodes(qmodel)
+    integer_nodes = _integer_nodes(onnx.load(str(qdq_path)))
     counted = [n for n in fmodel.graph.node if n.op_type in WEIGHTED_OPS + ("LSTM", "GRU", "RNN")]
-    shape: dict[str, list[int]] = {i.name: list(i.dims) for i in fmodel.graph.initializer}
-    wanted = sorted({x for n in counted for x in (*n.input[:2], n.output[0]) if x and x not in shape})
-    sess, names = exposing_session(fmodel, wanted)
-    for name, value in zip(names, sess.run(names, {i.name: feed[i.name] for i in sess.get_inputs()})):
-        shape[name] = list(np.shape(value))
+    shape = tensor_shapes(fmodel, counted, feed)
     weights = {t.name: prod(t.dims) for t in fmodel.graph.initializer}
     macs = {"int": 0, "all": 0}
     wbytes = {"int": 0, "all": 0}

@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING, Any, Mapping, Optional
 import numpy as np
 
 from edgeexport.errors import TargetError
-from edgeexport.quantize import calibrate_ranges, nonfinite_exclusions, preprocess, quantize_qdq, to_fp16
+from edgeexport.quantize import (calibrate_ranges, nonfinite_exclusions, preprocess, quantize_qdq,
+                                 requantize_bias_corrected, to_fp16)
 from edgeexport.targets.base import Artifact, Problem, Runner, Target, ort_io
 from edgeexport.util import quiet
 
@@ -90,7 +91,9 @@ class OrtTarget(Target):
     def options(self, config: "BuildConfig") -> dict[str, Any]:
         opts = {k: config.target_options.get(k, default) for k, (default, _) in OPTIONS.items()}
         if opts["reduce_range"] is None:
-            opts["reduce_range"] = DEVICES[opts["device"]][0]
+            opts["reduce_range"], opts["reduce_range_reason"] = DEVICES[opts["device"]]
+        else:
+            opts["reduce_range_reason"] = "set by --option reduce_range"
         return opts
 
     def build(self, source: "ModelSource", config: "BuildConfig", calibration: "CalibrationSet", workdir: Path,
@@ -144,8 +147,7 @@ def quantize_dynamic(src: Path, dst: Path, opts: dict[str, Any]) -> dict[str, An
                               "try --precision int8 (static) or exclude the failing op types") from None
     return {"quantization": "dynamic", "weight_type": "int8", "activations": "quantized at run time (uint8)",
             "per_channel": opts["per_channel"], "reduce_range": opts["reduce_range"], "device": opts["device"],
-            "reduce_range_reason": DEVICES[opts["device"]][1] if opts["reduce_range"] == DEVICES[opts["device"]][0]
-            else "set by --option reduce_range",
+            "reduce_range_reason": opts["reduce_range_reason"],
             "op_types": opts["op_types"] or DYNAMIC_OP_TYPES,
             "exclude_nodes": opts["exclude_nodes"]}
 
@@ -184,24 +186,15 @@ def quantize_static(src: Path, dst: Path, opts: dict[str, Any], config: "BuildCo
                      "their outputs are quantized instead")
         no_output_q, qargs["extra_options"] = [], {}
         quantize_qdq(pre, dst, ranges, used, **qargs)
-    corrected: dict[str, Any] = {"bias_correction": False}
-    if opts["bias_correction"]:
-        fixed = workdir / "bias_corrected.onnx"
-        feeds = recipes.take(calibration.calibration(), recipes.BIAS_SAMPLES)
-        corrected = recipes.bias_correct(pre, fixed, recipes.dequantized_weights(onnx.load(str(dst))), feeds)
-        if corrected["bias_corrected_layers"]:
-            quantize_qdq(fixed, dst, ranges, used, **qargs)  # same ranges, same weights: only the biases moved
-        else:
-            corrected = {"bias_correction": "no Conv/Gemm with a bias was quantized"}
-    reason = (DEVICES[opts["device"]][1] if opts["reduce_range"] == DEVICES[opts["device"]][0]
-              else "set by --option reduce_range")
+    corrected = (requantize_bias_corrected(pre, dst, ranges, used, calibration, qargs) if opts["bias_correction"]
+                 else {"bias_correction": False})
     settings = {
         "quantization": "static", "format": "onnx-qdq", "quantizer": f"onnxruntime.quantization {_ort_version()}",
         "recipe": recipe, "recipe_requested": opts["recipe"], "graph_family": family,
         "calibration_method": used, "calibration_method_requested": method,
         "calibration_samples": len(calibration.calib_idx), "weight_type": "int8",
         "activation_type": opts["activation_type"], "per_channel": opts["per_channel"], "device": opts["device"],
-        "reduce_range": opts["reduce_range"], "reduce_range_reason": reason,
+        "reduce_range": opts["reduce_range"], "reduce_range_reason": opts["reduce_range_reason"],
         "op_types": opts["op_types"] or ("Conv/Gemm/MatMul with constant weights" if recipe == "weighted"
                                          else "ORT default"),
         "unquantized_outputs_of": no_output_q, "exclude_nodes": exclude,

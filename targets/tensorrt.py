@@ -21,7 +21,8 @@ import numpy as np
 
 from edgeexport.bundle.loader import write_calibration_cache
 from edgeexport.errors import ConfigError, TargetError
-from edgeexport.quantize import calibrate_ranges, load_ranges, nonfinite_exclusions, preprocess, quantize_qdq, to_fp16
+from edgeexport.quantize import (calibrate_ranges, load_ranges, nonfinite_exclusions, preprocess, quantize_qdq,
+                                 requantize_bias_corrected, to_fp16)
 from edgeexport.targets.base import Artifact, Problem, Runner, Target, ort_io
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -60,8 +61,8 @@ OPTIONS: dict[str, tuple[Any, str]] = {
     "exclude_nodes": ([], "int8: node names to keep in float"),
     "bias_correction": (True, "int8: subtract the mean shift that weight rounding causes from each Conv/Gemm bias"),
 }
-_TYPES = {"workspace_mb": int, "timing_cache": bool, "bias_correction": bool, "gpu_fallback": bool, "version_compatible": bool,
-          "trt_version": str, "profiles": dict}
+_TYPES = {"workspace_mb": int, "timing_cache": bool, "bias_correction": bool, "gpu_fallback": bool,
+          "version_compatible": bool, "trt_version": str, "profiles": dict}
 
 
 class TrtTarget(Target):
@@ -244,17 +245,9 @@ def quantize_for_tensorrt(onnx_path: Path, out: Path, o: dict[str, Any], config:
                                 # clips away: EfficientNet-Lite0 top-1 agreement 0.72 with it, 0.94 without
                                 "OpTypesToExcludeOutputQuantization": list(o["op_types"])})
     quantize_qdq(pre, qdq, ranges, used, **qargs)
+    corrected = (requantize_bias_corrected(pre, qdq, ranges, used, calibration, qargs) if o["bias_correction"]
+                 else {"bias_correction": False})
     import onnx
-
-    from edgeexport import recipes
-
-    corrected: dict[str, Any] = {"bias_correction": False}
-    if o["bias_correction"]:
-        feeds = recipes.take(calibration.calibration(), recipes.BIAS_SAMPLES)
-        corrected = recipes.bias_correct(pre, workdir / "bias_corrected.onnx",
-                                         recipes.dequantized_weights(onnx.load(str(qdq))), feeds)
-        if corrected["bias_corrected_layers"]:
-            quantize_qdq(workdir / "bias_corrected.onnx", qdq, ranges, used, **qargs)
 
     violations = qdq_violations(onnx.load(str(qdq)))
     if violations:
