@@ -127,7 +127,8 @@ def build():
 
     torch.manual_seed(0)
     x, y, _, _ = load_data()
-    return {"model": fit(Net(), x, y, epochs=8, lr=3e-3).eval(), "example_inputs": {"image": torch.zeros(1, 1, 8, 8)}}
+    torch.set_num_threads(1)  # the same trained weights whatever threads the process had set before
+    return {"model": fit(Net(), x, y, epochs=40, lr=3e-3).eval(), "example_inputs": {"image": torch.zeros(1, 1, 8, 8)}}
 '''
 
 
@@ -143,6 +144,7 @@ def test_a_depthwise_residual_cnn_is_bias_corrected_and_fully_integer(cli, digit
     assert q["bias_corrected_layers"] >= 7 and q["unquantized_outputs_of"] == ["Gemm"]
     assert q["integer_share"]["integer_mac_share"] == 1.0
     assert m["validation"]["passed"] and m["validation"]["task"]["drop_points"] <= 1.0
+    assert m["validation"]["task"]["reference_accuracy"] >= 0.95  # a trained model, not near-ties everywhere
     assert "integer: 100.0% of the multiply-adds" in r.stderr
 
 
