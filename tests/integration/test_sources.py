@@ -119,6 +119,8 @@ def test_a_build_leaves_nothing_in_the_working_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(work)
     cfg = make_cfg(model=f"hf:{minilm_path()}", precision="int8", out="bundle", bench={"enabled": False},
                    calibration={"path": str(data), "holdout": 4})
-    with pytest.raises(ValidationFailed):  # static int8 collapses on MiniLM; what matters here is the cwd
+    try:  # static int8 no longer collapses on MiniLM; whether the gate passes 4 samples is not the point here
         quiet_build(cfg)
-    assert sorted(p.name for p in work.iterdir()) == []
+    except ValidationFailed:
+        pass
+    assert sorted(p.name for p in work.iterdir() if p.name != "bundle") == []  # the bundle asked for, nothing else
