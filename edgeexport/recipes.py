@@ -300,7 +300,9 @@ _INTEGER_OPS = {"ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul", 
 
 
 def _integer_nodes(qmodel: Any) -> set[str]:
-    """Names (as in the float graph) of weighted nodes that run on 8-bit inputs in ``qmodel``."""
+    """Names (as in the float graph) of weighted nodes that run on 8-bit inputs in ``qmodel``. Dynamic
+    quantization renames what it rewrites: '<name>_quant', and a Gemm becomes MatMulInteger '<name>_MatMul_quant'
+    plus an Add."""
     from onnx import TensorProto
 
     inits = {t.name: t for t in qmodel.graph.initializer}
@@ -324,7 +326,7 @@ def _integer_nodes(qmodel: Any) -> set[str]:
     for n in qmodel.graph.node:
         base = n.name.removesuffix("_quant")
         if n.op_type in _INTEGER_OPS:
-            out.add(base)
+            out.update((base, base.removesuffix("_MatMul")))
         elif n.op_type in WEIGHTED_OPS and len(n.input) > 1 and eight_bit(n.input[0]) and eight_bit(n.input[1]):
             out.add(base)
     return out

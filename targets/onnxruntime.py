@@ -109,7 +109,10 @@ class OrtTarget(Target):
         elif config.precision == "fp16":
             settings.update(to_fp16(onnx_path, out))
         elif config.precision == "int8-dynamic":
-            settings.update(quantize_dynamic(onnx_path, out, opts))
+            # constant-folded first: torch.onnx builds LSTM weights with Unsqueeze nodes, and onnxruntime's dynamic
+            # quantizer silently leaves LSTMs whose weights are not initializers in float
+            notes.extend(preprocess(onnx_path, workdir / "preprocessed.onnx"))
+            settings.update(quantize_dynamic(workdir / "preprocessed.onnx", out, opts))
         else:
             s, n = quantize_static(onnx_path, out, opts, config, calibration, workdir)
             settings.update(s)
@@ -121,7 +124,7 @@ class OrtTarget(Target):
         if config.precision == "int8":
             artifact.float_model = workdir / "preprocessed.onnx"
         if config.precision in ("int8", "int8-dynamic"):
-            _record_integer_share(artifact, artifact.float_model or onnx_path, calibration)
+            _record_integer_share(artifact, workdir / "preprocessed.onnx", calibration)
         return artifact
 
     def load(self, artifact: Artifact, threads: Optional[int] = None) -> Runner:

@@ -159,3 +159,54 @@ def test_device_preset_sets_the_weight_range_and_says_why(cli, digits_npz, tmp_p
             "--option", "device=x86-avx2", "--option", "reduce_range=false", "--out", tmp_path / "o", "--no-bench")
     q = json.loads((tmp_path / "o" / "manifest.json").read_text())["quantization"]
     assert q["reduce_range"] is False and q["reduce_range_reason"] == "set by --option reduce_range"
+
+
+RECURRENT = '''
+import torch
+import torch.nn as nn
+
+
+class RowLSTM(nn.Module):
+    """Reads each 8x8 digit as 8 rows of 8 pixels: two LSTM layers, then a linear classifier."""
+
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(8, 64, 2, batch_first=True)
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, rows):
+        _, (h, _) = self.lstm(rows)
+        return self.head(h[-1])
+
+
+def build():
+    from edgeexport.models.digits import fit, load_data
+
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    x, y, _, _ = load_data()
+    net = fit(RowLSTM(), x.reshape(-1, 8, 8), y, epochs=15, lr=3e-3).eval()
+    return {"model": net, "inputs": ["rows:1x8x8:float32"]}
+'''
+
+
+def test_recurrent_layers_are_quantized_by_int8_dynamic_and_static_says_they_stayed_float(cli, rows_npz, tmp_path):
+    """torch.onnx builds LSTM weights with Unsqueeze nodes; onnxruntime's dynamic quantizer skips LSTMs whose
+    weights are not initializers, silently. The graph is constant-folded first, so they are quantized; static
+    Q/DQ has no LSTM kernel, and the build says plainly that most of the work stayed float."""
+    (tmp_path / "lstm.py").write_text(RECURRENT)
+    spec = f"{tmp_path / 'lstm.py'}:build"
+    r = cli("build", "--model", spec, "--calib", rows_npz, "--precision", "int8-dynamic", "--out", tmp_path / "dyn",
+            "--no-bench")
+    assert r.exit_code == 0, r.stderr
+    m = json.loads((tmp_path / "dyn" / "manifest.json").read_text())
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "dyn" / "model.onnx")).graph.node]
+    assert ops.count("DynamicQuantizeLSTM") == 2 and "LSTM" not in ops  # one node per LSTM layer, both int8
+    share = m["quantization"]["integer_share"]
+    assert share["float_weighted_layers"] == 0 and share["integer_mac_share"] == 1.0  # the head counts too
+    assert m["validation"]["passed"] and m["validation"]["task"]["reference_accuracy"] >= 0.9
+    r = cli("build", "--model", spec, "--calib", rows_npz, "--precision", "int8", "--out", tmp_path / "st",
+            "--no-bench")
+    assert r.exit_code == 0, r.stderr
+    share = json.loads((tmp_path / "st" / "manifest.json").read_text())["quantization"]["integer_share"]
+    assert share["integer_mac_share"] < 0.5 and "stayed float" in r.stderr
