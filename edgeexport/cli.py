@@ -186,7 +186,8 @@ def model_and_data_options(f):
 @click.option("--precision", type=click.Choice(PRECISIONS), default="int8", show_default=True)
 @model_and_data_options
 @click.option("--accuracy-budget", help="int8 (ort, trt): METRIC=VALUE to reach, e.g. cosine=0.995, top1=0.99, "
-              "accuracy-drop=0.5; the layers adding the most error move to float step by step until it holds.")
+              "accuracy-drop=0.5; the layers adding the most error move to 16-bit activations (where the target "
+              "has them), then float, step by step until it holds.")
 @click.option("--budget-steps", type=int, help="Most rounds of the --accuracy-budget search [default: 8].")
 @click.option("--explain", is_flag=True,
               help="int8 (ort, trt): rank layers by the error they add, print the worst, record them and a plot.")

@@ -78,6 +78,19 @@ def preprocess(src: Path, dst: Path) -> list[str]:
     return notes
 
 
+def smooth_for_int8(pre: Path, calibration: "CalibrationSet", choice: Any, family: str) -> dict[str, Any]:
+    """SmoothQuant ``pre`` in place when ``choice`` asks for it (``"auto"``: transformers only), and the manifest's
+    record of what was done."""
+    from edgeexport import smoothquant
+    from edgeexport.recipes import take
+
+    if choice is False or (choice == "auto" and family != "transformer"):
+        return {"smoothquant": False}
+    n = min(smoothquant.SAMPLES, len(calibration.calib_idx))
+    feeds = progress(iter(take(calibration.calibration(), n)), f"smoothing activation outliers ({n} samples)", total=n)
+    return smoothquant.smooth(pre, pre, feeds)
+
+
 def nonfinite_exclusions(pre: Path, calibration: "CalibrationSet") -> tuple[list[str], list[str]]:
     """Nodes to keep in float because their tensors hold values no 8-bit range can represent on calibration data
     (-inf/inf/NaN, or sentinels such as the -3.4e38 of an additive attention mask), and a note saying so."""

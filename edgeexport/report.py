@@ -110,6 +110,11 @@ def _recipe_lines(manifest: dict[str, Any]) -> list[str]:
             "activation_type", "per_channel", "device", "reduce_range", "bias_correction", "bias_corrected_layers",
             "unquantized_outputs_of", "int16_tensors", "exclude_nodes")
     lines += [f"- {k}: `{q[k]}`" for k in keys if k in q and q[k] not in (None, [], "")]
+    sq = q.get("smoothquant")
+    if isinstance(sq, dict) and sq.get("smoothed_matmuls"):
+        lines.append(f"- smoothquant: {sq['smoothed_matmuls']} MatMuls behind {sq['activation_tensors']} smoothed "
+                     f"activations (median strength {sq['alpha_median']:g}, simulated int8 error "
+                     f"{sq['simulated_error_reduction']} lower); {sq['left_alone']} activations left alone")
     if share:
         lines.append(f"- really integer: {share['integer_mac_share']:.1%} of the multiply-adds, "
                      f"{share['integer_weight_share']:.1%} of the weight bytes ({share['float_weighted_layers']} of "

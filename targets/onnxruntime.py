@@ -10,7 +10,7 @@ import numpy as np
 
 from edgeexport.errors import TargetError
 from edgeexport.quantize import (calibrate_ranges, nonfinite_exclusions, preprocess, quantize_qdq,
-                                 requantize_bias_corrected, to_fp16)
+                                 requantize_bias_corrected, smooth_for_int8, to_fp16)
 from edgeexport.targets.base import Artifact, Problem, Runner, Target, ort_io
 from edgeexport.util import quiet
 
@@ -41,6 +41,8 @@ OPTIONS: dict[str, tuple[Any, str]] = {
     "activation_type": ("uint8", "int8 activation type: uint8 (asymmetric) or int8"),
     "recipe": ("auto", "int8: full (every op ORT quantizes), weighted (only Conv/Gemm/MatMul with constant weights, "
                        "their outputs float), auto (weighted for transformers, full otherwise)"),
+    "smoothquant": ("auto", "int8, int8-dynamic: move activation outliers into the weights of constant-weight MatMuls "
+                            "(SmoothQuant, strength chosen per tensor): auto (transformers), true, false"),
     "bias_correction": (True, "int8: subtract the mean shift that weight rounding causes from each Conv/Gemm bias"),
     "float_outputs": (True, "int8: leave the graph outputs (e.g. logits) unquantized"),
     "op_types": (None, "restrict quantization to these op types, e.g. [Conv, MatMul]"),
@@ -67,12 +69,17 @@ class OrtTarget(Target):
                 problems.append(Problem(f"target_options.{key}", f"{key} must be true or false", ""))
         if opts.get("activation_type", "uint8") not in ("uint8", "int8"):
             problems.append(Problem("target_options.activation_type", "activation_type must be uint8 or int8", ""))
+        if opts.get("smoothquant", "auto") not in ("auto", True, False):
+            problems.append(Problem("target_options.smoothquant", "smoothquant must be auto, true or false", ""))
         if opts.get("device", "generic") not in DEVICES:
             problems.append(Problem("target_options.device", f"unknown device {opts['device']!r}",
                                     f"use one of {', '.join(DEVICES)}"))
         if opts.get("recipe", "auto") not in RECIPES:
             problems.append(Problem("target_options.recipe", f"unknown recipe {opts['recipe']!r}",
                                     f"use one of {', '.join(RECIPES)}"))
+        if "smoothquant" in opts and config.precision not in ("int8", "int8-dynamic"):
+            problems.append(Problem("target_options", f"smoothquant applies to --precision int8 and int8-dynamic only, "
+                                    f"not {config.precision}", "drop it or use an int8 precision"))
         static_only = [k for k in ("recipe", "bias_correction", "float_outputs", "int16_tensors", "activation_type")
                        if k in opts]
         if static_only and config.precision != "int8":
@@ -111,8 +118,11 @@ class OrtTarget(Target):
         elif config.precision == "int8-dynamic":
             # constant-folded first: torch.onnx builds LSTM weights with Unsqueeze nodes, and onnxruntime's dynamic
             # quantizer silently leaves LSTMs whose weights are not initializers in float
-            notes.extend(preprocess(onnx_path, workdir / "preprocessed.onnx"))
-            settings.update(quantize_dynamic(workdir / "preprocessed.onnx", out, opts))
+            pre = workdir / "preprocessed.onnx"
+            notes.extend(preprocess(onnx_path, pre))
+            smoothed = smooth_for_int8(pre, calibration, opts["smoothquant"], _family(pre))
+            settings.update(quantize_dynamic(pre, out, opts))
+            settings.update(smoothed)
         else:
             s, n = quantize_static(onnx_path, out, opts, config, calibration, workdir)
             settings.update(s)
@@ -163,12 +173,13 @@ def quantize_static(src: Path, dst: Path, opts: dict[str, Any], config: "BuildCo
 
     pre = workdir / "preprocessed.onnx"
     notes = preprocess(src, pre)
+    family = _family(pre)
+    smoothed = smooth_for_int8(pre, calibration, opts["smoothquant"], family)
     model = onnx.load(str(pre))
     check_names(model.graph, opts)
     nonfinite, more = nonfinite_exclusions(pre, calibration)
     notes += more
     exclude = sorted(set(opts["exclude_nodes"]) | set(nonfinite))
-    family = recipes.family(model)
     recipe = opts["recipe"] if opts["recipe"] != "auto" else ("weighted" if family == "transformer" else "full")
     nodes = [n for n in recipes.weighted_nodes(model) if n not in exclude] if recipe == "weighted" else None
     # (Gemm keeps its output Q/DQ in the weighted recipe: ORT 1.32 fails to load a Q/DQ Gemm with a float output
@@ -201,11 +212,19 @@ def quantize_static(src: Path, dst: Path, opts: dict[str, Any], config: "BuildCo
         "op_types": opts["op_types"] or ("Conv/Gemm/MatMul with constant weights" if recipe == "weighted"
                                          else "ORT default"),
         "unquantized_outputs_of": no_output_q, "exclude_nodes": exclude,
-        "int16_tensors": list(opts["int16_tensors"]), **corrected,
+        "int16_tensors": list(opts["int16_tensors"]), **corrected, **smoothed,
     }
     if used == "percentile":
         settings["percentile"] = config.calibration.percentile
     return settings, notes
+
+
+def _family(path: Path) -> str:
+    import onnx
+
+    from edgeexport import recipes
+
+    return recipes.family(onnx.load(str(path)))
 
 
 def _loads(path: Path) -> bool:

@@ -63,6 +63,7 @@ CATALOGUE = [
     ("int8 option on fp32", 2, "recipe apply to --precision int8 only, not fp32"),
     ("excluded node that does not exist", 1, "exclude_nodes names 1 node(s) the graph does not have: no_such_node"),
     ("int16 tensor that does not exist", 1, "int16_tensors names 1 tensor(s) the graph does not have: ghost"),
+    ("smoothquant that is not a switch", 2, "smoothquant must be auto, true or false"),
 ]
 
 
@@ -129,6 +130,7 @@ def cases(tmp_path_factory, tiny_model, tiny_npz):
                                               "--option", "exclude_nodes=[no_such_node]"],
         "int16 tensor that does not exist": ["--model", t + ":build", "--calib", good,
                                              "--option", "int16_tensors=[ghost]"],
+        "smoothquant that is not a switch": ["--model", t + ":build", "--calib", good, "--option", "smoothquant=0.5"],
     }
 
 

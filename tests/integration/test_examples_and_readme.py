@@ -70,10 +70,11 @@ def test_minilm_example_reports_both_int8_modes(tmp_path):
                        env=_env(), capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     dyn = json.loads((tmp_path / "out" / "int8-dynamic.json").read_text())
-    assert dyn["ok"] and dyn["validation"]["outputs"]["sentence_embedding"]["cosine"] >= 0.99
+    assert dyn["ok"] and dyn["validation"]["outputs"]["sentence_embedding"]["cosine"] >= 0.995
     static = json.loads((tmp_path / "out" / "int8.json").read_text())
-    # static int8 no longer collapses (the mask's -3.4e38 stays float; only weighted MatMuls are quantized)
-    assert static["ok"] and static["validation"]["outputs"]["sentence_embedding"]["cosine"] >= 0.98
+    # static int8 no longer collapses (the mask's -3.4e38 stays float; only weighted MatMuls are quantized) and
+    # SmoothQuant moves the LayerNorm outlier channels into the weights (0.989 without it)
+    assert static["ok"] and static["validation"]["outputs"]["sentence_embedding"]["cosine"] >= 0.995
     ranking = r.stderr[r.stderr.index("layers adding the most error"):].splitlines()[2:14]
     assert sum(1 for line in ranking if line.split() and line.split()[0].isdigit()) >= 3, ranking
     assert "int8: validated" in r.stdout and "int8-dynamic: validated" in r.stdout and "selftest passed" in r.stdout
