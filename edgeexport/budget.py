@@ -114,11 +114,13 @@ def search(config: BuildConfig, source: Any, calib: Any, onnx_path: Path, output
             best = record
         if record["met"] or ranked is None:
             break
-        record["worst"] = [{k: r[k] for k in ("node", "module", "op_type", "nodes", "output", "added_noise_db",
-                                              "snr_db")} for r in ranked[:5]]
+        record["worst"] = [{k: r[k] for k in ("node", "module", "op_type", "nodes", "output", "local_noise_db",
+                                              "added_noise_db", "snr_db")} for r in ranked[:5]]
         if step == 0 and ranked:
-            log("    worst layers: " + ", ".join(f"{label(r)} ({r['added_noise_db']:.1f} dB)" for r in ranked[:3]))
-        fresh = [r for r in ranked if r["added_noise"] > 0 and not set(r["nodes"]) <= set(excluded)]
+            log("    worst layers (own quantization noise): "
+                + ", ".join(f"{label(r)} ({r['local_noise_db']:.1f} dB)" for r in ranked[:3]))
+        fresh = [r for r in ranked
+                 if (r["local_noise"] > 0 or r["added_noise"] > 0) and not set(r["nodes"]) <= set(excluded)]
         new_wide, new_float = [], []
         for r in fresh[: 2 ** step]:
             if int16 and r["quantized_output"] and r["output"] not in wide:

@@ -371,7 +371,8 @@ def explain(artifact, calib: CalibrationSet, workdir: Path, log: Log) -> Optiona
     except ImportError:
         log("    note: no depth plot (pip install 'edgeexport[report]' for matplotlib)")
     record = {"samples": len(feeds), "measure": "per-channel SNR of each layer's output as its consumers read it "
-              "(after its Q/DQ), vs the float graph; ranked by the noise power it adds",
+              "(after its Q/DQ), vs the float graph; ranked by the noise its own quantization makes on float "
+              "inputs (output Q/DQ and weight rounding), then by the noise power that grows through it",
               "plot": LAYER_PLOT if plot else None, "ranked": rows[:50], "layers": len(rows)}
     return {"record": record, "plot": plot}
 

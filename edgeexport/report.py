@@ -127,10 +127,11 @@ def _layer_lines(manifest: dict[str, Any], top: int = 10) -> list[str]:
     if not le:
         return []
     lines = ["", f"## Layers adding the most error ({le['samples']} held-out samples)", "",
-             f"Measure: {le['measure']}.", "", "| rank | layer | op | depth | SNR dB | inputs dB | added noise dB |",
-             "|---|---|---|---|---|---|---|"]
-    lines += [f"| {i} | {r.get('module') or '-'} `{r['node']}` | {r['op_type']} | {r['depth']} | {_f(r['snr_db'])} | {_f(r['input_snr_db'])} | "
-              f"{_f(r['added_noise_db'])} |" for i, r in enumerate(le["ranked"][:top], 1)]
+             f"Measure: {le['measure']}.", "", "| rank | layer | op | depth | SNR dB | inputs dB | own noise dB | added noise dB |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {i} | {r.get('module') or '-'} `{r['node']}` | {r['op_type']} | {r['depth']} | {_f(r['snr_db'])} | "
+              f"{_f(r['input_snr_db'])} | {_f(r.get('local_noise_db'))} | {_f(r['added_noise_db'])} |"
+              for i, r in enumerate(le["ranked"][:top], 1)]
     if le.get("plot"):
         lines += ["", f"![output SNR along the depth of the network]({le['plot']})"]
     return lines

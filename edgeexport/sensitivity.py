@@ -8,11 +8,17 @@ each layer:
 - ``snr_db``: the signal-to-noise ratio of its output in the quantized graph against the float graph;
 - ``input_snr_db``: the worst SNR among its activation inputs (a graph input is exact);
 - ``added_noise``: the noise power (relative to the signal) of its output minus that of its worst input, i.e. the
-  error this node adds on top of what reached it (``added_noise_db`` is the same in dB: -50 is negligible, 0 means
-  the noise is as large as the signal).
+  error that grew through this node on top of what reached it (``added_noise_db`` is the same in dB: -50 is
+  negligible, 0 means the noise is as large as the signal);
+- ``local_noise``: the noise this layer's own quantization makes when it is fed exact (float) inputs: its output's
+  Q/DQ pair applied to the float output, plus its weights' rounding (and a graph input's Q/DQ, for the layer that
+  reads it). This isolates the cause: once one tensor is destroyed (an outlier channel squeezing the others onto
+  a few levels), every later layer's ``added_noise`` grows as the error propagates and is amplified, and a
+  ranking by it names layers downstream of the culprit.
 
 SNRs are per channel, averaged over channels, so that one outlier channel cannot hide the loss of all the others.
-Nodes are ranked by ``added_noise``: the top ones are where quantization hurts, and the first to keep in float. The
+Nodes are ranked by ``local_noise`` (then ``added_noise``): the top ones are where quantization destroys
+information, and the first to give 16-bit activations or keep in float. The
 quantized graph runs with onnxruntime's graph optimizations off, so each Q/DQ pair acts exactly as written
 (fake-quantization), which is what the ranking needs: where the error enters, not how a kernel fuses it.
 """
@@ -105,6 +111,59 @@ def _as_consumed(quant_model: Any) -> dict[str, str]:
     return seen
 
 
+def _activation_qparams(quant_model: Any) -> dict[str, tuple[np.ndarray, np.ndarray, int, int]]:
+    """float tensor name -> (scale, zero point, qmin, qmax) of the QuantizeLinear that quantizes it."""
+    from onnx import TensorProto, numpy_helper
+
+    bounds = {TensorProto.UINT8: (0, 255), TensorProto.INT8: (-128, 127), TensorProto.UINT16: (0, 65535),
+              TensorProto.INT16: (-32768, 32767)}
+    inits = {t.name: t for t in quant_model.graph.initializer}
+    out = {}
+    for n in quant_model.graph.node:
+        if n.op_type != "QuantizeLinear" or n.input[0] in inits or len(n.input) < 3 or n.input[1] not in inits \
+                or n.input[2] not in inits or inits[n.input[2]].data_type not in bounds:
+            continue
+        scale = numpy_helper.to_array(inits[n.input[1]]).astype(np.float64)
+        if scale.size != 1:
+            continue  # per-channel activations: not what the Q/DQ passes here produce
+        out.setdefault(n.input[0], (scale, numpy_helper.to_array(inits[n.input[2]]).astype(np.float64),
+                                    *bounds[inits[n.input[2]].data_type]))
+    return out
+
+
+def fake_quant(x: np.ndarray, qp: tuple[np.ndarray, np.ndarray, int, int]) -> np.ndarray:
+    scale, zero, lo, hi = qp
+    return (np.clip(np.round(np.asarray(x, np.float64) / scale) + zero, lo, hi) - zero) * scale
+
+
+def _weight_noise(fmodel: Any, qmodel: Any) -> dict[str, float]:
+    """weighted node -> the relative noise power of its rounded weight, averaged over output channels."""
+    from onnx import numpy_helper
+
+    from edgeexport.recipes import dequantized_weights
+
+    inits = {t.name: t for t in fmodel.graph.initializer}
+    nodes = {n.name: n for n in fmodel.graph.node}
+    out = {}
+    for name, wq in dequantized_weights(qmodel).items():
+        node = nodes.get(name)
+        if node is None or node.input[1] not in inits:
+            continue
+        w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)
+        if w.shape != wq.shape or w.ndim < 2:
+            continue
+        transb = any(a.name == "transB" and a.i for a in node.attribute)
+        axis = 0 if node.op_type in ("Conv", "ConvTranspose") or (node.op_type == "Gemm" and transb) else -1
+        if node.op_type == "ConvTranspose":
+            axis = 1
+        d = np.moveaxis(wq - w, axis, 0).reshape(w.shape[axis], -1)
+        r = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
+        signal = np.sum(r * r, axis=1)
+        live = signal > 0
+        out[name] = float(np.mean(np.sum(d * d, axis=1)[live] / signal[live])) if live.any() else 0.0
+    return out
+
+
 def rank_layers(float_model: Path, quant_model: Path, feeds: Iterable[dict[str, np.ndarray]]) -> list[dict[str, Any]]:
     """Compute nodes of the float graph, ranked by the error they add in the quantized graph (worst first).
 
@@ -122,14 +181,21 @@ def rank_layers(float_model: Path, quant_model: Path, feeds: Iterable[dict[str, 
     qsess, qouts = _session(qmodel, names=set(fouts) | set(seen.values()))
     graph_inputs = {i.name for i in fmodel.graph.input}
     weights = {i.name for i in fmodel.graph.initializer}
+    qparams = _activation_qparams(qmodel)
     acc: dict[str, _ChannelSNR] = {}
+    local: dict[str, _ChannelSNR] = {}
     for feed in feeds:
         ref, got = _run(fsess, fouts, feed), _run(qsess, qouts, feed)
+        ref.update({i: np.asarray(feed[i]) for i in graph_inputs if i in qparams and i in feed})
         for name, r in ref.items():
             g = got.get(seen.get(name, name))
             if g is not None:
                 acc.setdefault(name, _ChannelSNR()).add(r, g)
-    snr = {name: a.db() for name, a in acc.items() if a.measurable}
+            if name in qparams and r.dtype.kind == "f":
+                local.setdefault(name, _ChannelSNR()).add(r, fake_quant(r, qparams[name]))
+    snr = {name: a.db() for name, a in acc.items() if a.measurable and name not in graph_inputs}
+    local_noise = {name: 10 ** (-a.db() / 10) for name, a in local.items() if a.measurable}
+    weight_noise = _weight_noise(fmodel, qmodel)
     producer = {o: n for n in fmodel.graph.node for o in n.output}
     depth_of = {id(n): i for i, n in enumerate(fmodel.graph.node)}
     absorbed = _activation_pairs(fmodel.graph, producer)
@@ -147,14 +213,17 @@ def rank_layers(float_model: Path, quant_model: Path, feeds: Iterable[dict[str, 
         worst_in = min(ins) if ins else _CAP
         head = group[0]
         added = 10 ** (-snr[out] / 10) - 10 ** (-worst_in / 10)  # noise power (relative to signal) this layer adds
+        own = (local_noise.get(out, 0.0) + sum(weight_noise.get(n.name, 0.0) for n in group)
+               + sum(local_noise.get(i, 0.0) for i in inputs if i in graph_inputs))
         rows.append({"node": head.name or out, "module": module_path(head), "op_type": "+".join(n.op_type for n in group),
                      "nodes": [n.name for n in group], "depth": depth_of[id(head)], "output": out,
                      "snr_db": snr[out], "input_snr_db": worst_in, "added_noise": added,
                      "added_noise_db": 10 * float(np.log10(added)) if added > 0 else -_CAP,
+                     "local_noise": own, "local_noise_db": 10 * float(np.log10(own)) if own > 0 else -_CAP,
                      "quantized_output": out in seen,
                      "float_fallback": list(dict.fromkeys([*(n.name for n in group),
                                                            *(n.name for n in consumers.get(out, []) if n.name)]))})
-    rows.sort(key=lambda r: (-r["added_noise"], r["depth"]))
+    rows.sort(key=lambda r: (-r["local_noise"], -r["added_noise"], r["depth"]))
     return rows
 
 
@@ -220,10 +289,10 @@ def label(row: dict[str, Any]) -> str:
 
 def render_ranking(rows: list[dict[str, Any]], top: int = 10) -> str:
     lines = [f"{'rank':>4}  {'layer (module / ONNX node)':<52} {'op':<16} {'depth':>5} {'SNR dB':>7} {'in dB':>7} "
-             f"{'added noise dB':>14}"]
+             f"{'own noise dB':>12} {'added noise dB':>14}"]
     for i, r in enumerate(rows[:top], 1):
         lines.append(f"{i:>4}  {label(r)[-52:]:<52} {r['op_type'][:16]:<16} {r['depth']:>5} {r['snr_db']:>7.2f} "
-                     f"{r['input_snr_db']:>7.2f} {r['added_noise_db']:>14.2f}")
+                     f"{r['input_snr_db']:>7.2f} {r['local_noise_db']:>12.2f} {r['added_noise_db']:>14.2f}")
     return "\n".join(lines)
 
 

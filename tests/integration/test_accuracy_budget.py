@@ -65,6 +65,82 @@ def test_budget_search_widens_the_outlier_to_int16_and_keeps_every_weight_int8(c
     assert loader.load(out).selftest(verbose=False)
 
 
+RESIDUAL_OUTLIER = '''
+import torch
+import torch.nn as nn
+
+SCALE = {scale}
+WHERE = {where!r}
+
+
+class Block(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.dw = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, groups=c), nn.ReLU())
+        self.pw = nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        return x + self.pw(self.dw(x))
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU())
+        self.mix = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.ReLU(), nn.Conv2d(16, 24, 1))
+        self.blocks = nn.Sequential(Block(24), Block(24))
+        self.head = nn.Linear(24, 10)
+
+    def forward(self, image):
+        return self.head(self.blocks(self.mix(self.stem(image))).mean((2, 3)))
+
+
+def build():
+    from edgeexport.models.digits import fit, load_data
+
+    torch.manual_seed(0)
+    x, y, _, _ = load_data()
+    torch.set_num_threads(1)
+    net = fit(Net(), x, y, epochs=30, lr=3e-3).eval()
+    with torch.no_grad():
+        if WHERE == "stem":  # one stem channel SCALE x larger, scaled back by the depthwise conv: same function
+            net.stem[0].weight[2] *= SCALE
+            net.stem[0].bias[2] *= SCALE
+            net.mix[0].weight[2] /= SCALE
+        else:  # one channel of the residual stream SCALE x larger, through both adds, scaled back in the head
+            net.mix[2].weight[5] *= SCALE
+            net.mix[2].bias[5] *= SCALE
+            for b in net.blocks:
+                b.dw[0].weight[5] /= SCALE
+                b.pw.weight[5] *= SCALE
+                b.pw.bias[5] *= SCALE
+            net.head.weight[:, 5] /= SCALE
+    return {{"model": net, "example_inputs": {{"image": torch.zeros(1, 1, 8, 8)}}}}
+'''
+
+
+@pytest.mark.parametrize("where,culprits,moves", [("stem", ("stem",), 1),
+                                                  ("residual", ("mix", "blocks"), 6)])
+def test_the_ranking_finds_an_outlier_channel_behind_depthwise_convs_and_residual_adds(cli, digits_npz, tmp_path,
+                                                                                       where, culprits, moves):
+    """A depthwise-separable residual CNN with one channel 300x the others, either at the stem (the next depthwise
+    conv scales it back: the float function is unchanged) or carried through the residual stream (the mix conv's
+    output, both pointwise convs' outputs, both adds and the pooled vector hold it). Plain int8 collapses; a layer
+    whose output holds the outlier ranks first (not the later layers the error reaches), and the budget is met by
+    giving those tensors 16-bit activations: no node goes to float, every weight stays int8."""
+    (tmp_path / "net.py").write_text(RESIDUAL_OUTLIER.format(scale=300.0, where=where))
+    out = tmp_path / "b"
+    r = cli("build", "--model", f"{tmp_path / 'net.py'}:build", "--calib", digits_npz, "--precision", "int8",
+            "--accuracy-budget", "cosine=0.995", "--out", out, "--no-bench")
+    assert r.exit_code == 0, r.stderr
+    b = json.loads((out / "manifest.json").read_text())["accuracy_budget"]
+    assert b["steps"][0]["value"] < 0.9, b["steps"][0]  # plain int8 loses the model
+    worst = b["steps"][0]["worst"][0]
+    assert worst["module"].startswith(culprits) and worst["local_noise_db"] > -12, b["steps"][0]["worst"]
+    assert b["met"] and b["float_nodes"] == [] and len(b["int16_tensors"]) <= moves, b
+    assert len([s for s in b["steps"] if "give_back" not in s]) <= 5  # rounds 0-3 and the final record
+
+
 def test_unreachable_budget_fails_with_the_best_value(cli, digits_npz, tmp_path):
     r = cli("build", "--model", MODEL, "--calib", digits_npz, "--precision", "int8",
             "--accuracy-budget", "cosine=0.9999999", "--budget-steps", "2", "--out", tmp_path / "never")
