@@ -25,6 +25,7 @@ _PARAM_PATHS: dict[str, tuple[str, ...]] = {
     "percentile": ("calibration", "percentile"), "bench_runs": ("bench", "runs"), "threads": ("bench", "threads"),
     "golden": ("golden_samples",), "task": ("task",), "max_length": ("calibration", "max_length"),
     "budget_steps": ("budget_steps",), "explain": ("explain",), "archive": ("archive",),
+    "diagnose": ("diagnose",),
 }
 
 
@@ -123,6 +124,8 @@ def _fail(e: EdgeExportError, as_json: bool) -> None:
         report = getattr(e, "report", None)
         if report is not None:
             out["validation"] = report.to_dict()
+        if getattr(e, "diagnosis", None):
+            out["diagnosis"] = e.diagnosis  # type: ignore[attr-defined]
         click.echo(json.dumps(out, indent=2))
     sys.exit(e.exit_code)
 
@@ -191,6 +194,9 @@ def model_and_data_options(f):
 @click.option("--budget-steps", type=int, help="Most rounds of the --accuracy-budget search [default: 8].")
 @click.option("--explain", is_flag=True,
               help="int8 (ort, trt): rank layers by the error they add, print the worst, record them and a plot.")
+@click.option("--diagnose/--no-diagnose", default=None,
+              help="int8 refused by the gate: build up to 3 alternatives (16 bits for the worst layer, another "
+                   "calibration method, ...) and say what each measured [default: on].")
 @click.option("--out", default="bundle", show_default=True, help="Output bundle folder.")
 @click.option("--force", is_flag=True, help="Replace an existing bundle at --out.")
 @click.option("--archive", type=click.Choice(["tar.gz", "zip"]),

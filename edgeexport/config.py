@@ -189,6 +189,7 @@ class BuildConfig(_Strict):
     accuracy_budget: dict[str, float] = Field(default_factory=dict)
     budget_steps: int = Field(default=8, ge=1, le=32)  # most re-quantize/re-validate rounds of that search
     explain: bool = False  # int8: rank layers by the error they add, print the top ones, record them
+    diagnose: bool = True  # int8 refused by the gate: build a few alternatives and say what each measured
     archive: Optional[str] = None  # also pack the bundle as <out>.tar.gz or <out>.zip
     prune: Optional[PruneConfig] = None  # prune the PyTorch model before export (validated against the original)
 

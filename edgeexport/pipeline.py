@@ -281,16 +281,25 @@ def build_resolved(config: BuildConfig, source: ModelSource, calib: CalibrationS
             errors = error_sample(refs, outs)
             log(report.table())
             layers = explain(artifact, calib, workdir, log) if config.explain else None
+            diagnosis = None
+            if not report.passed and config.diagnose and config.precision in ("int8", "int8-dynamic") \
+                    and config.prune is None and not config.accuracy_budget:
+                from edgeexport import diagnose
+
+                diagnosis = diagnose.run(config, source, calib, onnx_path, output_names, target, artifact, report,
+                                         log)
             if not report.passed:
+                advice = failure_advice(config, target)
+                if diagnosis and diagnosis["advice"]:
+                    advice = f"{diagnosis['advice']}; otherwise {advice}"
                 err = ValidationFailed(
                     f"validation failed: {config.target}/{config.precision} is out of tolerance on "
                     f"{report.samples} held-out samples; no bundle was written",
                     "; ".join(f"{c.output} {c.metric}={c.value:.4g} (limit {c.limit:g})" for c in report.failures()),
                     ("prune less (a smaller --prune amount) or recover longer (--finetune-steps), or relax the limit "
-                     "knowingly with --tolerance KEY=VALUE" if config.prune is not None else
-                     failure_advice(config, target)),
+                     "knowingly with --tolerance KEY=VALUE" if config.prune is not None else advice),
                 )
-                err.report, err.errors = report, errors  # type: ignore[attr-defined]
+                err.report, err.errors, err.diagnosis = report, errors, diagnosis  # type: ignore[attr-defined]
                 raise err
             if artifact.validated_with:
                 log(f"    validated with {artifact.validated_with}")
@@ -335,6 +344,9 @@ def failure_advice(config: BuildConfig, target: Any) -> str:
                                                    "layers that lose the most to 16-bit activations or float; ")
         return (f"{tried}--explain to see which layers lose it; more or more representative calibration data; "
                 "or relax the limit knowingly with --tolerance KEY=VALUE")
+    if config.precision == "int8-dynamic":
+        return ("--precision int8 (static, calibrated ranges), a higher precision, or relax the limit knowingly "
+                "with --tolerance KEY=VALUE")
     return ("try another --calib-method or more calibration samples, a higher precision, or relax the limit "
             "knowingly with --tolerance KEY=VALUE")
 

@@ -173,6 +173,15 @@ class Target:
             )
         return problems
 
+    #: int8 ranges come from --calib-method (so a refused build tries the other methods)
+    calibrates: bool = False
+
+    def trial_options(self, config: "BuildConfig") -> list[tuple[str, str, "BuildConfig"]]:
+        """Alternatives worth building when the gate refuses ``config``: (what, how to ask for it, the config).
+        The layer-level ones (16 bits or float for the worst layer) and other calibration methods are added by
+        the caller; these are the target's own choices."""
+        return []
+
     def layer_fallback(self, config: "BuildConfig") -> str:
         """'' when this target can rank layers and keep some in float for ``config``; else why it cannot."""
         return f"target {self.name!r} has no per-layer ranking or float fallback"

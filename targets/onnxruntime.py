@@ -91,6 +91,21 @@ class OrtTarget(Target):
                 problems.append(Problem(f"target_options.{key}", f"{key} must be a list of strings", ""))
         return problems
 
+    calibrates = True
+
+    def trial_options(self, config: "BuildConfig") -> list[tuple[str, str, "BuildConfig"]]:
+        opts = self.options(config)
+        out = []
+        if opts["reduce_range"]:
+            out.append(("8-bit weights (right for ARM64, x86 with VNNI and GPUs)", "--option reduce_range=false",
+                        config.model_copy(update={"target_options": {**config.target_options,
+                                                                     "reduce_range": False}})))
+        if config.precision == "int8-dynamic":
+            static = {k: v for k, v in config.target_options.items() if k != "op_types"}
+            out.append(("static int8 (calibrated activation ranges)", "--precision int8",
+                        config.model_copy(update={"precision": "int8", "target_options": static})))
+        return out
+
     def layer_fallback(self, config: "BuildConfig") -> str:
         return "" if config.precision == "int8" else "needs --precision int8 (a static Q/DQ graph; nodes are kept " \
             "in float through exclude_nodes)"

@@ -71,6 +71,7 @@ class TrtTarget(Target):
     precisions = ("fp32", "fp16", "int8")
     description = "TensorRT (Jetson, NVIDIA GPUs): engine built here or on the device"
     options_spec = OPTIONS
+    calibrates = True
 
     def check(self, config: "BuildConfig") -> list[Problem]:
         problems = super().check(config)

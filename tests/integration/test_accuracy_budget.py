@@ -31,6 +31,25 @@ def test_plain_int8_fails_and_the_ranking_names_the_outlier_layer(cli, digits_np
     ranking = r.stderr[r.stderr.index("layers adding the most error"):]
     first = ranking.splitlines()[2]  # title, header, rank 1
     assert first.split()[:2] == ["1", "spike"], ranking  # the layer whose output has the outlier channel, first
+    # the refusal measured what helps instead of guessing: 16 bits for spike's output passes, other methods do not
+    assert "==> refused: trying 3 alternative(s)" in r.stderr
+    fix = r.stderr[r.stderr.index("fix:"):]
+    assert "measured on this model: 16-bit activations for" in fix and "passes" in fix, fix
+    assert "--option int16_tensors=[" in fix
+    assert "entropy calibration:" in r.stderr and "percentile calibration:" in r.stderr
+
+
+def test_no_diagnose_refuses_without_trying_alternatives(cli, digits_npz, tmp_path):
+    import json as _json
+
+    r = cli("build", "--model", MODEL, "--calib", digits_npz, "--precision", "int8", "--no-diagnose", "--json",
+            "--out", tmp_path / "plain")
+    assert r.exit_code == 1 and "refused: trying" not in r.stderr and "measured on this model" not in r.stderr
+    assert "diagnosis" not in _json.loads(r.stdout)
+    r = cli("build", "--model", MODEL, "--calib", digits_npz, "--precision", "int8", "--json", "--out", tmp_path / "p")
+    d = _json.loads(r.stdout)["diagnosis"]
+    assert d["worst_layers"][0]["layer"].startswith("spike") and len(d["tried"]) == 3
+    assert d["tried"][0]["passed"] and d["tried"][0]["how"].startswith("--option int16_tensors=")
 
 
 def test_budget_search_widens_the_outlier_to_int16_and_keeps_every_weight_int8(cli, digits_npz, tmp_path):
