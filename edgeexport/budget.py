@@ -189,3 +189,38 @@ def _give_back(steps: list, moves: list, excluded: list[str], wide: list[str], e
         steps.append({"step": len(steps), "float_nodes": list(excluded), "int16_tensors": list(wide),
                       "value": kept, "met": True, "final": True})
     return excluded, wide
+
+
+def compare_mix(config: BuildConfig, source: Any, calib: Any, onnx_path: Path, target: Any, cand: Any,
+                artifact: Any, budget: dict[str, Any], log: Log) -> dict[str, Any]:
+    """Size and latency of the mix the budget chose next to plain int8 and fp32, built from the same ONNX by the
+    same target and timed with the same protocol and threads, one after the other on the same feed."""
+    from edgeexport.bench import bench_runner
+
+    feed = next(calib.holdout())
+    protocol = dict(warmup=config.bench.warmup, runs=config.bench.runs)
+    plain = {**config.target_options, "exclude_nodes": list(budget["steps"][0]["float_nodes"])}
+    if "int16_tensors" in plain:
+        plain["int16_tensors"] = list(budget["steps"][0]["int16_tensors"])
+    variants = [("fp32", config.model_copy(update={"precision": "fp32", "target_options": {}}), None),
+                ("int8", config.model_copy(update={"target_options": plain}), budget["steps"][0]["value"])]
+    rows: dict[str, Any] = {}
+    log(f"==> timing the mix next to plain int8 and fp32 ({config.bench.runs} runs each, same threads)")
+    for name, trial, value in variants:
+        with tempfile.TemporaryDirectory(prefix=tmp_prefix("budget-")) as tmp:
+            work = Path(tmp)
+            shutil.copyfile(onnx_path, work / "exported.onnx")
+            built = target.build(source, trial, calib, work, work / "exported.onnx")
+            size = sum((built.root / f).stat().st_size for f in built.files)
+            with target.load(built, config.bench.threads) as runner:
+                rows[name] = {"size_bytes": size, "median_ms": bench_runner(runner, feed, **protocol)["median_ms"],
+                              budget["metric"]: value}
+    rows["mix"] = {"size_bytes": sum((artifact.root / f).stat().st_size for f in artifact.files),
+                   "median_ms": bench_runner(cand, feed, **protocol)["median_ms"],
+                   budget["metric"]: budget["steps"][-1]["value"]}
+    for name, r in rows.items():
+        log(f"    {name:<5} {r['size_bytes'] / 1e6:8.3f} MB  {r['median_ms']:8.3f} ms  {budget['metric']} "
+            f"{'-' if r[budget['metric']] is None else format(r[budget['metric']], '.5g')}")
+    return {"rows": rows, "threads": config.bench.threads, "runs": config.bench.runs,
+            "note": "built from the same ONNX by the same target; timed one after the other on one held-out feed "
+                    "(fp32's value is not validated here: the budget metric is for int8 variants)"}

@@ -310,6 +310,11 @@ def build_resolved(config: BuildConfig, source: ModelSource, calib: CalibrationS
                 bench = {"skipped": artifact.bench_skip}
             elif config.bench.enabled:
                 bench = benchmark(config, ref, cand, calib)
+                if budget:
+                    from edgeexport.budget import compare_mix
+
+                    budget["compared"] = compare_mix(config, source, calib, onnx_path, target, cand, artifact, budget,
+                                                     log)
             golden = [(feed, cand.infer(feed)) for feed, _ in zip(calib.holdout(), range(config.golden_samples))]
             # inputs as declared (names, named dims), outputs as the built runtime reports them
             io = {"inputs": [s.model_dump() for s in config.inputs], "outputs": [t.to_dict() for t in cand.outputs]}

@@ -96,6 +96,13 @@ def _budget_lines(manifest: dict[str, Any]) -> list[str]:
         lines += ["", "16-bit activations: " + ", ".join(f"`{n}`" for n in b["int16_tensors"])]
     if b.get("float_nodes"):
         lines += ["", "Kept in float: " + ", ".join(f"`{n}`" for n in b["float_nodes"])]
+    c = b.get("compared")
+    if c:
+        lines += ["", f"Next to plain int8 and fp32 (same target and ONNX, {c['runs']} runs each, threads "
+                      f"{c['threads'] or 'runtime default'}):", "", f"| build | size MB | median ms | {b['metric']} |",
+                  "|---|---|---|---|"]
+        lines += [f"| {name} | {r['size_bytes'] / 1e6:.3f} | {r['median_ms']:.3f} | {_f(r.get(b['metric']))} |"
+                  for name, r in c["rows"].items()]
     return lines
 
 

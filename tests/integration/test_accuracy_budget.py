@@ -76,6 +76,11 @@ def test_budget_search_widens_the_outlier_to_int16_and_keeps_every_weight_int8(c
     assert q["integer_share"]["float_weighted_layers"] == 1  # fc4 reads 16-bit activations: not counted as int8
     assert manifest["validation"]["passed"] and manifest["validation"]["task"]["drop_points"] <= 1.0
     assert manifest["validation"]["tolerance"]["accuracy_drop"] == 1.0  # the budget is the gate's limit too
+    rows = b["compared"]["rows"]  # the mix next to plain int8 and fp32, built and timed the same way
+    assert list(rows) == ["fp32", "int8", "mix"] and all(r["size_bytes"] > 0 and r["median_ms"] > 0
+                                                          for r in rows.values())
+    assert rows["int8"]["accuracy_drop"] == b["steps"][0]["value"] and rows["mix"]["accuracy_drop"] <= 1.0
+    assert rows["fp32"]["size_bytes"] > 2 * rows["mix"]["size_bytes"]  # int8 weights: a quarter, plus Q/DQ
     # the ranking, its plot and the search are in the report, and the plot is a checksummed bundle file
     report = (out / "report.md").read_text()
     assert "## Accuracy budget: accuracy_drop <= 1 (met)" in report and "## Layers adding the most error" in report
