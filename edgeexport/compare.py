@@ -146,7 +146,8 @@ def _row_config(row: Row, base: BuildConfig, out_root: Path) -> BuildConfig:
     opts = {k: v for k, v in base.target_options.items() if k in target.options_spec}
     config = base.model_copy(update={"target": row.target, "precision": row.precision, "target_options": opts,
                                      "out": str(out_root / f"{row.target}-{row.precision}"), "force": True,
-                                     "bench": base.bench.model_copy(update={"enabled": False})})
+                                     "bench": base.bench.model_copy(update={"enabled": False}),
+                                     "diagnose": False})  # a survey: a refused row is reported, not diagnosed
     problems = _problems(target, config)
     if problems:
         row.status = "skipped"
