@@ -271,7 +271,9 @@ def build_resolved(config: BuildConfig, source: ModelSource, calib: CalibrationS
         for note in artifact.notes:
             log(f"    note: {note}")
         share = artifact.settings.get("integer_share")
-        if share:
+        if share and "decided_by" in share:
+            log(f"    integer: decided by {share['decided_by']}")
+        elif share:
             log(f"    integer: {share['integer_mac_share']:.1%} of the multiply-adds, {share['integer_weight_share']:.1%} "
                 f"of the weight bytes ({share['float_weighted_layers']} of {share['weighted_layers']} weighted layers "
                 "float)")

@@ -342,6 +342,20 @@ def advise(share: dict[str, Any], threshold: float = 0.5) -> Optional[str]:
             f"(e.g. {', '.join(share['float_layers_sample'][:3])})")
 
 
+def record_integer_share(artifact: Any, float_path: Path, calibration: Any) -> None:
+    """Count what share of ``artifact``'s model (a Q/DQ or dynamically quantized ONNX made from ``float_path``)
+    really runs in int8; record it in its settings and add a plain note when most of it stayed float."""
+    try:
+        share = integer_share(artifact.model_path, float_path, next(calibration.calibration()))
+    except Exception as e:  # informational: an uncountable graph must not fail the build
+        artifact.notes.append(f"integer share not counted ({type(e).__name__}: {str(e)[:120]})")
+        return
+    artifact.settings["integer_share"] = share
+    note = advise(share)
+    if note:
+        artifact.notes.append(note)
+
+
 def take(feeds: Iterable[dict[str, np.ndarray]], n: int) -> list[dict[str, np.ndarray]]:
     return [f for f, _ in zip(feeds, range(n))]
 

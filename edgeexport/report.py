@@ -122,7 +122,9 @@ def _recipe_lines(manifest: dict[str, Any]) -> list[str]:
         lines.append(f"- smoothquant: {sq['smoothed_matmuls']} MatMuls behind {sq['activation_tensors']} smoothed "
                      f"activations (median strength {sq['alpha_median']:g}, simulated int8 error "
                      f"{sq['simulated_error_reduction']} lower); {sq['left_alone']} activations left alone")
-    if share:
+    if share and "decided_by" in share:
+        lines.append(f"- really integer: decided by {share['decided_by']}")
+    elif share:
         lines.append(f"- really integer: {share['integer_mac_share']:.1%} of the multiply-adds, "
                      f"{share['integer_weight_share']:.1%} of the weight bytes ({share['float_weighted_layers']} of "
                      f"{share['weighted_layers']} weighted layers stayed float)")

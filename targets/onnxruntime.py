@@ -11,6 +11,7 @@ import numpy as np
 from edgeexport.errors import TargetError
 from edgeexport.quantize import (calibrate_ranges, nonfinite_exclusions, preprocess, quantize_qdq,
                                  requantize_bias_corrected, smooth_for_int8, to_fp16)
+from edgeexport.recipes import record_integer_share
 from edgeexport.targets.base import Artifact, Problem, Runner, Target, ort_io
 from edgeexport.util import quiet
 
@@ -149,7 +150,7 @@ class OrtTarget(Target):
         if config.precision == "int8":
             artifact.float_model = workdir / "preprocessed.onnx"
         if config.precision in ("int8", "int8-dynamic"):
-            _record_integer_share(artifact, workdir / "preprocessed.onnx", calibration)
+            record_integer_share(artifact, workdir / "preprocessed.onnx", calibration)
         return artifact
 
     def load(self, artifact: Artifact, threads: Optional[int] = None) -> Runner:
@@ -273,20 +274,6 @@ def check_names(graph: Any, opts: dict[str, Any]) -> None:
                               f"names are those of the pre-processed ONNX graph ({len(known)} {what}s)"
                               + (f"; similar: {', '.join(close)}" if close else ""),
                               "take the names from 'edgeexport build ... --explain' or the manifest's layer_errors")
-
-
-def _record_integer_share(artifact: Artifact, onnx_path: Path, calibration: "CalibrationSet") -> None:
-    from edgeexport.recipes import advise, integer_share
-
-    try:
-        share = integer_share(artifact.model_path, onnx_path, next(calibration.calibration()))
-    except Exception as e:  # informational: an uncountable graph must not fail the build
-        artifact.notes.append(f"integer share not counted ({type(e).__name__}: {str(e)[:120]})")
-        return
-    artifact.settings["integer_share"] = share
-    note = advise(share)
-    if note:
-        artifact.notes.append(note)
 
 
 class OrtRunner(Runner):

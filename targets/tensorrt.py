@@ -23,6 +23,7 @@ from edgeexport.bundle.loader import write_calibration_cache
 from edgeexport.errors import ConfigError, TargetError
 from edgeexport.quantize import (calibrate_ranges, load_ranges, nonfinite_exclusions, preprocess, quantize_qdq,
                                  requantize_bias_corrected, to_fp16)
+from edgeexport.recipes import record_integer_share
 from edgeexport.targets.base import Artifact, Problem, Runner, Target, ort_io
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -149,6 +150,10 @@ class TrtTarget(Target):
                              "device_commands": DEVICE_COMMANDS})
         if int8_path == "explicit":
             artifact.float_model = workdir / "preprocessed.onnx"
+            record_integer_share(artifact, workdir / "preprocessed.onnx", calibration)
+        elif int8_path == "implicit":
+            artifact.settings["integer_share"] = {"decided_by": "TensorRT 10's builder at engine build (implicit "
+                                                                "int8 picks int8 or float tactics per layer)"}
         if trt_cfg["engine"] is None:
             artifact.validated_with = ("onnxruntime (CPU) running the ONNX TensorRT will build from" +
                                        (", Q/DQ pairs executed as written (fake-quantization)"

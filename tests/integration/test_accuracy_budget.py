@@ -182,6 +182,11 @@ def test_trt_qdq_graph_gets_the_same_search(cli, digits_npz, tmp_path):
     assert not b["steps"][0]["met"] and b["met"] and b["steps"][0]["worst"][0]["module"] == "spike"
     gemms = _gemms(out / "model.onnx")
     assert gemms["spike.weight"] is False and sum(gemms.values()) >= 4
+    # honest int8 on TensorRT's Q/DQ graph too: the Gemm kept in float is counted as float
+    share = json.loads((out / "manifest.json").read_text())["quantization"]["integer_share"]
+    assert share["weighted_layers"] == 6 and share["float_weighted_layers"] >= 1
+    assert 0.5 < share["integer_mac_share"] < 1.0
+    assert "integer: " in r.stderr and "of the multiply-adds" in r.stderr
 
 
 @pytest.mark.parametrize("target,precision,message", [
