@@ -256,14 +256,21 @@ def _time_all(rows: list[Row], ref_runner: Any, feed: dict[str, np.ndarray], set
             continue
         runners[row.key] = lambda m=model: m._backend.run(feed)
     samples: dict[str, list[float]] = {k: [] for k in runners}
+    rounds: dict[str, list[float]] = {k: [] for k in runners}  # each round's median, to judge the ratios' spread
     for r in range(settings.rounds):
         log(f"==> timing round {r + 1}/{settings.rounds}: {len(runners)} variants x {settings.runs} runs")
         for key, fn in runners.items():
-            samples[key] += sample_latency(fn, settings.warmup, settings.runs)
+            got = sample_latency(fn, settings.warmup, settings.runs)
+            samples[key] += got
+            rounds[key].append(float(np.median(got)))
     for row in rows:
         if row.key in samples:
-            row.latency = summarize(samples[row.key])
-    return summarize(samples["reference"])
+            row.latency = dict(summarize(samples[row.key]), round_p50_ms=rounds[row.key])
+            # the speed-up in each round (eager and this variant timed minutes apart at most): its range is
+            # what the spread supports
+            ratios = [a / b for a, b in zip(rounds["reference"], rounds[row.key]) if b > 0]
+            row.latency["speedup_by_round"] = ratios
+    return dict(summarize(samples["reference"]), round_p50_ms=rounds["reference"])
 
 
 def accuracy_metric(rows: list[Row]) -> str:

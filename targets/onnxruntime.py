@@ -136,6 +136,7 @@ class OrtTarget(Target):
             # quantizer silently leaves LSTMs whose weights are not initializers in float
             pre = workdir / "preprocessed.onnx"
             notes.extend(preprocess(onnx_path, pre))
+            check_names(_load(pre).graph, opts, dynamic=True)
             smoothed = smooth_for_int8(pre, calibration, opts["smoothquant"], _family(pre))
             settings.update(quantize_dynamic(pre, out, opts))
             settings.update(smoothed)
@@ -235,12 +236,16 @@ def quantize_static(src: Path, dst: Path, opts: dict[str, Any], config: "BuildCo
     return settings, notes
 
 
-def _family(path: Path) -> str:
+def _load(path: Path) -> Any:
     import onnx
 
+    return onnx.load(str(path))
+
+
+def _family(path: Path) -> str:
     from edgeexport import recipes
 
-    return recipes.family(onnx.load(str(path)))
+    return recipes.family(_load(path))
 
 
 def _loads(path: Path) -> bool:
@@ -261,8 +266,25 @@ def _ort_version() -> str:
     return onnxruntime.__version__
 
 
-def check_names(graph: Any, opts: dict[str, Any]) -> None:
-    """exclude_nodes must name nodes and int16_tensors tensors of the graph: a typo is never skipped silently."""
+def check_names(graph: Any, opts: dict[str, Any], dynamic: bool = False) -> None:
+    """exclude_nodes must name nodes, int16_tensors tensors and op_types op types of the graph (and, for dynamic
+    quantization, op types it has integer kernels for): a typo is never skipped silently."""
+    present = {n.op_type for n in graph.node}
+    asked = list(opts.get("op_types") or [])
+    absent = [t for t in asked if t not in present]
+    if absent:
+        raise TargetError(f"--option op_types names op type(s) the graph does not have: {', '.join(absent)}",
+                          f"the graph's op types: {', '.join(sorted(present))}",
+                          "name op types from that list (case matters), or drop op_types for the recipe's choice")
+    if dynamic:
+        from onnxruntime.quantization.registry import IntegerOpsRegistry
+
+        unknown = [t for t in asked if t not in IntegerOpsRegistry]
+        if unknown:
+            raise TargetError(f"dynamic quantization cannot quantize {', '.join(unknown)}",
+                              f"onnxruntime's dynamic quantizer has integer kernels for "
+                              f"{', '.join(sorted(IntegerOpsRegistry))} only",
+                              "drop those op types, or use --precision int8 (static Q/DQ quantizes any op type)")
     nodes = {n.name for n in graph.node}
     tensors = {o for n in graph.node for o in n.output} | {i.name for i in graph.input}
     for key, known, what in (("exclude_nodes", nodes, "node"), ("int16_tensors", tensors, "tensor")):

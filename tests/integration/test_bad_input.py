@@ -64,6 +64,8 @@ CATALOGUE = [
     ("excluded node that does not exist", 1, "exclude_nodes names 1 node(s) the graph does not have: no_such_node"),
     ("int16 tensor that does not exist", 1, "int16_tensors names 1 tensor(s) the graph does not have: ghost"),
     ("smoothquant that is not a switch", 2, "smoothquant must be auto, true or false"),
+    ("op type the graph does not have", 1, "op_types names op type(s) the graph does not have: Foo"),
+    ("op type dynamic int8 has no kernel for", 1, "dynamic quantization cannot quantize Relu"),
 ]
 
 
@@ -131,6 +133,9 @@ def cases(tmp_path_factory, tiny_model, tiny_npz):
         "int16 tensor that does not exist": ["--model", t + ":build", "--calib", good,
                                              "--option", "int16_tensors=[ghost]"],
         "smoothquant that is not a switch": ["--model", t + ":build", "--calib", good, "--option", "smoothquant=0.5"],
+        "op type the graph does not have": ["--model", t + ":build", "--calib", good, "--option", "op_types=[Foo]"],
+        "op type dynamic int8 has no kernel for": ["--model", t + ":build", "--calib", good, "--precision",
+                                                   "int8-dynamic", "--option", "op_types=[Relu]"],
     }
 
 
