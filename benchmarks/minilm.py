@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""all-MiniLM-L6-v2 at batch 1, sequence 128: PyTorch eager fp32 vs every ORT precision built by edgeexport, and
-the same model quantized by optimum's own ORTQuantizer (dynamic, AVX2 config), measured side by side in one run.
+"""all-MiniLM-L6-v2 at batch 1, sequence 128: PyTorch eager fp32 vs every ORT precision built by edgeexport (and
+both int8 modes without SmoothQuant), and the same model quantized by optimum's own ORTQuantizer (dynamic, AVX2
+config), measured side by side in one run.
 
 Each edgeexport build is validated on held-out sentences. A precision the gate refuses is still timed (built again
 with the limits lifted) and marked REFUSED, so the table shows what the gate protects against.
@@ -23,6 +24,9 @@ os.environ.setdefault("EDGEEXPORT_NO_PROGRESS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent
 PRECISIONS = ("fp32", "fp16", "int8-dynamic", "int8")
+#: the same precisions without SmoothQuant, to show what it buys and what its Mul nodes cost
+PLAIN = {"int8-dynamic smoothquant=false": ("int8-dynamic", {"smoothquant": False}),
+         "int8 smoothquant=false": ("int8", {"smoothquant": False})}
 LOOSE = {"cosine": -1.0, "snr_db": -100.0}
 HELD_OUT = 200  # sentences: the cosine goals (0.995) need more than 100 to be resolved
 GOALS = {"ort int8": 0.995, "ort int8-dynamic": 0.995}  # mean sentence-embedding cosine (issue 15)
@@ -34,18 +38,19 @@ def build_all(model: str, calib: Path, val: Path, work: Path):
     from edgeexport.errors import ValidationFailed
 
     built = {}
-    for precision in PRECISIONS:
-        cfg = {"model": model, "precision": precision, "out": str(work / precision), "bench": {"enabled": False},
-               "diagnose": False,
+    variants = {p: (p, {}) for p in PRECISIONS} | PLAIN
+    for name, (precision, options) in variants.items():
+        cfg = {"model": model, "precision": precision, "out": str(work / name.replace(" ", "-")),
+               "bench": {"enabled": False}, "diagnose": False, "target_options": options,
                "calibration": {"path": str(calib), "validation_path": str(val)}}
         try:
             result = pipeline.build(make_config(cfg), log=lambda _m: None)
             gate = "passed"
         except ValidationFailed:
-            cfg["out"] = str(work / f"{precision}-refused")
+            cfg["out"] = str(work / f"{name.replace(' ', '-')}-refused")
             result = pipeline.build(make_config({**cfg, "tolerance": LOOSE}), log=lambda _m: None)
             gate = "REFUSED"
-        built[precision] = (result, gate)
+        built[name] = (result, gate)
     return built
 
 
@@ -86,7 +91,7 @@ def main() -> int:
         work = Path(tmp)
         calib = write_sentences(work / "calib.txt", 300)
         val = write_sentences(work / "val.txt", HELD_OUT, skip=300)
-        print("building fp32, fp16, int8-dynamic, int8 ...", file=sys.stderr)
+        print("building fp32, fp16, int8-dynamic, int8, and both int8 modes without SmoothQuant ...", file=sys.stderr)
         built = build_all(model, calib, val, work)
         fp32_result = built["fp32"][0]
         runners = {f"ort {p}": OrtRunner(str(r.out / "model.onnx"), threads=args.threads) for p, (r, _) in built.items()}
