@@ -88,6 +88,13 @@ def weighted_nodes(model: Any) -> list[str]:
             if n.op_type in WEIGHTED_OPS and len(n.input) > 1 and n.input[1] in consts and n.name]
 
 
+def table_gathers(model: Any) -> list[str]:
+    """Names of the Gather nodes that read an embedding table (a constant of at least TABLE_MIN_ELEMENTS)."""
+    sizes = {t.name: prod(t.dims) for t in model.graph.initializer}
+    return [n.name for n in model.graph.node
+            if n.op_type == "Gather" and n.name and sizes.get(n.input[0], 0) >= TABLE_MIN_ELEMENTS]
+
+
 def family(model: Any) -> str:
     """'transformer' when a Softmax reads the product of two activations (attention), else 'cnn'."""
     consts = {t.name for t in model.graph.initializer}
@@ -258,7 +265,8 @@ def bias_correct(float_path: Path, dst: Path, quantized: dict[str, np.ndarray],
 def integer_share(qdq_path: Path, float_path: Path, feed: dict[str, np.ndarray]) -> dict[str, Any]:
     """What share of the weighted work really runs in integers: multiply-adds and weight bytes of the Conv/Gemm/
     MatMul (and LSTM/GRU) nodes whose data and weight inputs both come from 8-bit DequantizeLinear (or that are
-    integer ops, e.g. ConvInteger, DynamicQuantizeLSTM), against all weighted nodes of the float graph."""
+    integer ops, e.g. ConvInteger, DynamicQuantizeLSTM), against all weighted nodes of the float graph. The weight
+    bytes also count embedding tables (Gather from a large constant), which an int8 graph may leave float."""
     import onnx
 
     from edgeexport.flops import _node_flops, tensor_shapes
@@ -268,6 +276,9 @@ def integer_share(qdq_path: Path, float_path: Path, feed: dict[str, np.ndarray])
     counted = [n for n in fmodel.graph.node if n.op_type in WEIGHTED_OPS + ("LSTM", "GRU", "RNN")]
     shape = tensor_shapes(fmodel, counted, feed)
     weights = {t.name: prod(t.dims) for t in fmodel.graph.initializer}
+    # embedding tables (a Gather from a large constant): no multiply-adds, but often most of the weight bytes
+    tables = [n for n in fmodel.graph.node
+              if n.op_type == "Gather" and weights.get(n.input[0], 0) >= TABLE_MIN_ELEMENTS]
     macs = {"int": 0, "all": 0}
     wbytes = {"int": 0, "all": 0}
     float_layers = []
@@ -281,10 +292,19 @@ def integer_share(qdq_path: Path, float_path: Path, feed: dict[str, np.ndarray])
             wbytes["int"] += wsize
         else:
             float_layers.append(n.name)
+    float_tables = []
+    for n in tables:
+        wbytes["all"] += weights[n.input[0]] * 4
+        if n.name in integer_nodes:
+            wbytes["int"] += weights[n.input[0]] * 4
+        else:
+            float_tables.append(n.name)
+
     def share(d: dict[str, int]) -> float:
         return round(d["int"] / d["all"], 4) if d["all"] else 0.0
     return {"integer_mac_share": share(macs), "integer_weight_share": share(wbytes), "weighted_layers": len(counted),
             "float_weighted_layers": len(float_layers), "float_layers_sample": float_layers[:10],
+            "embedding_tables": len(tables), "float_embedding_tables": float_tables,
             "macs_per_sample": macs["all"]}
 
 
@@ -295,6 +315,8 @@ def _recurrent_flops(node: Any, shape: dict[str, list[int]]) -> int:
     return 2 * x[0] * x[1] * (prod(w) // max(w[0], 1) + prod(r) // max(r[0], 1)) * w[0]  # seq x batch x gates
 
 
+#: a Gather from a constant of at least this many elements is an embedding table (counted in the weight bytes)
+TABLE_MIN_ELEMENTS = 4096
 _INTEGER_OPS = {"ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul", "DynamicQuantizeMatMul",
                 "DynamicQuantizeLSTM", "MatMulIntegerToFloat", "QGemm"}
 
@@ -325,7 +347,11 @@ def _integer_nodes(qmodel: Any) -> set[str]:
     out = set()
     for n in qmodel.graph.node:
         base = n.name.removesuffix("_quant")
-        if n.op_type in _INTEGER_OPS:
+        if n.op_type == "Gather" and n.input:  # an int8 table, read directly (dynamic) or through a DQ (Q/DQ)
+            table = inits.get(n.input[0])
+            if (table is not None and table.data_type in eight) or eight_bit(n.input[0]):
+                out.add(base)
+        elif n.op_type in _INTEGER_OPS:
             out.update((base, base.removesuffix("_MatMul")))
         elif n.op_type in WEIGHTED_OPS and len(n.input) > 1 and eight_bit(n.input[0]) and eight_bit(n.input[1]):
             out.add(base)
@@ -333,13 +359,18 @@ def _integer_nodes(qmodel: Any) -> set[str]:
 
 
 def advise(share: dict[str, Any], threshold: float = 0.5) -> Optional[str]:
-    """A plain note when most of the weighted work stayed float (None otherwise)."""
+    """A plain note when most of the weighted work, or most of the weight bytes, stayed float (None otherwise)."""
     s = share.get("integer_mac_share", 1.0)
-    if s >= threshold:
-        return None
-    return (f"only {s:.0%} of the multiply-adds ({share.get('integer_weight_share', 0):.0%} of the weight bytes) run "
-            f"in int8; {share['float_weighted_layers']} of {share['weighted_layers']} weighted layers stayed float "
-            f"(e.g. {', '.join(share['float_layers_sample'][:3])})")
+    w = share.get("integer_weight_share", 1.0)
+    if s < threshold:
+        return (f"only {s:.0%} of the multiply-adds ({w:.0%} of the weight bytes) run in int8; "
+                f"{share['float_weighted_layers']} of {share['weighted_layers']} weighted layers stayed float "
+                f"(e.g. {', '.join(share['float_layers_sample'][:3])})")
+    if w < threshold:
+        tables = share.get("float_embedding_tables") or []
+        return (f"{s:.0%} of the multiply-adds run in int8 but only {w:.0%} of the weight bytes are int8"
+                + (f": the embedding table(s) {', '.join(tables[:3])} stayed float" if tables else ""))
+    return None
 
 
 def record_integer_share(artifact: Any, float_path: Path, calibration: Any) -> None:

@@ -198,7 +198,9 @@ def quantize_static(src: Path, dst: Path, opts: dict[str, Any], config: "BuildCo
     notes += more
     exclude = sorted(set(opts["exclude_nodes"]) | set(nonfinite))
     recipe = opts["recipe"] if opts["recipe"] != "auto" else ("weighted" if family == "transformer" else "full")
-    nodes = [n for n in recipes.weighted_nodes(model) if n not in exclude] if recipe == "weighted" else None
+    # weighted: the layers with constant weights, and the embedding tables (weight-only: a Gather of int8 rows)
+    nodes = ([n for n in recipes.weighted_nodes(model) + recipes.table_gathers(model) if n not in exclude]
+             if recipe == "weighted" else None)
     # (Gemm keeps its output Q/DQ in the weighted recipe: ORT 1.32 fails to load a Q/DQ Gemm with a float output
     # feeding a Reshape, "Attempt to replace the existing tensor")
     no_output_q = (["Conv", "ConvTranspose", "MatMul"] if recipe == "weighted" else

@@ -22,7 +22,7 @@ import numpy as np
 from edgeexport.bundle.loader import write_calibration_cache
 from edgeexport.errors import ConfigError, TargetError
 from edgeexport.quantize import (calibrate_ranges, load_ranges, nonfinite_exclusions, preprocess, quantize_qdq,
-                                 requantize_bias_corrected, to_fp16)
+                                 requantize_bias_corrected, smooth_for_int8, to_fp16)
 from edgeexport.recipes import record_integer_share
 from edgeexport.targets.base import Artifact, Problem, Runner, Target, ort_io
 
@@ -61,6 +61,11 @@ OPTIONS: dict[str, tuple[Any, str]] = {
     "op_types": (WEIGHTED_OPS, "int8: op types whose inputs get Q/DQ (TensorRT's recommended placement)"),
     "exclude_nodes": ([], "int8: node names to keep in float"),
     "bias_correction": (True, "int8: subtract the mean shift that weight rounding causes from each Conv/Gemm bias"),
+    "recipe": ("auto", "int8: full (Q/DQ on the inputs of every op in op_types), weighted (only those with constant "
+                       "weights: attention's activation x activation MatMuls stay float), auto (weighted for "
+                       "transformers, full otherwise)"),
+    "smoothquant": ("auto", "int8: move activation outliers into the weights of constant-weight MatMuls "
+                            "(SmoothQuant): auto (transformers), true, false"),
 }
 _TYPES = {"workspace_mb": int, "timing_cache": bool, "bias_correction": bool, "gpu_fallback": bool,
           "version_compatible": bool, "trt_version": str, "profiles": dict}
@@ -85,8 +90,13 @@ class TrtTarget(Target):
         for key, allowed in choices.items():
             if o[key] not in allowed:
                 problems.append(Problem(f"target_options.{key}", f"{key} must be one of {', '.join(allowed)}", ""))
-        if "int8_path" in config.target_options and config.precision != "int8":
-            problems.append(Problem("target_options.int8_path", "int8_path applies to --precision int8 only", ""))
+        for key in ("int8_path", "recipe", "smoothquant"):
+            if key in config.target_options and config.precision != "int8":
+                problems.append(Problem(f"target_options.{key}", f"{key} applies to --precision int8 only", ""))
+        if o["recipe"] not in ("auto", "full", "weighted"):
+            problems.append(Problem("target_options.recipe", "recipe must be auto, full or weighted", ""))
+        if o["smoothquant"] not in ("auto", True, False):
+            problems.append(Problem("target_options.smoothquant", "smoothquant must be auto, true or false", ""))
         if o["dla_core"] is not None:
             if not isinstance(o["dla_core"], int) or isinstance(o["dla_core"], bool) or o["dla_core"] < 0:
                 problems.append(Problem("target_options.dla_core", "dla_core must be a DLA core number (0, 1)", ""))
@@ -233,17 +243,28 @@ def quantize_for_tensorrt(onnx_path: Path, out: Path, o: dict[str, Any], config:
     """Calibrate every float tensor once; write a Q/DQ graph TensorRT can fuse (symmetric int8, zero points 0,
     per-channel weights, float bias, Q/DQ on the inputs of weighted ops and not on their outputs) and return the per-tensor scales for
     TensorRT 10's calibration cache, both from the same ranges."""
+    import onnx
+
+    from edgeexport import recipes
+
     pre, qdq, ranges = workdir / "preprocessed.onnx", workdir / "qdq.onnx", workdir / "ranges.json"
     notes = preprocess(onnx_path, pre)
+    family = recipes.family(onnx.load(str(pre)))
+    smoothed = smooth_for_int8(pre, calibration, o["smoothquant"], family)
     nonfinite, more = nonfinite_exclusions(pre, calibration)
     notes += more
     exclude = sorted(set(o["exclude_nodes"]) | set(nonfinite))
+    recipe = o["recipe"] if o["recipe"] != "auto" else ("weighted" if family == "transformer" else "full")
+    # weighted: only the weighted ops whose weight is a constant; attention's score and context MatMuls (two
+    # activations), softmax and LayerNorm stay float, as on ORT
+    nodes = ([n for n in recipes.weighted_nodes(onnx.load(str(pre))) if n not in exclude]
+             if recipe == "weighted" else None)
     method = config.calibration.method
     used, more = calibrate_ranges(pre, calibration, method, config.calibration.percentile, ranges, None,
                                   symmetric=True)
     notes += more
     qargs = dict(per_channel=True, reduce_range=False, activation_type="int8",
-                 op_types=o["op_types"], exclude_nodes=exclude,
+                 op_types=o["op_types"], exclude_nodes=exclude, nodes=nodes,
                  extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False,
                                 "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},
                                 # TensorRT's placement: Q/DQ on the inputs of weighted ops, not on their outputs.
@@ -253,8 +274,6 @@ def quantize_for_tensorrt(onnx_path: Path, out: Path, o: dict[str, Any], config:
     quantize_qdq(pre, qdq, ranges, used, **qargs)
     corrected = (requantize_bias_corrected(pre, qdq, ranges, used, calibration, qargs) if o["bias_correction"]
                  else {"bias_correction": False})
-    import onnx
-
     violations = qdq_violations(onnx.load(str(qdq)))
     if violations:
         raise TargetError("the Q/DQ graph breaks TensorRT's rules", "; ".join(violations[:8]),
@@ -266,7 +285,7 @@ def quantize_for_tensorrt(onnx_path: Path, out: Path, o: dict[str, Any], config:
                 "calibration_samples": len(calibration.calib_idx), "weight_type": "int8 symmetric, per-channel",
                 "activation_type": "int8 symmetric (zero point 0)", "bias": "float (TensorRT quantizes it itself)",
                 "op_types": o["op_types"], "exclude_nodes": exclude, "calibration_cache_tensors": len(scales),
-                **corrected}
+                "recipe": recipe, "recipe_requested": o["recipe"], "graph_family": family, **corrected, **smoothed}
     if used == "percentile":
         settings["percentile"] = config.calibration.percentile
     return settings, notes, scales

@@ -157,3 +157,30 @@ def test_integer_share_counts_what_really_runs_in_int8(tmp_path):
     assert share["integer_mac_share"] == pytest.approx(512 / (512 + 64), abs=1e-3)
     assert recipes.advise(share) is None  # most of the work is integer
     assert "stayed float" in recipes.advise({**share, "integer_mac_share": 0.1})
+
+
+def test_integer_share_counts_embedding_tables_in_the_weight_bytes(tmp_path):
+    """A float embedding table is most of a small encoder's bytes: an int8 MatMul next to it must not make the
+    weight share read 100%. Quantizing the Gather too (dynamic int8 does) brings it in."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    table = RNG.standard_normal((1000, 16)).astype(np.float32)
+    w = RNG.standard_normal((16, 16)).astype(np.float32)
+    model = _graph([helper.make_node("Gather", ["table", "ids"], ["e"], name="embed"),
+                    helper.make_node("MatMul", ["e", "w"], ["y"], name="proj")],
+                   [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 8])], [_vi("y", [1, 8, 16])],
+                   {"table": table, "w": w})
+    src = tmp_path / "f.onnx"
+    onnx.save(model, str(src))
+    feed = {"ids": np.arange(8, dtype=np.int64)[None]}
+    for op_types, tables_float in ((["MatMul"], ["embed"]), (["MatMul", "Gather"], [])):
+        dst = tmp_path / f"q{len(op_types)}.onnx"
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=op_types)
+        share = recipes.integer_share(dst, src, feed)
+        assert share["integer_mac_share"] == 1.0 and share["embedding_tables"] == 1
+        assert share["float_embedding_tables"] == tables_float
+        if tables_float:
+            assert share["integer_weight_share"] == pytest.approx(256 / (256 + 16000), abs=1e-3)
+            assert "embedding table(s) embed stayed float" in recipes.advise(share)
+        else:
+            assert share["integer_weight_share"] == 1.0 and recipes.advise(share) is None
