@@ -180,6 +180,28 @@ def test_smoothquant_moves_layernorm_outlier_channels_into_the_weights(cli, toke
     assert smoothed > plain + 10, (smoothed, plain)
 
 
+def test_tensorrt_qdq_graph_of_an_encoder_gets_the_transformer_recipe(cli, tokens, tmp_path):
+    """TensorRT's Q/DQ placement (symmetric int8 on the inputs of weighted ops) with the transformer recipe: only
+    the MatMuls with constant weights get Q/DQ, attention's score and context MatMuls stay float, SmoothQuant on."""
+    (tmp_path / "enc.py").write_text(PRE_LN_OUTLIERS)
+    out = tmp_path / "trt"
+    r = cli("build", "--target", "trt", "--model", f"{tmp_path / 'enc.py'}:build", "--calib", tokens,
+            "--precision", "int8", "--out", out, "--task", "feature-extraction")
+    assert r.exit_code == 0, r.stderr
+    q = json.loads((out / "manifest.json").read_text())["quantization"]
+    assert q["recipe"] == "weighted" and q["graph_family"] == "transformer"
+    assert q["smoothquant"]["smoothed_matmuls"] == 12
+    graph = onnx.load(str(out / "model.onnx")).graph
+    consts = {t.name for t in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    for n in graph.node:
+        if n.op_type == "MatMul":
+            weighted = any(producer.get(i) is not None and producer[i].op_type == "DequantizeLinear"
+                           and producer[i].input[0] in consts for i in n.input)
+            fed_by_dq = [producer.get(i) is not None and producer[i].op_type == "DequantizeLinear" for i in n.input]
+            assert weighted or not any(fed_by_dq), n.name  # activation x activation MatMuls get no Q/DQ
+
+
 SEPARABLE = '''
 import torch
 import torch.nn as nn
