@@ -35,7 +35,9 @@ def test_example_runs(example, tmp_path):
         assert "refused, as it must be" in r.stdout and "selftest passed" in r.stdout
         m = json.loads((tmp_path / "out" / "int8" / "manifest.json").read_text())
         out = m["validation"]["outputs"]["output"]
-        assert 0.75 <= out["top1"] <= 1.0 and out["top5"] >= 0.9 and m["validation"]["samples"] == 64
+        # the CNN recipe passes the default limits on 256 held-out crops (it used to need relaxed ones at 0.86)
+        assert m["validation"]["passed"] and m["validation"]["tolerance"]["top1"] == 0.95
+        assert out["top1"] >= 0.96 and out["top5"] >= 0.99 and m["validation"]["samples"] == 256
         # --explain: the per-layer ranking is printed and recorded, with its plot in the bundle
         assert "layers adding the most error" in r.stderr and len(m["layer_errors"]["ranked"]) >= 20
         assert (tmp_path / "out" / "int8" / "layer_errors.png").is_file()
@@ -43,7 +45,7 @@ def test_example_runs(example, tmp_path):
         assert not (tmp_path / "out" / "broken").exists()
         assert r.stdout.count(": class ") == 4
         t = json.loads((tmp_path / "out" / "tflite-int8" / "manifest.json").read_text())
-        assert t["quantization"]["activation_dtypes"] == ["int8"] and t["validation"]["outputs"]["output"]["top1"] >= 0.9
+        assert t["quantization"]["activation_dtypes"] == ["int8"] and t["validation"]["outputs"]["output"]["top1"] >= 0.95
 
 
 def test_readme_lists_the_two_setup_commands_first():
