@@ -288,8 +288,11 @@ def build_resolved(config: BuildConfig, source: ModelSource, calib: CalibrationS
                     and config.prune is None and not config.accuracy_budget:
                 from edgeexport import diagnose
 
-                diagnosis = diagnose.run(config, source, calib, onnx_path, output_names, target, artifact, report,
-                                         log)
+                try:
+                    diagnosis = diagnose.run(config, source, calib, onnx_path, output_names, target, artifact,
+                                             report, log)
+                except Exception as e:  # the refusal below must not be lost to a failed diagnosis
+                    log(f"    note: no diagnosis ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})")
             if not report.passed:
                 advice = failure_advice(config, target)
                 if diagnosis and diagnosis["advice"]:
