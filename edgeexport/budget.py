@@ -10,10 +10,11 @@ or after ``config.budget_steps`` rounds; then it fails with the best value it re
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from edgeexport.config import BUDGET_METRICS, BuildConfig
 from edgeexport.errors import ValidationFailed
@@ -57,13 +58,26 @@ def _weighted_nodes(float_model: Path) -> set[str]:
     return {n.name for n in onnx.load(str(float_model)).graph.node if n.op_type in WEIGHTED}
 
 
-def _trial(config: BuildConfig, target: Any, excluded: list[str], wide: list[str]) -> BuildConfig:
+def trial_config(config: BuildConfig, target: Any, excluded: list[str], wide: list[str]) -> BuildConfig:
+    """``config`` with these nodes in float and these tensors in 16 bits, and no engine built (trials validate the
+    ONNX)."""
     options = {**config.target_options, "exclude_nodes": list(excluded)}
     if wide or "int16_tensors" in options:
         options["int16_tensors"] = list(wide)
     if "engine" in target.options_spec:
         options["engine"] = "deferred"  # trial rounds validate the ONNX; only the final build makes an engine
     return config.model_copy(update={"target_options": options})
+
+
+@contextlib.contextmanager
+def scratch_build(target: Any, source: Any, config: BuildConfig, calib: Any, onnx_path: Path, prefix: str
+                  ) -> Iterator[Any]:
+    """The artifact ``target`` builds for ``config`` from a copy of ``onnx_path`` (targets may rewrite their
+    input), in a temporary folder removed on exit."""
+    with tempfile.TemporaryDirectory(prefix=tmp_prefix(prefix)) as tmp:
+        work = Path(tmp)
+        shutil.copyfile(onnx_path, work / "exported.onnx")
+        yield target.build(source, config, calib, work, work / "exported.onnx")
 
 
 def search(config: BuildConfig, source: Any, calib: Any, onnx_path: Path, output_names: list[str], log: Log
@@ -91,11 +105,8 @@ def search(config: BuildConfig, source: Any, calib: Any, onnx_path: Path, output
         + ("" if int16 else f" (target {config.target!r} has no 16-bit activations: layers go from int8 to float)"))
 
     def evaluate(excl: list[str], w: list[str], keep: bool):
-        trial = _trial(config, target, excl, w)
-        with tempfile.TemporaryDirectory(prefix=tmp_prefix("budget-")) as tmp:
-            work = Path(tmp)
-            shutil.copyfile(onnx_path, work / "exported.onnx")
-            artifact = target.build(source, trial, calib, work, work / "exported.onnx")
+        trial = trial_config(config, target, excl, w)
+        with scratch_build(target, source, trial, calib, onnx_path, "budget-") as artifact:
             value = budget_value(validate(trial, source, calib, artifact, target, output_names), metric)
             ranked = (rank_layers(artifact.float_model, artifact.model_path, feeds)
                       if keep and artifact.float_model is not None else None)
@@ -199,18 +210,13 @@ def compare_mix(config: BuildConfig, source: Any, calib: Any, onnx_path: Path, t
 
     feed = next(calib.holdout())
     protocol = dict(warmup=config.bench.warmup, runs=config.bench.runs)
-    plain = {**config.target_options, "exclude_nodes": list(budget["steps"][0]["float_nodes"])}
-    if "int16_tensors" in plain:
-        plain["int16_tensors"] = list(budget["steps"][0]["int16_tensors"])
+    first = budget["steps"][0]
     variants = [("fp32", config.model_copy(update={"precision": "fp32", "target_options": {}}), None),
-                ("int8", config.model_copy(update={"target_options": plain}), budget["steps"][0]["value"])]
+                ("int8", trial_config(config, target, first["float_nodes"], first["int16_tensors"]), first["value"])]
     rows: dict[str, Any] = {}
     log(f"==> timing the mix next to plain int8 and fp32 ({config.bench.runs} runs each, same threads)")
     for name, trial, value in variants:
-        with tempfile.TemporaryDirectory(prefix=tmp_prefix("budget-")) as tmp:
-            work = Path(tmp)
-            shutil.copyfile(onnx_path, work / "exported.onnx")
-            built = target.build(source, trial, calib, work, work / "exported.onnx")
+        with scratch_build(target, source, trial, calib, onnx_path, "budget-") as built:
             size = sum((built.root / f).stat().st_size for f in built.files)
             with target.load(built, config.bench.threads) as runner:
                 rows[name] = {"size_bytes": size, "median_ms": bench_runner(runner, feed, **protocol)["median_ms"],

@@ -9,13 +9,10 @@ a generic list.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
 from edgeexport.config import BuildConfig
-from edgeexport.util import tmp_prefix
 
 Log = Callable[[str], None]
 #: alternatives built and validated after a refusal (each costs one build)
@@ -24,23 +21,21 @@ MAX_TRIALS = 3
 
 def trials(config: BuildConfig, target: Any, worst: list[dict[str, Any]]) -> list[tuple[str, str, BuildConfig]]:
     """(what it is, how to ask for it, the config) of each alternative to try, most targeted first."""
-    out = []
+    from edgeexport.budget import trial_config
+
+    result = []
     if worst and config.precision == "int8" and not target.layer_fallback(config):
         w = worst[0]
-        opts = dict(config.target_options)
+        excluded = list(config.target_options.get("exclude_nodes") or [])
+        wide = list(config.target_options.get("int16_tensors") or [])
         if "int16_tensors" in target.options_spec and w["quantized_output"]:
-            opts["int16_tensors"] = [*opts.get("int16_tensors", []), w["output"]]
-            out.append((f"16-bit activations for {w['output']} (output of the worst layer, {_name(w)})",
-                        f"--option int16_tensors=[{w['output']}]", opts))
+            result.append((f"16-bit activations for {w['output']} (output of the worst layer, {_name(w)})",
+                           f"--option int16_tensors=[{w['output']}]",
+                           trial_config(config, target, excluded, wide + [w["output"]])))
         else:
-            opts["exclude_nodes"] = [*opts.get("exclude_nodes", []), *w["float_fallback"]]
-            out.append((f"the worst layer ({_name(w)}) in float",
-                        f"--option exclude_nodes=[{','.join(w['float_fallback'])}]", opts))
-    result = []
-    for label, how, opts in out:
-        if "engine" in target.options_spec:
-            opts = {**opts, "engine": "deferred"}  # trials validate the ONNX; only a real build makes an engine
-        result.append((label, how, config.model_copy(update={"target_options": opts})))
+            result.append((f"the worst layer ({_name(w)}) in float",
+                           f"--option exclude_nodes=[{','.join(w['float_fallback'])}]",
+                           trial_config(config, target, excluded + w["float_fallback"], wide)))
     result += target.trial_options(config)
     if config.precision == "int8" and target.calibrates:
         for method in ("entropy", "percentile", "minmax"):
@@ -57,14 +52,10 @@ def _name(row: dict[str, Any]) -> str:
     return label(row)
 
 
-def _failing(report: Any) -> list[tuple[str, str]]:
-    return [(c.output, c.metric) for c in report.failures()]
-
-
 def run(config: BuildConfig, source: Any, calib: Any, onnx_path: Path, output_names: list[str], target: Any,
         artifact: Any, report: Any, log: Log) -> dict[str, Any]:
     """Rank the refused build's layers, try the alternatives, and return the record (with an ``advice`` line)."""
-    from edgeexport.budget import RANK_SAMPLES, validate
+    from edgeexport.budget import RANK_SAMPLES, scratch_build, validate
     from edgeexport.recipes import take
     from edgeexport.sensitivity import rank_layers
 
@@ -72,8 +63,7 @@ def run(config: BuildConfig, source: Any, calib: Any, onnx_path: Path, output_na
     if artifact.float_model is not None:
         worst = rank_layers(artifact.float_model, artifact.model_path, take(calib.calibration(), RANK_SAMPLES))[:3]
     todo = trials(config, target, worst)
-    failing = _failing(report)
-    before = {k: next(c.value for c in report.checks if (c.output, c.metric) == k) for k in failing}
+    failing = report.failures()
     record: dict[str, Any] = {"worst_layers": [{"layer": _name(r), "output": r["output"],
                                                 "own_noise_db": round(r["local_noise_db"], 2)} for r in worst],
                               "tried": []}
@@ -84,19 +74,16 @@ def run(config: BuildConfig, source: Any, calib: Any, onnx_path: Path, output_na
         log("    worst layers (own quantization noise): "
             + ", ".join(f"{_name(r)} ({r['local_noise_db']:.1f} dB)" for r in worst))
     for label, how, trial in todo:
-        with tempfile.TemporaryDirectory(prefix=tmp_prefix("diagnose-")) as tmp:
-            work = Path(tmp)
-            shutil.copyfile(onnx_path, work / "exported.onnx")
-            try:
-                built = target.build(source, trial, calib, work, work / "exported.onnx")
+        try:
+            with scratch_build(target, source, trial, calib, onnx_path, "diagnose-") as built:
                 r = validate(trial, source, calib, built, target, output_names)
-            except Exception as e:  # an alternative that cannot be built is a finding, not a crash
-                record["tried"].append({"what": label, "how": how, "error": f"{type(e).__name__}: {str(e)[:160]}"})
-                log(f"    {label}: could not be built ({type(e).__name__})")
-                continue
-        after = {k: next((c.value for c in r.checks if (c.output, c.metric) == k), None) for k in failing}
+        except Exception as e:  # an alternative that cannot be built is a finding, not a crash
+            record["tried"].append({"what": label, "how": how, "error": f"{type(e).__name__}: {str(e)[:160]}"})
+            log(f"    {label}: could not be built ({type(e).__name__})")
+            continue
+        after = {(c.output, c.metric): c.value for c in r.checks}
         row = {"what": label, "how": how, "passed": r.passed,
-               "values": {f"{o} {m}": [before[(o, m)], after[(o, m)]] for o, m in failing}}
+               "values": {f"{c.output} {c.metric}": [c.value, after.get((c.output, c.metric))] for c in failing}}
         record["tried"].append(row)
         log(f"    {label}: " + ", ".join(f"{k} {a:.4g} -> {'n/a' if b is None else f'{b:.4g}'}"
                                        for k, (a, b) in row["values"].items())
@@ -112,12 +99,12 @@ def run(config: BuildConfig, source: Any, calib: Any, onnx_path: Path, output_na
     return record
 
 
-def _helps(trial: dict[str, Any], failing: list[tuple[str, str]]) -> bool:
-    """True when every failing check moved the right way and at least one strictly."""
+def _helps(trial: dict[str, Any], failing: list[Any]) -> bool:
+    """True when every failing check (a validate.Check, whose ``kind`` says floor or ceiling) moved the right way,
+    and at least one strictly."""
     moved = []
-    for k, (a, b) in trial["values"].items():
+    for c, (a, b) in zip(failing, trial["values"].values()):
         if b is None:
             return False
-        floor = not k.endswith(("max_abs", "accuracy_drop"))
-        moved.append((b - a) if floor else (a - b))
+        moved.append((b - a) if c.kind == "min" else (a - b))
     return all(m >= 0 for m in moved) and any(m > 0 for m in moved)
