@@ -155,6 +155,18 @@ def dequantized_weights(qdq_model: Any) -> dict[str, np.ndarray]:
             if n.op_type in WEIGHTED_OPS and len(n.input) > 1 and n.input[1] in deq and n.name}
 
 
+def output_axis(node: Any) -> int:
+    """The output-channel axis of a weighted node's constant weight: Conv [O, I, ..], ConvTranspose [I, O, ..],
+    Gemm [O, I] with transB=1 else [I, O], MatMul [.., I, O]."""
+    if node.op_type == "Conv":
+        return 0
+    if node.op_type == "ConvTranspose":
+        return 1
+    if node.op_type == "Gemm":
+        return 0 if _attr(node, "transB", 0) else 1
+    return -1
+
+
 def rounded_weights(model: Any, qmax: int = 127) -> dict[str, np.ndarray]:
     """node name -> its weight after symmetric per-output-channel rounding to [-qmax, qmax] (TFLite's and
     TensorRT's int8 weight scheme), for converters whose quantizer cannot be asked what it will do."""
@@ -166,7 +178,7 @@ def rounded_weights(model: Any, qmax: int = 127) -> dict[str, np.ndarray]:
         if n.op_type not in ("Conv", "Gemm") or len(n.input) < 2 or n.input[1] not in inits:
             continue
         w = numpy_helper.to_array(inits[n.input[1]]).astype(np.float64)
-        axis = 0 if n.op_type == "Conv" or _attr(n, "transB", 0) else 1
+        axis = output_axis(n)
         wm = np.moveaxis(w, axis, 0)
         scale = np.abs(wm).reshape(wm.shape[0], -1).max(axis=1) / qmax
         scale = np.where(scale > 0, scale, 1.0).reshape((-1,) + (1,) * (wm.ndim - 1))

@@ -140,7 +140,7 @@ def _weight_noise(fmodel: Any, qmodel: Any) -> dict[str, float]:
     """weighted node -> the relative noise power of its rounded weight, averaged over output channels."""
     from onnx import numpy_helper
 
-    from edgeexport.recipes import dequantized_weights
+    from edgeexport.recipes import dequantized_weights, output_axis
 
     inits = {t.name: t for t in fmodel.graph.initializer}
     nodes = {n.name: n for n in fmodel.graph.node}
@@ -152,10 +152,7 @@ def _weight_noise(fmodel: Any, qmodel: Any) -> dict[str, float]:
         w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)
         if w.shape != wq.shape or w.ndim < 2:
             continue
-        transb = any(a.name == "transB" and a.i for a in node.attribute)
-        axis = 0 if node.op_type in ("Conv", "ConvTranspose") or (node.op_type == "Gemm" and transb) else -1
-        if node.op_type == "ConvTranspose":
-            axis = 1
+        axis = output_axis(node)
         d = np.moveaxis(wq - w, axis, 0).reshape(w.shape[axis], -1)
         r = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
         signal = np.sum(r * r, axis=1)

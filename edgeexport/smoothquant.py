@@ -162,7 +162,8 @@ def smooth(src: Path, dst: Path, feeds: Iterable[dict[str, np.ndarray]], alphas:
     record: dict[str, Any] = {"alphas_tried": [a for a in alphas if a is not None], "smoothed_matmuls": 0,
                               "activation_tensors": 0}
     if not found:
-        onnx.save(model, str(dst))
+        if Path(dst) != Path(src):
+            onnx.save(model, str(dst))
         return {"smoothquant": {**record, "skipped": "no MatMul with a constant 2-D weight"}}
     bounds, rows, samples = channel_stats(src, sorted(found), feeds)
     inits = {t.name: t for t in model.graph.initializer}

@@ -134,10 +134,15 @@ class OrtTarget(Target):
         elif config.precision == "int8-dynamic":
             # constant-folded first: torch.onnx builds LSTM weights with Unsqueeze nodes, and onnxruntime's dynamic
             # quantizer silently leaves LSTMs whose weights are not initializers in float
+            import onnx
+
+            from edgeexport.recipes import family
+
             pre = workdir / "preprocessed.onnx"
             notes.extend(preprocess(onnx_path, pre))
-            check_names(_load(pre).graph, opts, dynamic=True)
-            smoothed = smooth_for_int8(pre, calibration, opts["smoothquant"], _family(pre))
+            model = onnx.load(str(pre))
+            check_names(model.graph, opts, dynamic=True)
+            smoothed = smooth_for_int8(pre, calibration, opts["smoothquant"], family(model))
             settings.update(quantize_dynamic(pre, out, opts))
             settings.update(smoothed)
         else:
@@ -190,7 +195,7 @@ def quantize_static(src: Path, dst: Path, opts: dict[str, Any], config: "BuildCo
 
     pre = workdir / "preprocessed.onnx"
     notes = preprocess(src, pre)
-    family = _family(pre)
+    family = recipes.family(onnx.load(str(pre)))  # before smoothing; its Mul nodes do not change the family
     smoothed = smooth_for_int8(pre, calibration, opts["smoothquant"], family)
     model = onnx.load(str(pre))
     check_names(model.graph, opts)
@@ -236,18 +241,6 @@ def quantize_static(src: Path, dst: Path, opts: dict[str, Any], config: "BuildCo
     if used == "percentile":
         settings["percentile"] = config.calibration.percentile
     return settings, notes
-
-
-def _load(path: Path) -> Any:
-    import onnx
-
-    return onnx.load(str(path))
-
-
-def _family(path: Path) -> str:
-    from edgeexport import recipes
-
-    return recipes.family(_load(path))
 
 
 def _loads(path: Path) -> bool:

@@ -86,17 +86,15 @@ class TrtTarget(Target):
             if not isinstance(o[key], typ) or (typ is int and isinstance(o[key], bool)):
                 problems.append(Problem(f"target_options.{key}", f"{key} must be a {typ.__name__}", ""))
         choices = {"engine": ("auto", "now", "deferred"), "int8_path": ("explicit", "implicit"),
-                   "hardware_compatibility": ("none", "ampere+")}
+                   "hardware_compatibility": ("none", "ampere+"), "recipe": ("auto", "full", "weighted"),
+                   "smoothquant": ("auto", True, False)}
         for key, allowed in choices.items():
             if o[key] not in allowed:
-                problems.append(Problem(f"target_options.{key}", f"{key} must be one of {', '.join(allowed)}", ""))
+                names = ", ".join(str(a).lower() if isinstance(a, bool) else a for a in allowed)
+                problems.append(Problem(f"target_options.{key}", f"{key} must be one of {names}", ""))
         for key in ("int8_path", "recipe", "smoothquant"):
             if key in config.target_options and config.precision != "int8":
                 problems.append(Problem(f"target_options.{key}", f"{key} applies to --precision int8 only", ""))
-        if o["recipe"] not in ("auto", "full", "weighted"):
-            problems.append(Problem("target_options.recipe", "recipe must be auto, full or weighted", ""))
-        if o["smoothquant"] not in ("auto", True, False):
-            problems.append(Problem("target_options.smoothquant", "smoothquant must be auto, true or false", ""))
         if o["dla_core"] is not None:
             if not isinstance(o["dla_core"], int) or isinstance(o["dla_core"], bool) or o["dla_core"] < 0:
                 problems.append(Problem("target_options.dla_core", "dla_core must be a DLA core number (0, 1)", ""))
