@@ -14,24 +14,41 @@ import torch
 import torch.nn as nn
 
 FILL = {fill}
+PRE_LN = {pre_ln}
+OUTLIER = {outlier}
 
 
 class Block(nn.Module):
+    """Post-LayerNorm (BERT) or pre-LayerNorm block. With OUTLIER > 1 the LayerNorm gains carry a few large
+    channels, compensated in the next weights: the float function is that of a plain block, but the MatMuls'
+    inputs have the outlier channels of real encoders."""
+
     def __init__(self, d, heads):
         super().__init__()
         self.h, self.dk = heads, d // heads
         self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
         self.ff1, self.ff2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
         self.n1, self.n2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        if OUTLIER != 1:
+            with torch.no_grad():
+                for norm, users in ((self.n1, (self.q, self.k, self.v)), (self.n2, (self.ff1,))):
+                    norm.weight[:4] *= OUTLIER
+                    norm.bias[:4] *= OUTLIER
+                    for lin in users:
+                        lin.weight[:, :4] /= OUTLIER
 
     def split(self, x):
         b, s, _ = x.shape
         return x.view(b, s, self.h, self.dk).transpose(1, 2)
 
     def forward(self, x, bias):
-        q, k, v = self.split(self.q(x)), self.split(self.k(x)), self.split(self.v(x))
+        h = self.n1(x) if PRE_LN else x
+        q, k, v = self.split(self.q(h)), self.split(self.k(h)), self.split(self.v(h))
         scores = q @ k.transpose(-1, -2) / self.dk ** 0.5 + bias
         ctx = (torch.softmax(scores, -1) @ v).transpose(1, 2).reshape(x.shape)
+        if PRE_LN:
+            x = x + self.o(ctx)
+            return x + self.ff2(torch.nn.functional.gelu(self.ff1(self.n2(x))))
         x = self.n1(x + self.o(ctx))
         return self.n2(x + self.ff2(torch.nn.functional.gelu(self.ff1(x))))
 
@@ -56,6 +73,8 @@ class Encoder(nn.Module):
 def build():
     return {{"model": Encoder().eval(), "inputs": ["input_ids:1x32:int64", "attention_mask:1x32:int64"]}}
 '''
+#: a pre-LayerNorm encoder whose LayerNorm gains carry 40x channels (compensated in the next weights)
+PRE_LN_OUTLIERS = ENCODER.format(fill="-1e4", pre_ln=True, outlier=40.0)
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +96,7 @@ def tokens(tmp_path_factory):
 def test_encoders_with_additive_masks_keep_their_embeddings_at_int8(cli, tokens, tmp_path, fill):
     """The mask's sentinel would squeeze every real attention score onto the zero point; it stays float, the
     transformer recipe quantizes the weighted MatMuls, and the embedding survives."""
-    (tmp_path / "enc.py").write_text(ENCODER.format(fill=fill))
+    (tmp_path / "enc.py").write_text(ENCODER.format(fill=fill, pre_ln=False, outlier=1.0))
     out = tmp_path / "b"
     r = cli("build", "--model", f"{tmp_path / 'enc.py'}:build", "--calib", tokens, "--precision", "int8",
             "--out", out, "--no-bench", "--task", "feature-extraction")  # a sentence embedding: no argmax check
@@ -94,63 +113,6 @@ def test_encoders_with_additive_masks_keep_their_embeddings_at_int8(cli, tokens,
     graph = onnx.load(str(out / "model.onnx")).graph
     weighted = [n for n in graph.node if n.op_type == "MatMul"]
     assert sum(1 for n in graph.node if n.op_type == "DequantizeLinear") >= 12 and weighted
-
-
-PRE_LN_OUTLIERS = '''
-import torch
-import torch.nn as nn
-
-OUTLIER = 40.0
-
-
-class Block(nn.Module):
-    """Pre-LayerNorm block whose LayerNorm gains carry a few large channels, compensated in the next weights: the
-    float function is that of a plain block, but the MatMuls' inputs have the outlier channels of real encoders."""
-
-    def __init__(self, d, heads):
-        super().__init__()
-        self.h, self.dk = heads, d // heads
-        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
-        self.ff1, self.ff2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
-        self.n1, self.n2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        with torch.no_grad():
-            for norm, users in ((self.n1, (self.q, self.k, self.v)), (self.n2, (self.ff1,))):
-                norm.weight[:4] *= OUTLIER
-                norm.bias[:4] *= OUTLIER
-                for lin in users:
-                    lin.weight[:, :4] /= OUTLIER
-
-    def split(self, x):
-        b, s, _ = x.shape
-        return x.view(b, s, self.h, self.dk).transpose(1, 2)
-
-    def forward(self, x, bias):
-        h = self.n1(x)
-        q, k, v = self.split(self.q(h)), self.split(self.k(h)), self.split(self.v(h))
-        scores = q @ k.transpose(-1, -2) / self.dk ** 0.5 + bias
-        x = x + self.o((torch.softmax(scores, -1) @ v).transpose(1, 2).reshape(x.shape))
-        return x + self.ff2(torch.nn.functional.gelu(self.ff1(self.n2(x))))
-
-
-class Encoder(nn.Module):
-    def __init__(self, vocab=300, d=64, heads=4, layers=2):
-        super().__init__()
-        torch.manual_seed(0)
-        self.emb, self.pos = nn.Embedding(vocab, d), nn.Parameter(torch.randn(1, 32, d) * 0.1)
-        self.blocks = nn.ModuleList(Block(d, heads) for _ in range(layers))
-
-    def forward(self, input_ids, attention_mask):
-        x = self.emb(input_ids) + self.pos
-        bias = torch.where(attention_mask[:, None, None, :] == 0, torch.tensor(-1e4), torch.tensor(0.0))
-        for b in self.blocks:
-            x = b(x, bias)
-        m = attention_mask[..., None].float()
-        return (x * m).sum(1) / m.sum(1)
-
-
-def build():
-    return {"model": Encoder().eval(), "inputs": ["input_ids:1x32:int64", "attention_mask:1x32:int64"]}
-'''
 
 
 def _snr(out):
