@@ -265,6 +265,8 @@ def check_names(graph: Any, opts: dict[str, Any], dynamic: bool = False) -> None
     """exclude_nodes must name nodes, int16_tensors tensors and op_types op types of the graph (and, for dynamic
     quantization, op types it has integer kernels for): a typo is never skipped silently."""
     present = {n.op_type for n in graph.node}
+    if dynamic and "Gemm" in present:
+        present.add("MatMul")  # the dynamic quantizer rewrites Gemm as MatMul and quantizes it under that name
     asked = list(opts.get("op_types") or [])
     absent = [t for t in asked if t not in present]
     if absent:
@@ -279,7 +281,9 @@ def check_names(graph: Any, opts: dict[str, Any], dynamic: bool = False) -> None
             raise TargetError(f"dynamic quantization cannot quantize {', '.join(unknown)}",
                               f"onnxruntime's dynamic quantizer has integer kernels for "
                               f"{', '.join(sorted(IntegerOpsRegistry))} only",
-                              "drop those op types, or use --precision int8 (static Q/DQ quantizes any op type)")
+                              ("Gemm is quantized as MatMul (onnxruntime rewrites it): use op_types=[MatMul]; "
+                               if "Gemm" in unknown else "")
+                              + "drop those op types, or use --precision int8 (static Q/DQ quantizes any op type)")
     nodes = {n.name for n in graph.node}
     tensors = {o for n in graph.node for o in n.output} | {i.name for i in graph.input}
     for key, known, what in (("exclude_nodes", nodes, "node"), ("int16_tensors", tensors, "tensor")):

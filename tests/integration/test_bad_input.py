@@ -166,6 +166,17 @@ def test_the_docs_table_is_the_tested_catalogue():
     assert catalogue_markdown() in doc, "docs/errors.md is out of date: python -m tests.integration.test_bad_input"
 
 
+def test_dynamic_op_types_may_name_gemm_layers_matmul(cli, tiny_model, tiny_npz, tmp_path):
+    """The op-type check must not refuse what works: onnxruntime's dynamic quantizer rewrites Gemm as MatMul, so
+    op_types=[MatMul] on a graph of Gemms quantizes them (and op_types=[Gemm] is the error above)."""
+    out = tmp_path / "dyn"
+    r = cli("build", "--model", f"{tiny_model}:build", "--calib", tiny_npz, "--precision", "int8-dynamic",
+            "--option", "op_types=[MatMul]", "--out", out, "--no-bench")
+    assert r.exit_code == 0, r.stderr
+    share = json.loads((out / "manifest.json").read_text())["quantization"]["integer_share"]
+    assert share["integer_mac_share"] == 1.0
+
+
 def test_disk_failure_midway_leaves_no_bundle_and_keeps_the_old_one(cli, tiny_model, tiny_npz, tmp_path, monkeypatch):
     out = tmp_path / "b"
     base = ("build", "--model", f"{tiny_model}:build", "--calib", tiny_npz, "--precision", "fp32", "--out", out,
