@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from edgeexport.errors import ConfigError
 
 PRECISIONS = ("fp32", "fp16", "int8-dynamic", "dynamic-range", "int8")
-CALIB_METHODS = ("minmax", "entropy", "percentile")
+CALIB_METHODS = ("auto", "minmax", "entropy", "percentile")
 DTYPES = ("float32", "float16", "int64", "int32", "int8", "uint8", "bool")
 _NAME = re.compile(r"^[^\x00-\x1f]+$")
 _DIM_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -130,7 +130,7 @@ class CalibrationConfig(_Strict):
     validation_path: Optional[str] = None  # separate held-out data; default: split off `path`
     samples: Optional[int] = Field(default=None, ge=1)  # calibration samples (default: all but the holdout, <=256)
     holdout: Optional[int] = Field(default=None, ge=1)  # held-out validation samples (default: 20%, <=200)
-    method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    method: Literal["auto", "minmax", "entropy", "percentile"] = "auto"  # auto: recipes.calib_method
     percentile: float = Field(default=99.999, gt=50.0, le=100.0)
     seed: int = 0
     max_length: int = Field(default=128, ge=1, le=8192)  # text: tokens per sample (truncate, pad to this length)

@@ -19,8 +19,10 @@ Log = Callable[[str], None]
 MAX_TRIALS = 3
 
 
-def trials(config: BuildConfig, target: Any, worst: list[dict[str, Any]]) -> list[tuple[str, str, BuildConfig]]:
-    """(what it is, how to ask for it, the config) of each alternative to try, most targeted first."""
+def trials(config: BuildConfig, target: Any, worst: list[dict[str, Any]], used_method: str = ""
+           ) -> list[tuple[str, str, BuildConfig]]:
+    """(what it is, how to ask for it, the config) of each alternative to try, most targeted first.
+    ``used_method``: the calibration method the refused build used (what ``auto`` resolved to)."""
     from edgeexport.budget import trial_config
 
     result = []
@@ -37,9 +39,9 @@ def trials(config: BuildConfig, target: Any, worst: list[dict[str, Any]]) -> lis
                            f"--option exclude_nodes=[{','.join(w['float_fallback'])}]",
                            trial_config(config, target, excluded + w["float_fallback"], wide)))
     result += target.trial_options(config)
-    if config.precision == "int8" and target.calibrates:
-        for method in ("entropy", "percentile", "minmax"):
-            if method != config.calibration.method:
+    if config.precision == "int8":
+        for method in target.calib_methods:
+            if method not in (config.calibration.method, used_method):
                 cal = config.calibration.model_copy(update={"method": method})
                 result.append((f"{method} calibration", f"--calib-method {method}",
                                config.model_copy(update={"calibration": cal})))
@@ -62,7 +64,7 @@ def run(config: BuildConfig, source: Any, calib: Any, onnx_path: Path, output_na
     worst: list[dict[str, Any]] = []
     if artifact.float_model is not None:
         worst = rank_layers(artifact.float_model, artifact.model_path, take(calib.calibration(), RANK_SAMPLES))[:3]
-    todo = trials(config, target, worst)
+    todo = trials(config, target, worst, artifact.settings.get("calibration_method", ""))
     failing = report.failures()
     record: dict[str, Any] = {"worst_layers": [{"layer": _name(r), "output": r["output"],
                                                 "own_noise_db": round(r["local_noise_db"], 2)} for r in worst],

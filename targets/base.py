@@ -163,6 +163,10 @@ class Target:
                 flag = "--accuracy-budget" if config.accuracy_budget else "--explain"
                 problems.append(Problem("accuracy_budget" if config.accuracy_budget else "explain",
                                         f"{flag}: {refusal}", ""))
+        method = config.calibration.method
+        if config.precision == "int8" and self.calib_methods and method not in self.calib_methods + ("auto",):
+            problems.append(Problem("calibration.method", f"target {self.name!r} has no {method} calibration",
+                                    f"use --calib-method {' or '.join(self.calib_methods)}"))
         if config.precision not in self.precisions:
             problems.append(
                 Problem(
@@ -173,8 +177,9 @@ class Target:
             )
         return problems
 
-    #: int8 ranges come from --calib-method (so a refused build tries the other methods)
-    calibrates: bool = False
+    #: the --calib-method values this target's static int8 honours (a refused build tries the others); empty:
+    #: the target does not calibrate ranges
+    calib_methods: tuple[str, ...] = ()
 
     def trial_options(self, config: "BuildConfig") -> list[tuple[str, str, "BuildConfig"]]:
         """Alternatives worth building when the gate refuses ``config``: (what, how to ask for it, the config).

@@ -10,7 +10,7 @@ import numpy as np
 
 from edgeexport.errors import TargetError
 from edgeexport.quantize import (calibrate_ranges, nonfinite_exclusions, preprocess, quantize_qdq,
-                                 requantize_bias_corrected, smooth_for_int8, to_fp16)
+                                 requantize_corrected, smooth_for_int8, to_fp16)
 from edgeexport.recipes import record_integer_share
 from edgeexport.targets.base import Artifact, Problem, Runner, Target, ort_io
 from edgeexport.util import quiet
@@ -45,6 +45,8 @@ OPTIONS: dict[str, tuple[Any, str]] = {
     "smoothquant": ("auto", "int8, int8-dynamic: move activation outliers into the weights of constant-weight MatMuls "
                             "(SmoothQuant, strength chosen per tensor): auto (transformers), true, false"),
     "bias_correction": (True, "int8: subtract the mean shift that weight rounding causes from each Conv/Gemm bias"),
+    "weight_rounding": ("gptq", "int8: gptq (round weights column by column, each error compensated by the columns "
+                                "not yet rounded, from calibration inputs) or nearest"),
     "float_outputs": (True, "int8: leave the graph outputs (e.g. logits) unquantized"),
     "op_types": (None, "restrict quantization to these op types, e.g. [Conv, MatMul]"),
     "exclude_nodes": ([], "node names to keep in float"),
@@ -70,8 +72,11 @@ class OrtTarget(Target):
                 problems.append(Problem(f"target_options.{key}", f"{key} must be true or false", ""))
         if opts.get("activation_type", "uint8") not in ("uint8", "int8"):
             problems.append(Problem("target_options.activation_type", "activation_type must be uint8 or int8", ""))
-        if opts.get("smoothquant", "auto") not in ("auto", True, False):
+        smooth = opts.get("smoothquant", "auto")
+        if not (smooth is True or smooth is False or smooth == "auto"):  # 1 == True, but 1 is not a switch
             problems.append(Problem("target_options.smoothquant", "smoothquant must be auto, true or false", ""))
+        if opts.get("weight_rounding", "gptq") not in ("gptq", "nearest"):
+            problems.append(Problem("target_options.weight_rounding", "weight_rounding must be gptq or nearest", ""))
         if opts.get("device", "generic") not in DEVICES:
             problems.append(Problem("target_options.device", f"unknown device {opts['device']!r}",
                                     f"use one of {', '.join(DEVICES)}"))
@@ -81,8 +86,8 @@ class OrtTarget(Target):
         if "smoothquant" in opts and config.precision not in ("int8", "int8-dynamic"):
             problems.append(Problem("target_options", f"smoothquant applies to --precision int8 and int8-dynamic only, "
                                     f"not {config.precision}", "drop it or use an int8 precision"))
-        static_only = [k for k in ("recipe", "bias_correction", "float_outputs", "int16_tensors", "activation_type")
-                       if k in opts]
+        static_only = [k for k in ("recipe", "bias_correction", "weight_rounding", "float_outputs", "int16_tensors",
+                                   "activation_type") if k in opts]
         if static_only and config.precision != "int8":
             problems.append(Problem("target_options", f"{', '.join(static_only)} apply to --precision int8 only, "
                                     f"not {config.precision}", "drop them or use --precision int8"))
@@ -92,7 +97,7 @@ class OrtTarget(Target):
                 problems.append(Problem(f"target_options.{key}", f"{key} must be a list of strings", ""))
         return problems
 
-    calibrates = True
+    calib_methods = ("minmax", "percentile", "entropy")
 
     def trial_options(self, config: "BuildConfig") -> list[tuple[str, str, "BuildConfig"]]:
         opts = self.options(config)
@@ -211,7 +216,7 @@ def quantize_static(src: Path, dst: Path, opts: dict[str, Any], config: "BuildCo
     no_output_q = (["Conv", "ConvTranspose", "MatMul"] if recipe == "weighted" else
                    recipes.output_op_types(model) if opts["float_outputs"] else [])
     extra = {"OpTypesToExcludeOutputQuantization": no_output_q} if no_output_q else {}
-    method = config.calibration.method
+    method = recipes.calib_method(config.calibration.method, family)
     ranges = workdir / "ranges.json"
     used, more = calibrate_ranges(pre, calibration, method, config.calibration.percentile, ranges, opts["op_types"])
     notes += more
@@ -224,12 +229,12 @@ def quantize_static(src: Path, dst: Path, opts: dict[str, Any], config: "BuildCo
                      "their outputs are quantized instead")
         no_output_q, qargs["extra_options"] = [], {}
         quantize_qdq(pre, dst, ranges, used, **qargs)
-    corrected = (requantize_bias_corrected(pre, dst, ranges, used, calibration, qargs) if opts["bias_correction"]
-                 else {"bias_correction": False})
+    corrected = requantize_corrected(pre, dst, ranges, used, calibration, qargs, opts["bias_correction"],
+                                     opts["weight_rounding"])
     settings = {
         "quantization": "static", "format": "onnx-qdq", "quantizer": f"onnxruntime.quantization {_ort_version()}",
         "recipe": recipe, "recipe_requested": opts["recipe"], "graph_family": family,
-        "calibration_method": used, "calibration_method_requested": method,
+        "calibration_method": used, "calibration_method_requested": config.calibration.method,
         "calibration_samples": len(calibration.calib_idx), "weight_type": "int8",
         "activation_type": opts["activation_type"], "per_channel": opts["per_channel"], "device": opts["device"],
         "reduce_range": opts["reduce_range"], "reduce_range_reason": opts["reduce_range_reason"],

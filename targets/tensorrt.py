@@ -22,7 +22,7 @@ import numpy as np
 from edgeexport.bundle.loader import write_calibration_cache
 from edgeexport.errors import ConfigError, TargetError
 from edgeexport.quantize import (calibrate_ranges, load_ranges, nonfinite_exclusions, preprocess, quantize_qdq,
-                                 requantize_bias_corrected, smooth_for_int8, to_fp16)
+                                 requantize_corrected, smooth_for_int8, to_fp16)
 from edgeexport.recipes import record_integer_share
 from edgeexport.targets.base import Artifact, Problem, Runner, Target, ort_io
 
@@ -61,6 +61,8 @@ OPTIONS: dict[str, tuple[Any, str]] = {
     "op_types": (WEIGHTED_OPS, "int8: op types whose inputs get Q/DQ (TensorRT's recommended placement)"),
     "exclude_nodes": ([], "int8: node names to keep in float"),
     "bias_correction": (True, "int8: subtract the mean shift that weight rounding causes from each Conv/Gemm bias"),
+    "weight_rounding": ("gptq", "int8: gptq (round weights column by column, each error compensated by the columns "
+                                "not yet rounded, from calibration inputs) or nearest"),
     "recipe": ("auto", "int8: full (Q/DQ on the inputs of every op in op_types), weighted (only those with constant "
                        "weights: attention's activation x activation MatMuls stay float), auto (weighted for "
                        "transformers, full otherwise)"),
@@ -77,7 +79,7 @@ class TrtTarget(Target):
     precisions = ("fp32", "fp16", "int8")
     description = "TensorRT (Jetson, NVIDIA GPUs): engine built here or on the device"
     options_spec = OPTIONS
-    calibrates = True
+    calib_methods = ("minmax", "percentile", "entropy")
 
     def check(self, config: "BuildConfig") -> list[Problem]:
         problems = super().check(config)
@@ -87,14 +89,18 @@ class TrtTarget(Target):
                 problems.append(Problem(f"target_options.{key}", f"{key} must be a {typ.__name__}", ""))
         choices = {"engine": ("auto", "now", "deferred"), "int8_path": ("explicit", "implicit"),
                    "hardware_compatibility": ("none", "ampere+"), "recipe": ("auto", "full", "weighted"),
-                   "smoothquant": ("auto", True, False)}
+                   "smoothquant": ("auto", True, False), "weight_rounding": ("gptq", "nearest")}
         for key, allowed in choices.items():
-            if o[key] not in allowed:
+            if not any(o[key] is a if isinstance(a, bool) else o[key] == a for a in allowed):  # 1 is not true
                 names = ", ".join(str(a).lower() if isinstance(a, bool) else a for a in allowed)
                 problems.append(Problem(f"target_options.{key}", f"{key} must be one of {names}", ""))
-        for key in ("int8_path", "recipe", "smoothquant"):
+        for key in ("int8_path", "recipe", "smoothquant", "weight_rounding"):
             if key in config.target_options and config.precision != "int8":
                 problems.append(Problem(f"target_options.{key}", f"{key} applies to --precision int8 only", ""))
+        if "weight_rounding" in config.target_options and o["int8_path"] == "implicit":
+            problems.append(Problem("target_options.weight_rounding", "weight_rounding applies to the explicit Q/DQ "
+                                    "path; with int8_path=implicit TensorRT rounds the weights itself",
+                                    "drop weight_rounding or use int8_path=explicit"))
         if o["dla_core"] is not None:
             if not isinstance(o["dla_core"], int) or isinstance(o["dla_core"], bool) or o["dla_core"] < 0:
                 problems.append(Problem("target_options.dla_core", "dla_core must be a DLA core number (0, 1)", ""))
@@ -257,7 +263,7 @@ def quantize_for_tensorrt(onnx_path: Path, out: Path, o: dict[str, Any], config:
     # activations), softmax and LayerNorm stay float, as on ORT
     nodes = ([n for n in recipes.weighted_nodes(onnx.load(str(pre))) if n not in exclude]
              if recipe == "weighted" else None)
-    method = config.calibration.method
+    method = recipes.calib_method(config.calibration.method, family)
     used, more = calibrate_ranges(pre, calibration, method, config.calibration.percentile, ranges, None,
                                   symmetric=True)
     notes += more
@@ -270,8 +276,8 @@ def quantize_for_tensorrt(onnx_path: Path, out: Path, o: dict[str, Any], config:
                                 # clips away: EfficientNet-Lite0 top-1 agreement 0.72 with it, 0.94 without
                                 "OpTypesToExcludeOutputQuantization": list(o["op_types"])})
     quantize_qdq(pre, qdq, ranges, used, **qargs)
-    corrected = (requantize_bias_corrected(pre, qdq, ranges, used, calibration, qargs) if o["bias_correction"]
-                 else {"bias_correction": False})
+    corrected = requantize_corrected(pre, qdq, ranges, used, calibration, qargs, o["bias_correction"],
+                                     o["weight_rounding"])
     violations = qdq_violations(onnx.load(str(qdq)))
     if violations:
         raise TargetError("the Q/DQ graph breaks TensorRT's rules", "; ".join(violations[:8]),
@@ -279,7 +285,7 @@ def quantize_for_tensorrt(onnx_path: Path, out: Path, o: dict[str, Any], config:
     scales = {name: max(abs(lo), abs(hi)) / 127.0 for name, (lo, hi) in load_ranges(ranges).items()
               if np.isfinite(lo) and np.isfinite(hi) and max(abs(lo), abs(hi)) > 0}
     settings = {"quantization": "static", "format": "onnx-qdq (TensorRT explicit quantization)",
-                "calibration_method": used, "calibration_method_requested": method,
+                "calibration_method": used, "calibration_method_requested": config.calibration.method,
                 "calibration_samples": len(calibration.calib_idx), "weight_type": "int8 symmetric, per-channel",
                 "activation_type": "int8 symmetric (zero point 0)", "bias": "float (TensorRT quantizes it itself)",
                 "op_types": o["op_types"], "exclude_nodes": exclude, "calibration_cache_tensors": len(scales),

@@ -43,11 +43,15 @@ class TfliteTarget(Target):
     name = "tflite"
     extra = "tflite"
     build_imports = ("onnx2tf", "tensorflow")
+    calib_methods = ("minmax", "percentile")  # minmax: the converter's own; percentile: ranges narrowed for it
     precisions = ("fp32", "fp16", "dynamic-range", "int8")
     description = "TFLite / LiteRT (.tflite) for Android, iOS, Linux SBCs and microcontrollers"
     options_spec = {"io_dtype": ("float32", "int8 only: dtype of the model's inputs/outputs (float32, int8, uint8)"),
                     "bias_correction": (True, "int8: subtract the mean shift that weight rounding causes from each "
-                                              "Conv/Gemm bias (before conversion)")}
+                                              "Conv/Gemm bias (before conversion)"),
+                    "weight_rounding": ("gptq", "int8: gptq (round weights column by column, each error compensated "
+                                                "by the columns not yet rounded, from calibration inputs; the "
+                                                "converter finds the same integers) or nearest")}
 
     def check(self, config: "BuildConfig") -> list[Problem]:
         problems = super().check(config)
@@ -58,6 +62,11 @@ class TfliteTarget(Target):
             problems.append(Problem("target_options.bias_correction", "bias_correction must be true or false", ""))
         elif "bias_correction" in config.target_options and config.precision != "int8":
             problems.append(Problem("target_options.bias_correction", "bias_correction applies to --precision int8",
+                                    "drop it or use --precision int8"))
+        if config.target_options.get("weight_rounding", "gptq") not in ("gptq", "nearest"):
+            problems.append(Problem("target_options.weight_rounding", "weight_rounding must be gptq or nearest", ""))
+        elif "weight_rounding" in config.target_options and config.precision != "int8":
+            problems.append(Problem("target_options.weight_rounding", "weight_rounding applies to --precision int8",
                                     "drop it or use --precision int8"))
         if io not in ("float32", "int8", "uint8"):
             problems.append(Problem("target_options.io_dtype", f"io_dtype must be float32, int8 or uint8, not {io!r}", ""))
@@ -84,10 +93,25 @@ class TfliteTarget(Target):
         name = f"model_{config.precision}.tflite"
         notes = []
         corrected: dict[str, Any] = {}
-        if config.precision == "int8" and config.target_options.get("bias_correction", True):
-            onnx_path, corrected = _bias_corrected(onnx_path, calibration, workdir)
+        if config.precision == "int8":
+            import onnx
+
+            from edgeexport import recipes
+
+            requested = config.calibration.method
+            method = recipes.calib_method(requested, recipes.family(onnx.load(str(onnx_path))))
+            config = config.model_copy(update={"calibration": config.calibration.model_copy(update={"method": method})})
+            corrected = {"calibration_method": method, "calibration_method_requested": requested,
+                         "calibration_samples": len(calibration.calib_idx)}
+            if method == "percentile":
+                corrected["percentile"] = config.calibration.percentile
+            onnx_path, done = _corrected(onnx_path, calibration, workdir,
+                                         config.target_options.get("bias_correction", True),
+                                         config.target_options.get("weight_rounding", "gptq"))
+            corrected.update(done)
         try:
-            data, in_perm, out_perm, native_in, native_out = _convert_once(onnx_path, config, calibration, out_dir, io)
+            data, in_perm, out_perm, native_in, native_out = _convert_once(onnx_path, config, calibration, out_dir, io,
+                                                                           record=corrected)
         except TargetError as e:
             missing = getattr(e, "missing_ops", [])
             pseudo = [op for op in missing if op in _PSEUDO_OPS]
@@ -97,12 +121,14 @@ class TfliteTarget(Target):
             notes.append(f"TFLite has no builtin for {', '.join(pseudo)}; onnx2tf rebuilt it from builtin ops "
                          "(an approximation, measured by the validation below)")
             data, in_perm, out_perm, native_in, native_out = _convert_once(
-                onnx_path, config, calibration, workdir / "tflite-pseudo", io, pseudo)
+                onnx_path, config, calibration, workdir / "tflite-pseudo", io, pseudo, record=corrected)
             out_dir = workdir / "tflite-pseudo"
         (out_dir / name).write_bytes(data)
         settings = {"format": "tflite", "converter": f"onnx2tf {_version('onnx2tf')} -> SavedModel -> "
                     f"TFLiteConverter (tensorflow {_version('tensorflow')})", "io_dtype": io}
         settings.update(corrected)
+        if "calibration_fallback" in corrected:
+            notes.append(corrected["calibration_fallback"])
         settings.update(inspect_tflite(out_dir / name, config.precision))
         if in_perm:
             notes.append(f"the .tflite takes NHWC for {', '.join(in_perm)}; the loader transposes from NCHW "
@@ -120,31 +146,46 @@ class TfliteTarget(Target):
         return ["numpy", f"ai-edge-litert>={major}.{minor}"]
 
 
-def _bias_corrected(onnx_path: Path, calibration: "CalibrationSet", workdir: Path) -> tuple[Path, dict[str, Any]]:
-    """The ONNX with each Conv/Gemm bias corrected for the rounding TFLite's int8 weights (symmetric, per output
-    channel, [-127, 127]) will make; the converter quantizes what it is given, so the correction goes in first."""
+def _corrected(onnx_path: Path, calibration: "CalibrationSet", workdir: Path, bias_correction: bool,
+               rounding: str) -> tuple[Path, dict[str, Any]]:
+    """The ONNX with its weights already on the grid TFLite's int8 weights use (symmetric, per output channel,
+    [-127, 127]), rounded by GPTQ (``rounding='gptq'``), and/or each Conv/Gemm bias corrected for that rounding. The
+    converter quantizes what it is given and finds the same integers, so the work goes in before conversion."""
     import onnx
 
-    from edgeexport import recipes
+    from edgeexport import gptq, recipes
 
-    dst = workdir / "tflite_bias_corrected.onnx"
-    feeds = recipes.take(calibration.calibration(), recipes.BIAS_SAMPLES)
-    done = recipes.bias_correct(onnx_path, dst, recipes.rounded_weights(onnx.load(str(onnx_path))), feeds)
-    if not done["bias_corrected_layers"]:
-        return onnx_path, {"bias_correction": "no Conv/Gemm with a bias"}
-    return dst, dict(done, bias_correction="dW . E[x] subtracted from each bias before conversion (dW: TFLite's "
-                                           "symmetric per-channel int8 rounding)")
+    done: dict[str, Any] = {"bias_correction": False, "weight_rounding": "nearest"}
+    model = onnx.load(str(onnx_path))
+    weights = recipes.rounded_weights(model)
+    rounded: dict[str, Any] = {}
+    if rounding == "gptq":
+        rounded, info = gptq.round_weights(onnx_path, gptq.max_abs_grids(model),
+                                           recipes.take(calibration.calibration(), gptq.SAMPLES))
+        weights.update(rounded)
+        done.update(info)
+    dst = workdir / "tflite_corrected.onnx"
+    if bias_correction:
+        done.update(recipes.bias_correct(onnx_path, dst, weights,
+                                         recipes.take(calibration.calibration(), recipes.BIAS_SAMPLES)))
+        done["bias_correction"] = ("dW . E[x] subtracted from each bias before conversion (dW: the difference "
+                                   "between the weights TFLite will hold and the float ones)"
+                                   if done["bias_corrected_layers"] else "no Conv/Gemm with a bias")
+    if not rounded and not done.get("bias_corrected_layers"):
+        return onnx_path, done
+    gptq.write_weights(dst if bias_correction else onnx_path, dst, rounded)
+    return dst, done
 
 
 _PSEUDO_OPS = {"Erf": "erf", "Gelu": "gelu", "Asin": "asin", "Acos": "acos", "Atan": "atan"}  # onnx2tf wants lowercase
 
 
 def _convert_once(onnx_path: Path, config: "BuildConfig", calibration: "CalibrationSet", out_dir: Path, io: str,
-                  pseudo: Optional[list[str]] = None):
+                  pseudo: Optional[list[str]] = None, record: Optional[dict[str, Any]] = None):
     out_dir.mkdir(parents=True, exist_ok=True)
     saved_model = to_saved_model(onnx_path, config.inputs, out_dir, calibration, [_PSEUDO_OPS[p] for p in pseudo or []])
     in_perm, out_perm, native_in, native_out = layouts(saved_model, config.inputs, onnx_path)
-    return convert(saved_model, config, calibration, in_perm, io), in_perm, out_perm, native_in, native_out
+    return convert(saved_model, config, calibration, in_perm, io, record), in_perm, out_perm, native_in, native_out
 
 
 def _version(pkg: str) -> str:
@@ -248,7 +289,8 @@ def layouts(saved_model: Path, specs: list["InputSpec"], onnx_path: Path):
 
 
 def convert(saved_model: Path, config: "BuildConfig", calibration: "CalibrationSet", in_perm: dict,
-            io: str) -> bytes:
+            io: str, record: Optional[dict[str, Any]] = None) -> bytes:
+    """The .tflite bytes; what the int8 calibration did goes into ``record`` (for the manifest)."""
     import tensorflow as tf
 
     conv = tf.lite.TFLiteConverter.from_saved_model(str(saved_model))
@@ -267,6 +309,12 @@ def convert(saved_model: Path, config: "BuildConfig", calibration: "CalibrationS
         conv.optimizations = [tf.lite.Optimize.DEFAULT]
         conv.representative_dataset = representative
         conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        if config.calibration.method == "percentile":
+            _clip_ranges_before_quantizing(conv, lambda: (
+                {k: (np.transpose(v, in_perm[k]) if k in in_perm else v) for k, v in feed.items()}
+                for feed in progress(calibration.calibration(), f"percentile ranges ({n} samples)", total=n)),
+                config.calibration.percentile,
+                {} if record is None else record)
         if io != "float32":
             conv.inference_input_type = getattr(tf, io)
             conv.inference_output_type = getattr(tf, io)
@@ -285,6 +333,86 @@ def convert(saved_model: Path, config: "BuildConfig", calibration: "CalibrationS
                 raise err from None
             raise TargetError(f"TFLiteConverter failed ({config.precision})", f"{type(e).__name__}: {str(e)[:400]}"
                               + (f" | {log.getvalue().strip()[-200:]}" if log.getvalue().strip() else ""), hint) from None
+
+
+HISTOGRAM_BINS = 2048  # as onnxruntime's histogram calibrators
+
+
+def _clip_ranges_before_quantizing(conv: Any, feeds: Any, percentile: float, record: dict[str, Any]) -> None:
+    """Make ``conv`` quantize from percentile ranges instead of min/max: between its calibration (which records
+    each tensor's min/max in the float model) and its quantization, each range is narrowed to the values between
+    the ``(100 - percentile) / 2`` % lowest and highest ones over the calibration set (two-sided, as
+    onnxruntime's percentile calibrator), from a histogram over the recorded min/max. The converter's own
+    quantizer then runs unchanged. TensorFlow's converter has no public hook between the two steps: this wraps
+    its ``_quantize`` (TensorFlow 2.21, pinned by onnx2tf)."""
+    from tensorflow.lite.python.convert import mlir_quantize
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    calibrate = conv._quantize
+
+    def quantize(result, input_type, output_type, activations_type, bias_type, allow_float,
+                 enable_variable_quantization, debug_options):
+        conv._experimental_calibrate_only = True
+        try:
+            calibrated = calibrate(result, input_type, output_type, activations_type, bias_type, allow_float,
+                                   enable_variable_quantization, debug_options)
+        finally:
+            conv._experimental_calibrate_only = False
+        model = flatbuffer_utils.convert_bytearray_to_object(calibrated)
+        try:
+            narrowed = percentile_ranges(bytes(calibrated), model, feeds(), percentile)
+        except Exception as e:  # e.g. an op the interpreter cannot run outside the converter: keep min/max, say so
+            narrowed = 0
+            record["calibration_method"] = "minmax"
+            record["calibration_fallback"] = (f"percentile ranges could not be measured ({type(e).__name__}: "
+                                              f"{str(e)[:160]}); the converter's min/max ranges were used")
+        record["percentile_ranges_narrowed"] = narrowed
+        if narrowed:
+            calibrated = flatbuffer_utils.convert_object_to_bytearray(model)
+        return mlir_quantize(
+            calibrated, conv._experimental_disable_per_channel, input_data_type=input_type,
+            output_data_type=output_type, enable_variable_quantization=enable_variable_quantization,
+            disable_per_channel_for_dense_layers=conv._experimental_disable_per_channel_quantization_for_dense_layers,
+            debug_options_str=debug_options.SerializeToString())
+
+    conv._quantize = quantize
+
+
+def percentile_ranges(calibrated: bytes, model: Any, feeds: Any, percentile: float) -> int:
+    """Narrow the min/max recorded on the tensors of ``model`` (the converter's calibrated float model, as an
+    object; ``calibrated`` its bytes) to two-sided percentiles over ``feeds``. Returns how many were narrowed."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    graph = model.subgraphs[0]
+    ranged = {i: (float(t.quantization.min[0]), float(t.quantization.max[0])) for i, t in enumerate(graph.tensors)
+              if t.quantization is not None and t.quantization.min is not None and len(t.quantization.min) == 1
+              and t.quantization.max is not None and float(t.quantization.max[0]) > float(t.quantization.min[0])}
+    if not ranged:
+        return 0
+    interp = Interpreter(model_content=calibrated, experimental_preserve_all_tensors=True,
+                         experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    interp.allocate_tensors()
+    runner = interp.get_signature_runner()
+    hist = {i: np.zeros(HISTOGRAM_BINS, np.int64) for i in ranged}
+    for feed in feeds:
+        runner(**feed)
+        for i, (lo, hi) in ranged.items():
+            v = np.asarray(interp.get_tensor(i), dtype=np.float64).reshape(-1)
+            bins = np.clip(((v - lo) * (HISTOGRAM_BINS / (hi - lo))).astype(np.int64), 0, HISTOGRAM_BINS - 1)
+            hist[i] += np.bincount(bins, minlength=HISTOGRAM_BINS)
+    cut = (100.0 - percentile) / 200.0
+    narrowed = 0
+    for i, (lo, hi) in ranged.items():
+        cdf = np.cumsum(hist[i]) / max(int(hist[i].sum()), 1)
+        width = (hi - lo) / HISTOGRAM_BINS
+        new_lo = lo + width * int(np.searchsorted(cdf, cut))
+        new_hi = lo + width * (int(np.searchsorted(cdf, 1.0 - cut)) + 1)
+        new_lo, new_hi = max(lo, min(new_lo, 0.0) if lo <= 0 else new_lo), min(hi, new_hi)
+        if new_hi > new_lo and (new_lo > lo or new_hi < hi):
+            q = graph.tensors[i].quantization
+            q.min, q.max = [new_lo], [new_hi]
+            narrowed += 1
+    return narrowed
 
 
 def inspect_tflite(path: Path, precision: str) -> dict[str, Any]:

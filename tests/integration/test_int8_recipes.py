@@ -210,6 +210,8 @@ def test_a_depthwise_residual_cnn_is_bias_corrected_and_fully_integer(cli, digit
     q = m["quantization"]
     assert q["graph_family"] == "cnn" and q["recipe"] == "full" and q["reduce_range"] is False
     assert q["bias_corrected_layers"] >= 7 and q["unquantized_outputs_of"] == ["Gemm"]
+    assert q["weight_rounding"] == "gptq" and q["gptq_layers"] >= 7
+    assert q["calibration_method"] == "percentile" and q["calibration_method_requested"] == "auto"
     assert q["integer_share"]["integer_mac_share"] == 1.0
     assert m["validation"]["passed"] and m["validation"]["task"]["drop_points"] <= 1.0
     assert m["validation"]["task"]["reference_accuracy"] >= 0.95  # a trained model, not near-ties everywhere

@@ -52,6 +52,38 @@ def _op_output_dtypes(path):
     return [(op["op_name"], dtypes[int(o)]) for op in it._get_ops_details() for o in op["outputs"]]
 
 
+def _weighted_ops(path):
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    it = Interpreter(model_path=str(path), experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    it.allocate_tensors()
+    det = it.get_tensor_details()
+    return [(it.get_tensor(op["inputs"][1]).astype(np.float64), det[op["inputs"][1]]["quantization_parameters"])
+            for op in it._get_ops_details() if op["op_name"] in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")]
+
+
+def test_int8_weights_are_gptq_rounded_on_tflites_grid_and_ranges_are_percentiles(bundles):
+    q = bundles["int8"].manifest["quantization"]
+    assert q["weight_rounding"] == "gptq" and q["gptq_layers"] >= 3
+    assert q["calibration_method"] == "percentile" and q["calibration_method_requested"] == "auto"
+    assert q["percentile_ranges_narrowed"] > 0
+    report = (bundles["int8"].out / "report.md").read_text()
+    assert "- weight_rounding: `gptq`" in report and "- calibration_method: `percentile`" in report
+    floats = _weighted_ops(bundles["fp32"].out / "model_fp32.tflite")
+    ints = _weighted_ops(bundles["int8"].out / "model_int8.tflite")
+    assert len(floats) == len(ints) >= 3
+    moved = 0
+    for (w, _), (qw, params) in zip(floats, ints):
+        axis = params["quantized_dimension"]
+        scale = np.expand_dims(params["scales"], [a for a in range(qw.ndim) if a != axis])
+        # the converter's grid is the float weights' max |w| / 127 per output channel: GPTQ kept each maximum
+        assert np.allclose(np.abs(w).max(axis=tuple(a for a in range(w.ndim) if a != axis), keepdims=True) / 127,
+                           scale, rtol=1e-5)
+        assert np.abs(qw).max() <= 127
+        moved += int(np.sum(qw != np.round(w / scale)))
+    assert moved > 0  # some weights were rounded the other way than nearest, and the converter kept them
+
+
 def test_full_int8_really_has_int8_activations(bundles):
     """Independent of the build's own check: every op output is int8, except the float I/O converters."""
     res = bundles["int8"]
@@ -136,3 +168,26 @@ def test_tflite_rules(cli, rows_npz, digits_npz, tmp_path):
     r = cli("build", "--target", "tflite", "--model", MODEL, "--calib", digits_npz, "--precision", "fp16",
             "--io-dtype", "int8", "--out", tmp_path / "d")
     assert r.exit_code == 2 and "needs --precision int8" in r.stderr
+    r = cli("build", "--target", "tflite", "--model", MODEL, "--calib", digits_npz, "--precision", "int8",
+            "--calib-method", "entropy", "--out", tmp_path / "e")
+    assert r.exit_code == 2 and "has no entropy calibration" in r.stderr and "minmax or percentile" in r.stderr
+    r = cli("build", "--target", "tflite", "--model", MODEL, "--calib", digits_npz, "--precision", "int8",
+            "--option", "weight_rounding=adaround", "--out", tmp_path / "f")
+    assert r.exit_code == 2 and "weight_rounding must be gptq or nearest" in r.stderr
+
+
+def test_percentile_ranges_that_cannot_be_measured_fall_back_to_min_max_and_say_so(digits_npz, tmp_path,
+                                                                                    monkeypatch):
+    import edgeexport.targets.tflite as tflite_target
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("an op this interpreter has no kernel for")
+
+    monkeypatch.setattr(tflite_target, "percentile_ranges", fails)
+    cfg = make_cfg(target="tflite", precision="int8", model=MODEL, out=str(tmp_path / "b"),
+                   calibration={"path": str(digits_npz), "samples": 128}, bench={"enabled": False})
+    result = quiet_build(cfg)
+    q = result.manifest["quantization"]
+    assert result.report.passed and q["calibration_method"] == "minmax" and q["percentile_ranges_narrowed"] == 0
+    assert "no kernel for" in q["calibration_fallback"]
+    assert any("min/max ranges were used" in n for n in result.manifest["notes"])

@@ -9,13 +9,19 @@ WORST = [{"node": "conv", "module": "stem", "output": "relu", "quantized_output"
           "float_fallback": ["conv", "relu", "next"]}]
 
 
-def _hows(precision, options=None, target="ort", worst=WORST):
+def _hows(precision, options=None, target="ort", worst=WORST, used="percentile"):
     cfg = make_cfg(model="m.py:build", precision=precision, target=target, target_options=options or {})
-    return [how for _, how, _ in diagnose.trials(cfg, get_target(target), worst)]
+    return [how for _, how, _ in diagnose.trials(cfg, get_target(target), worst, used)]
 
 
 def test_static_int8_tries_16_bits_for_the_worst_layer_then_other_calibration_methods():
-    assert _hows("int8") == ["--option int16_tensors=[relu]", "--calib-method entropy", "--calib-method percentile"]
+    # calibration 'auto' used percentile (a CNN): the other two are tried, not percentile again
+    assert _hows("int8") == ["--option int16_tensors=[relu]", "--calib-method minmax", "--calib-method entropy"]
+    assert _hows("int8", used="minmax")[1:] == ["--calib-method percentile", "--calib-method entropy"]
+
+
+def test_tflite_tries_the_one_other_method_it_has():
+    assert _hows("int8", target="tflite", worst=[]) == ["--calib-method minmax"]
 
 
 def test_seven_bit_weights_are_tried_at_eight_bits():
