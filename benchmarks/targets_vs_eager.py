@@ -37,9 +37,10 @@ def digits(work: Path) -> dict:
 def efficientnet(work: Path) -> dict:
     from edgeexport.models.photos import write_photos
 
-    # 64 crops per photo: 256 held-out crops (one crop = 0.4 points of top-1 agreement, fine enough for 0.97)
+    # 256 crops of each of the 4 held-out photos: 1,024 crops. On 256 (64 per photo), two builds of the same SNR
+    # read 0.941 and 0.969 top-1 agreement: crops of one photo are correlated and the flips are near-ties
     calib = write_photos(work / "photos-calib", "calib", per_photo=64)
-    val = write_photos(work / "photos-val", "val", per_photo=64)
+    val = write_photos(work / "photos-val", "val", per_photo=256)
     return {"model": "edgeexport.models.efficientnet:lite0",
             "calibration": {"path": str(calib), "validation_path": str(val),
                             "preprocess": {"resize_shorter": 256, "mean": [0.5] * 3, "std": [0.5] * 3}}}
@@ -75,23 +76,28 @@ def goal_rows(name: str, model: dict) -> list[dict]:
     out = []
     for target, precision, measure, floor in GOALS.get(name, []):
         row = next((r for r in model["rows"] if r["target"] == target and r["precision"] == precision), None)
-        value = low = None
+        value = low = spread = None
         if row is not None and measure == "speedup":
             value = row.get("speedup_vs_reference")
             by_round = (row.get("latency") or {}).get("speedup_by_round")
             low = min(by_round) if by_round else None
         elif row is not None:
             value = (row.get("metrics") or {}).get(measure)
+            n = (row.get("metrics") or {}).get("samples")
+            if measure == "top1" and value is not None and n:
+                spread = 1.96 * (value * (1 - value) / n) ** 0.5  # binomial 95%; crops of a photo make it wider
         met = value is not None and value >= floor and (low is None or low >= floor)
         out.append({"variant": f"{target} {precision}", "status": row["status"] if row else "missing",
-                    "measure": measure, "goal": floor, "value": value, "slowest_round": low, "met": met})
+                    "measure": measure, "goal": floor, "value": value, "slowest_round": low,
+                    "binomial_95": spread, "met": met})
     return out
 
 
 def goal_lines(goals: list[dict]) -> list[str]:
     if not goals:
         return []
-    lines = ["Goals for int8 (issue 15), in this run (a speed-up must hold in every timing round):", "",
+    lines = ["Goals for int8 (issue 15), in this run (a speed-up must hold in every timing round; ± is the binomial "
+             "95% interval of an agreement, a lower bound of its real spread):", "",
              "| variant | gate | measure | goal | measured | met |", "|---|---|---|---|---|---|"]
     for g in goals:
         if g["value"] is None:
@@ -100,7 +106,7 @@ def goal_lines(goals: list[dict]) -> list[str]:
             low = g["slowest_round"]
             value = f"{g['value']:.2f}x" + (f" (slowest round: {low:.2f}x)" if low else "")
         else:
-            value = f"{g['value']:.4f}"
+            value = f"{g['value']:.4f}" + (f" (±{g['binomial_95']:.3f})" if g.get("binomial_95") else "")
         goal = f">= {g['goal']:g}x" if g["measure"] == "speedup" else f">= {g['goal']:g}"
         lines.append(f"| {g['variant']} | {g['status']} | {g['measure']} | {goal} | {value} | "
                      f"{'yes' if g['met'] else 'NO'} |")
