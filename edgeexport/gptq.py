@@ -136,13 +136,15 @@ def hessians(model_path: Path, nodes: list[Any], weights: dict[str, np.ndarray],
     import onnx
 
     from edgeexport.onnxgraph import exposing_session
+    from edgeexport.util import progress
 
     names = sorted({n.input[0] for n in nodes})
     sess, outs = exposing_session(onnx.load(str(model_path)), names)
     wanted = set(names)
     hs: dict[str, np.ndarray] = {}
     count = 0
-    for feed in feeds:
+    total = len(feeds) if hasattr(feeds, "__len__") else None
+    for feed in progress(feeds, f"GPTQ: input statistics of {len(nodes)} layers", total=total):
         values = {k: v for k, v in zip(outs, sess.run(outs, {i.name: feed[i.name] for i in sess.get_inputs()}))
                   if k in wanted}
         for n in nodes:
@@ -201,6 +203,8 @@ def round_weights(model_path: Path, grids: dict[str, Grid], feeds: Iterable[dict
     import onnx
     from onnx import numpy_helper
 
+    from edgeexport.util import progress
+
     model = onnx.load(str(model_path))
     inits = {t.name: t for t in model.graph.initializer}
     users: dict[str, int] = {}
@@ -218,7 +222,7 @@ def round_weights(model_path: Path, grids: dict[str, Grid], feeds: Iterable[dict
         return {}, {"weight_rounding": "nearest (no layer GPTQ can round)"}
     hs, samples = hessians(model_path, nodes, weights, feeds)
     out = {}
-    for n in nodes:
+    for n in progress(nodes, "GPTQ: rounding", total=len(nodes)):
         w, grid, h = weights[n.name], grids[n.name], hs[n.name]
         rows = _rows(n, w)
         groups = h.shape[0]
