@@ -30,6 +30,8 @@ from edgeexport.flops import _attr
 SAMPLES = 32  # calibration samples for H: on EfficientNet-Lite0, 16 gave 0.0389 and 64 gave 0.0382 (above)
 DAMP = 0.1  # added to H's diagonal, as a share of its mean: 0.01 (the LLM default) overfits 32 images' statistics
 BLOCK = 128  # columns rounded before the rest of the matrix is updated at once (same result, fewer passes)
+MAX_COLUMNS = 8192  # a layer with more inputs (per group) keeps nearest rounding: its H alone would be 512 MiB+
+PASS_BYTES = 1 << 30  # the H matrices gathered in one pass over the samples; more layers take more passes
 
 
 @dataclass
@@ -211,16 +213,29 @@ def round_weights(model_path: Path, grids: dict[str, Grid], feeds: Iterable[dict
     for n in model.graph.node:
         for i in n.input:
             users[i] = users.get(i, 0) + 1
-    nodes, weights = [], {}
+    nodes, weights, too_wide = [], {}, 0
     for n in model.graph.node:
-        if n.name in grids and len(n.input) > 1 and n.input[1] in inits and users.get(n.input[1]) == 1:
+        if (n.name in grids and len(n.input) > 1 and n.input[1] in inits and users.get(n.input[1]) == 1
+                and n.input[0] not in inits):
             w = numpy_helper.to_array(inits[n.input[1]]).astype(np.float64)
             if _eligible(n, w) and grids[n.name].scale.shape == (_rows(n, w).shape[0],):
+                if _rows(n, w).shape[1] > MAX_COLUMNS:  # inputs per output channel (per group for a Conv)
+                    too_wide += 1
+                    continue
                 nodes.append(n)
                 weights[n.name] = w
     if not nodes:
         return {}, {"weight_rounding": "nearest (no layer GPTQ can round)"}
-    hs, samples = hessians(model_path, nodes, weights, feeds)
+    feeds = list(feeds)
+    hs: dict[str, np.ndarray] = {}
+    samples = 0
+    try:
+        for batch in _passes(nodes, weights):
+            got, samples = hessians(model_path, batch, weights, feeds)
+            hs.update(got)
+    except Exception as e:  # inputs that cannot be measured: the quantizer's nearest rounding stands, and says so
+        return {}, {"weight_rounding": f"nearest (GPTQ could not measure the layers' inputs: {type(e).__name__}: "
+                                       f"{str(e)[:160]})"}
     out = {}
     for n in progress(nodes, "GPTQ: rounding", total=len(nodes)):
         w, grid, h = weights[n.name], grids[n.name], hs[n.name]
@@ -230,7 +245,31 @@ def round_weights(model_path: Path, grids: dict[str, Grid], feeds: Iterable[dict
         q = np.concatenate([round_rows(rows[k * per:(k + 1) * per], h[k], grid.scale[k * per:(k + 1) * per],
                                        grid.qmax) for k in range(groups)])
         out[n.name] = _unrows(n, q, w.shape)
-    return out, {"weight_rounding": "gptq", "gptq_layers": len(out), "gptq_samples": samples, "gptq_damp": DAMP}
+    info = {"weight_rounding": "gptq", "gptq_layers": len(out), "gptq_samples": samples, "gptq_damp": DAMP}
+    if too_wide:
+        info["gptq_skipped_wide_layers"] = too_wide
+    return out, info
+
+
+def _h_bytes(node: Any, w: np.ndarray) -> int:
+    """Bytes of the node's H matrices: groups x d x d float64, d its inputs per group."""
+    groups = _attr(node, "group", 1) if node.op_type == "Conv" else 1
+    d = _rows(node, w).shape[1]
+    return groups * d * d * 8
+
+
+def _passes(nodes: list[Any], weights: dict[str, np.ndarray]) -> list[list[Any]]:
+    """``nodes`` in order, cut into runs whose H matrices fit PASS_BYTES together (one node at least per run)."""
+    runs: list[list[Any]] = [[]]
+    used = 0
+    for n in nodes:
+        size = _h_bytes(n, weights[n.name])
+        if runs[-1] and used + size > PASS_BYTES:
+            runs.append([])
+            used = 0
+        runs[-1].append(n)
+        used += size
+    return runs
 
 
 def write_weights(src: Path, dst: Path, weights: dict[str, np.ndarray]) -> None:

@@ -137,3 +137,34 @@ def test_max_abs_grids_are_tflites_rounding():
     nearest = recipes.rounded_weights(model)["c"]
     assert grid.qmax == 127
     assert np.allclose(np.abs(nearest).reshape(4, -1).max(axis=1) / 127, grid.scale)
+
+
+def test_wide_layers_keep_nearest_rounding_and_layers_are_gathered_in_passes_that_fit(tmp_path, monkeypatch):
+    src = tmp_path / "m.onnx"
+    feeds = _small_cnn(src)
+    model = onnx.load(str(src))
+    grids = gptq.max_abs_grids(model)
+    monkeypatch.setattr(gptq, "MAX_COLUMNS", 20)  # c1 has 3 x 3 x 3 = 27 inputs per output channel
+    rounded, info = gptq.round_weights(src, grids, feeds)
+    assert set(rounded) == {"c2", "fc"} and info["gptq_skipped_wide_layers"] == 1
+    monkeypatch.setattr(gptq, "MAX_COLUMNS", 8192)
+    monkeypatch.setattr(gptq, "PASS_BYTES", 1)  # one layer per pass: the same result, three passes over the data
+    calls = []
+    real = gptq.hessians
+    monkeypatch.setattr(gptq, "hessians", lambda *a: calls.append(len(a[1])) or real(*a))
+    again, _ = gptq.round_weights(src, grids, feeds)
+    monkeypatch.undo()
+    once, _ = gptq.round_weights(src, grids, feeds)
+    assert calls == [1, 1, 1] and all(np.allclose(again[k], once[k]) for k in once)
+
+
+def test_inputs_that_cannot_be_measured_leave_nearest_rounding_and_say_why(tmp_path, monkeypatch):
+    src = tmp_path / "m.onnx"
+    feeds = _small_cnn(src)
+
+    def broken(*args):
+        raise RuntimeError("no kernel")
+
+    monkeypatch.setattr(gptq, "hessians", broken)
+    rounded, info = gptq.round_weights(src, gptq.max_abs_grids(onnx.load(str(src))), feeds)
+    assert rounded == {} and info["weight_rounding"].startswith("nearest (GPTQ could not measure")
