@@ -227,10 +227,11 @@ def round_weights(model_path: Path, grids: dict[str, Grid], feeds: Iterable[dict
     if not nodes:
         return {}, {"weight_rounding": "nearest (no layer GPTQ can round)"}
     feeds = list(feeds)
-    hs: dict[str, np.ndarray] = {}
-    samples = 0
+    key = _fingerprint(model_path, feeds)
+    hs: dict[str, np.ndarray] = dict(_CACHE.get(key, {}))
+    samples = len(feeds)
     try:
-        for batch in _passes(nodes, weights):
+        for batch in _passes([n for n in nodes if n.name not in hs], weights):
             got, samples = hessians(model_path, batch, weights, feeds)
             hs.update(got)
     except Exception as e:  # inputs that cannot be measured: the quantizer's nearest rounding stands, and says so
@@ -245,10 +246,28 @@ def round_weights(model_path: Path, grids: dict[str, Grid], feeds: Iterable[dict
         q = np.concatenate([round_rows(rows[k * per:(k + 1) * per], h[k], grid.scale[k * per:(k + 1) * per],
                                        grid.qmax) for k in range(groups)])
         out[n.name] = _unrows(n, q, w.shape)
+    _CACHE.clear()
+    _CACHE[key] = hs
     info = {"weight_rounding": "gptq", "gptq_layers": len(out), "gptq_samples": samples, "gptq_damp": DAMP}
     if too_wide:
         info["gptq_skipped_wide_layers"] = too_wide
     return out, info
+
+
+#: the H matrices of the last graph and samples measured: the trial builds of an --accuracy-budget search or of a
+#: refusal's diagnosis change only what is quantized, never the float graph H is measured on
+_CACHE: dict[str, dict[str, np.ndarray]] = {}
+
+
+def _fingerprint(model_path: Path, feeds: list[dict[str, np.ndarray]]) -> str:
+    import hashlib
+
+    h = hashlib.sha256(Path(model_path).read_bytes())
+    for feed in feeds:
+        for name in sorted(feed):
+            h.update(name.encode())
+            h.update(np.ascontiguousarray(feed[name]).tobytes())
+    return h.hexdigest()
 
 
 def _h_bytes(node: Any, w: np.ndarray) -> int:
@@ -269,7 +288,7 @@ def _passes(nodes: list[Any], weights: dict[str, np.ndarray]) -> list[list[Any]]
             used = 0
         runs[-1].append(n)
         used += size
-    return runs
+    return [r for r in runs if r]
 
 
 def write_weights(src: Path, dst: Path, weights: dict[str, np.ndarray]) -> None:

@@ -152,10 +152,28 @@ def test_wide_layers_keep_nearest_rounding_and_layers_are_gathered_in_passes_tha
     calls = []
     real = gptq.hessians
     monkeypatch.setattr(gptq, "hessians", lambda *a: calls.append(len(a[1])) or real(*a))
+    gptq._CACHE.clear()
     again, _ = gptq.round_weights(src, grids, feeds)
-    monkeypatch.undo()
+    assert calls == [1, 1, 1]  # c1 was measured before, but with other layers: the cache holds c2 and fc only
+    gptq._CACHE.clear()
+    monkeypatch.setattr(gptq, "PASS_BYTES", 1 << 30)
     once, _ = gptq.round_weights(src, grids, feeds)
-    assert calls == [1, 1, 1] and all(np.allclose(again[k], once[k]) for k in once)
+    assert calls == [1, 1, 1, 3] and all(np.allclose(again[k], once[k]) for k in once)
+
+
+def test_trial_builds_of_the_same_graph_and_samples_reuse_the_measured_inputs(tmp_path, monkeypatch):
+    src = tmp_path / "m.onnx"
+    feeds = _small_cnn(src)
+    grids = gptq.max_abs_grids(onnx.load(str(src)))
+    calls = []
+    real = gptq.hessians
+    monkeypatch.setattr(gptq, "hessians", lambda *a: calls.append([n.name for n in a[1]]) or real(*a))
+    gptq._CACHE.clear()
+    first, _ = gptq.round_weights(src, grids, feeds)
+    fewer, _ = gptq.round_weights(src, {k: v for k, v in grids.items() if k != "c2"}, feeds)  # c2 kept float
+    assert calls == [["c1", "c2", "fc"]] and all(np.allclose(fewer[k], first[k]) for k in fewer)
+    gptq.round_weights(src, grids, feeds[:8])  # other samples: measured again
+    assert calls[1:] == [["c1", "c2", "fc"]]
 
 
 def test_inputs_that_cannot_be_measured_leave_nearest_rounding_and_say_why(tmp_path, monkeypatch):
