@@ -193,26 +193,13 @@ def requantize_corrected(pre: Path, dst: Path, ranges_json: Path, method: str, c
 
     from edgeexport import gptq, recipes
 
-    done: dict[str, Any] = {"bias_correction": False, "weight_rounding": "nearest"}
     if not bias_correction and rounding != "gptq":
-        return done
+        return {"bias_correction": False, "weight_rounding": "nearest"}
     qdq = onnx.load(str(dst))
-    weights = recipes.dequantized_weights(qdq)
-    if rounding == "gptq":
-        rounded, info = gptq.round_weights(pre, gptq.qdq_grids(qdq), recipes.take(calibration.calibration(),
-                                                                                   gptq.SAMPLES))
-        weights.update(rounded)
-        done.update(info)
-    else:
-        rounded = {}
-    fixed = pre.parent / "corrected.onnx"
-    if bias_correction:
-        done.update(recipes.bias_correct(pre, fixed, weights,
-                                         recipes.take(calibration.calibration(), recipes.BIAS_SAMPLES)))
-        if not done["bias_corrected_layers"]:
-            done["bias_correction"] = "no Conv/Gemm with a bias was quantized"
-    if not rounded and not done.get("bias_corrected_layers"):
-        return done
-    gptq.write_weights(fixed if bias_correction else pre, fixed, rounded)
-    quantize_qdq(fixed, dst, ranges_json, method, **qargs)
+    fixed, done = recipes.correct_weights(pre, pre.parent / "corrected.onnx", recipes.dequantized_weights(qdq),
+                                          gptq.qdq_grids(qdq), calibration, bias_correction, rounding)
+    if bias_correction and not done["bias_corrected_layers"]:
+        done["bias_correction"] = "no Conv/Gemm with a bias was quantized"
+    if fixed != pre:
+        quantize_qdq(fixed, dst, ranges_json, method, **qargs)
     return done

@@ -284,6 +284,29 @@ def bias_correct(float_path: Path, dst: Path, quantized: dict[str, np.ndarray],
             "bias_correction_samples": samples}
 
 
+def correct_weights(src: Path, dst: Path, nearest: dict[str, np.ndarray], grids: dict[str, Any], calibration: Any,
+                    bias_correction: bool, rounding: str) -> tuple[Path, dict[str, Any]]:
+    """``src`` with its weights rounded by GPTQ on ``grids`` (``rounding='gptq'``) and/or each bias corrected
+    (``bias_correction``) for the weights the runtime will hold (GPTQ's, else ``nearest``: the quantizer's own
+    rounding), written to ``dst``. Returns the graph to quantize or convert (``src`` when nothing changed) and the
+    manifest's record of it. Shared by the Q/DQ targets and TFLite, whose converter quantizes what it is given."""
+    from edgeexport import gptq
+
+    done: dict[str, Any] = {"bias_correction": False, "weight_rounding": "nearest"}
+    weights = dict(nearest)
+    rounded: dict[str, np.ndarray] = {}
+    if rounding == "gptq":
+        rounded, info = gptq.round_weights(src, grids, take(calibration.calibration(), gptq.SAMPLES))
+        weights.update(rounded)
+        done.update(info)
+    if bias_correction:
+        done.update(bias_correct(src, dst, weights, take(calibration.calibration(), BIAS_SAMPLES)))
+    if not rounded and not done.get("bias_corrected_layers"):
+        return src, done
+    gptq.write_weights(dst if bias_correction else src, dst, rounded)
+    return dst, done
+
+
 def integer_share(qdq_path: Path, float_path: Path, feed: dict[str, np.ndarray]) -> dict[str, Any]:
     """What share of the weighted work really runs in integers: multiply-adds and weight bytes of the Conv/Gemm/
     MatMul (and LSTM/GRU) nodes whose data and weight inputs both come from 8-bit DequantizeLinear (or that are

@@ -106,6 +106,12 @@ class Runner:
         raise NotImplementedError
 
 
+def one_of(value: Any, allowed: tuple[Any, ...]) -> bool:
+    """Whether an option's ``value`` is one of ``allowed``; a switch only as true/false (1 == True, but 1 is not a
+    switch)."""
+    return any(value is a if isinstance(a, bool) else value == a for a in allowed)
+
+
 def check_feeds(inputs: list[TensorInfo], feeds: Mapping[str, np.ndarray]) -> None:
     """Raise a CalibrationError naming exactly which input has the wrong name, rank, shape or dtype."""
     expected = {i.name: i for i in inputs}

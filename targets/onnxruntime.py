@@ -12,7 +12,7 @@ from edgeexport.errors import TargetError
 from edgeexport.quantize import (calibrate_ranges, nonfinite_exclusions, preprocess, quantize_qdq,
                                  requantize_corrected, smooth_for_int8, to_fp16)
 from edgeexport.recipes import record_integer_share
-from edgeexport.targets.base import Artifact, Problem, Runner, Target, ort_io
+from edgeexport.targets.base import Artifact, Problem, Runner, Target, one_of, ort_io
 from edgeexport.util import quiet
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -72,10 +72,9 @@ class OrtTarget(Target):
                 problems.append(Problem(f"target_options.{key}", f"{key} must be true or false", ""))
         if opts.get("activation_type", "uint8") not in ("uint8", "int8"):
             problems.append(Problem("target_options.activation_type", "activation_type must be uint8 or int8", ""))
-        smooth = opts.get("smoothquant", "auto")
-        if not (smooth is True or smooth is False or smooth == "auto"):  # 1 == True, but 1 is not a switch
+        if not one_of(opts.get("smoothquant", "auto"), ("auto", True, False)):
             problems.append(Problem("target_options.smoothquant", "smoothquant must be auto, true or false", ""))
-        if opts.get("weight_rounding", "gptq") not in ("gptq", "nearest"):
+        if not one_of(opts.get("weight_rounding", "gptq"), ("gptq", "nearest")):
             problems.append(Problem("target_options.weight_rounding", "weight_rounding must be gptq or nearest", ""))
         if opts.get("device", "generic") not in DEVICES:
             problems.append(Problem("target_options.device", f"unknown device {opts['device']!r}",

@@ -24,7 +24,7 @@ from edgeexport.errors import ConfigError, TargetError
 from edgeexport.quantize import (calibrate_ranges, load_ranges, nonfinite_exclusions, preprocess, quantize_qdq,
                                  requantize_corrected, smooth_for_int8, to_fp16)
 from edgeexport.recipes import record_integer_share
-from edgeexport.targets.base import Artifact, Problem, Runner, Target, ort_io
+from edgeexport.targets.base import Artifact, Problem, Runner, Target, one_of, ort_io
 
 if TYPE_CHECKING:  # pragma: no cover
     from edgeexport.calibration import CalibrationSet
@@ -91,7 +91,7 @@ class TrtTarget(Target):
                    "hardware_compatibility": ("none", "ampere+"), "recipe": ("auto", "full", "weighted"),
                    "smoothquant": ("auto", True, False), "weight_rounding": ("gptq", "nearest")}
         for key, allowed in choices.items():
-            if not any(o[key] is a if isinstance(a, bool) else o[key] == a for a in allowed):  # 1 is not true
+            if not one_of(o[key], allowed):
                 names = ", ".join(str(a).lower() if isinstance(a, bool) else a for a in allowed)
                 problems.append(Problem(f"target_options.{key}", f"{key} must be one of {names}", ""))
         for key in ("int8_path", "recipe", "smoothquant", "weight_rounding"):

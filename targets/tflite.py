@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Optional
 import numpy as np
 
 from edgeexport.errors import MissingExtraError, TargetError
-from edgeexport.targets.base import Artifact, Problem, Runner, Target, TensorInfo
+from edgeexport.targets.base import Artifact, Problem, Runner, Target, TensorInfo, one_of
 from edgeexport.util import progress, quiet, strip_ansi
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -63,7 +63,7 @@ class TfliteTarget(Target):
         elif "bias_correction" in config.target_options and config.precision != "int8":
             problems.append(Problem("target_options.bias_correction", "bias_correction applies to --precision int8",
                                     "drop it or use --precision int8"))
-        if config.target_options.get("weight_rounding", "gptq") not in ("gptq", "nearest"):
+        if not one_of(config.target_options.get("weight_rounding", "gptq"), ("gptq", "nearest")):
             problems.append(Problem("target_options.weight_rounding", "weight_rounding must be gptq or nearest", ""))
         elif "weight_rounding" in config.target_options and config.precision != "int8":
             problems.append(Problem("target_options.weight_rounding", "weight_rounding applies to --precision int8",
@@ -98,14 +98,15 @@ class TfliteTarget(Target):
 
             from edgeexport import recipes
 
+            model = onnx.load(str(onnx_path))
             requested = config.calibration.method
-            method = recipes.calib_method(requested, recipes.family(onnx.load(str(onnx_path))))
+            method = recipes.calib_method(requested, recipes.family(model))
             config = config.model_copy(update={"calibration": config.calibration.model_copy(update={"method": method})})
             corrected = {"calibration_method": method, "calibration_method_requested": requested,
                          "calibration_samples": len(calibration.calib_idx)}
             if method == "percentile":
                 corrected["percentile"] = config.calibration.percentile
-            onnx_path, done = _corrected(onnx_path, calibration, workdir,
+            onnx_path, done = _corrected(onnx_path, model, calibration, workdir,
                                          config.target_options.get("bias_correction", True),
                                          config.target_options.get("weight_rounding", "gptq"))
             corrected.update(done)
@@ -146,35 +147,20 @@ class TfliteTarget(Target):
         return ["numpy", f"ai-edge-litert>={major}.{minor}"]
 
 
-def _corrected(onnx_path: Path, calibration: "CalibrationSet", workdir: Path, bias_correction: bool,
+def _corrected(onnx_path: Path, model: Any, calibration: "CalibrationSet", workdir: Path, bias_correction: bool,
                rounding: str) -> tuple[Path, dict[str, Any]]:
     """The ONNX with its weights already on the grid TFLite's int8 weights use (symmetric, per output channel,
     [-127, 127]), rounded by GPTQ (``rounding='gptq'``), and/or each Conv/Gemm bias corrected for that rounding. The
     converter quantizes what it is given and finds the same integers, so the work goes in before conversion."""
-    import onnx
-
     from edgeexport import gptq, recipes
 
-    done: dict[str, Any] = {"bias_correction": False, "weight_rounding": "nearest"}
-    model = onnx.load(str(onnx_path))
-    weights = recipes.rounded_weights(model)
-    rounded: dict[str, Any] = {}
-    if rounding == "gptq":
-        rounded, info = gptq.round_weights(onnx_path, gptq.max_abs_grids(model),
-                                           recipes.take(calibration.calibration(), gptq.SAMPLES))
-        weights.update(rounded)
-        done.update(info)
-    dst = workdir / "tflite_corrected.onnx"
+    path, done = recipes.correct_weights(onnx_path, workdir / "tflite_corrected.onnx", recipes.rounded_weights(model),
+                                         gptq.max_abs_grids(model), calibration, bias_correction, rounding)
     if bias_correction:
-        done.update(recipes.bias_correct(onnx_path, dst, weights,
-                                         recipes.take(calibration.calibration(), recipes.BIAS_SAMPLES)))
         done["bias_correction"] = ("dW . E[x] subtracted from each bias before conversion (dW: the difference "
                                    "between the weights TFLite will hold and the float ones)"
                                    if done["bias_corrected_layers"] else "no Conv/Gemm with a bias")
-    if not rounded and not done.get("bias_corrected_layers"):
-        return onnx_path, done
-    gptq.write_weights(dst if bias_correction else onnx_path, dst, rounded)
-    return dst, done
+    return path, done
 
 
 _PSEUDO_OPS = {"Erf": "erf", "Gelu": "gelu", "Asin": "asin", "Acos": "acos", "Atan": "atan"}  # onnx2tf wants lowercase
@@ -405,9 +391,10 @@ def percentile_ranges(calibrated: bytes, model: Any, feeds: Any, percentile: flo
     for i, (lo, hi) in ranged.items():
         cdf = np.cumsum(hist[i]) / max(int(hist[i].sum()), 1)
         width = (hi - lo) / HISTOGRAM_BINS
-        new_lo = lo + width * int(np.searchsorted(cdf, cut))
-        new_hi = lo + width * (int(np.searchsorted(cdf, 1.0 - cut)) + 1)
-        new_lo, new_hi = max(lo, min(new_lo, 0.0) if lo <= 0 else new_lo), min(hi, new_hi)
+        new_lo = lo + width * int(np.searchsorted(cdf, cut))  # >= lo
+        if lo <= 0:
+            new_lo = min(new_lo, 0.0)  # a range that held zero keeps it
+        new_hi = min(hi, lo + width * (int(np.searchsorted(cdf, 1.0 - cut)) + 1))
         if new_hi > new_lo and (new_lo > lo or new_hi < hi):
             q = graph.tensors[i].quantization
             q.min, q.max = [new_lo], [new_hi]
