@@ -80,7 +80,7 @@ def main() -> int:
     from edgeexport.bundle.manifest import versions
     from edgeexport.models.sentences import minilm_path, write_sentences
     from edgeexport.source import load_source
-    from edgeexport.targets.onnxruntime import OrtRunner
+    from edgeexport.targets.ort.target import OrtRunner
     from edgeexport.calibration import load_calibration
     from edgeexport.config import CalibrationConfig
     from edgeexport.validate import collect, compare

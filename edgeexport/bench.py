@@ -19,6 +19,7 @@ from typing import Any, Callable, Mapping, Optional
 import numpy as np
 
 from edgeexport.errors import BundleError, UsageError
+from edgeexport.targets import DEFAULT_TARGET
 
 
 def sample_latency(fn: Callable[[], Any], warmup: int = 5, runs: Optional[int] = 50,
@@ -66,13 +67,14 @@ def machine() -> dict[str, Any]:
     return info
 
 
-_RUNTIME_PACKAGES = ("numpy", "onnxruntime", "ai-edge-litert", "tensorflow", "tensorrt", "torch")
-
-
 def runtime_versions() -> dict[str, str]:
-    """Installed versions of the packages that can run a bundle (only those present)."""
+    """Installed versions of numpy, torch, onnxruntime and the packages each target runs its bundles with (only
+    those present)."""
+    from edgeexport.targets import all_targets
+
     found = {}
-    for name in _RUNTIME_PACKAGES:
+    packages = ["numpy", "onnxruntime", *(p for t in all_targets() for p in t.runtime_packages), "torch"]
+    for name in dict.fromkeys(packages):
         try:
             found[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -124,15 +126,30 @@ print(json.dumps({"t_start": t_start, "t_import": t_import, "t_load": t_load, "t
 """
 
 
+def _loader_file(bundle: Path, target: str, tmp: Path) -> Path:
+    """The bundle's own loader.py (a folder), or the one its target assembles (an archive)."""
+    if (bundle / "loader.py").is_file():
+        return bundle / "loader.py"
+    from edgeexport.bundle.writer import assemble_loader
+    from edgeexport.targets import get_target
+
+    path = tmp / "loader.py"
+    path.write_text(assemble_loader(get_target(target).loader_backend()), encoding="utf-8")
+    return path
+
+
 def fresh_process(bundle: Path, batch: int, threads: Optional[int], runs: int = 10,
-                  timeout_s: int = 600) -> dict[str, float]:
-    """Cold start (process start -> first result) and peak resident memory of a new process running the bundle."""
-    from edgeexport.bundle import loader
+                  timeout_s: int = 600, target: str = DEFAULT_TARGET) -> dict[str, float]:
+    """Cold start (process start -> first result) and peak resident memory of a new process running the bundle
+    through the loader a device would run."""
+    import tempfile
 
     t0 = time.time()
     try:
-        proc = subprocess.run([sys.executable, "-c", _CHILD, loader.__file__, str(bundle), str(batch),
-                               str(threads or ""), str(runs)], capture_output=True, text=True, timeout=timeout_s)
+        with tempfile.TemporaryDirectory(prefix="edgeexport-loader-") as tmp:
+            loader_file = _loader_file(bundle, target, Path(tmp))
+            proc = subprocess.run([sys.executable, "-c", _CHILD, str(loader_file), str(bundle), str(batch),
+                                   str(threads or ""), str(runs)], capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
         raise BundleError(f"a fresh process running bundle {str(bundle)!r} did not finish in {timeout_s} s", "",
                           "skip the cold-start measurement with --cold-runs 0") from None
@@ -186,7 +203,7 @@ def bench_bundle(bundle: Path, warmup: int = 10, runs: Optional[int] = 100, dura
         result["gflops_per_s"] = flops * batch / (lat["mean_ms"] * 1e6)
     if cold_runs:
         log(f"==> cold start and peak memory: {cold_runs} fresh processes")
-        colds = [fresh_process(Path(bundle), batch, threads) for _ in range(cold_runs)]
+        colds = [fresh_process(Path(bundle), batch, threads, target=manifest["target"]) for _ in range(cold_runs)]
         result["fresh_process"] = {k: float(np.median([c[k] for c in colds])) for k in colds[0]}
         result["fresh_process"]["cold_start_ms_all"] = [c["cold_start_ms"] for c in colds]
     return result

@@ -64,8 +64,7 @@ def trial_config(config: BuildConfig, target: Any, excluded: list[str], wide: li
     options = {**config.target_options, "exclude_nodes": list(excluded)}
     if wide or "int16_tensors" in options:
         options["int16_tensors"] = list(wide)
-    if "engine" in target.options_spec:
-        options["engine"] = "deferred"  # trial rounds validate the ONNX; only the final build makes an engine
+    options.update(target.trial_overrides(config))  # e.g. no engine build: trials only validate
     return config.model_copy(update={"target_options": options})
 
 

@@ -13,8 +13,9 @@ import click
 from click.core import ParameterSource
 
 from edgeexport import __version__
-from edgeexport.config import CALIB_METHODS, PRECISIONS, TOLERANCE_KEYS
+from edgeexport.config import CALIB_METHODS, TOLERANCE_KEYS
 from edgeexport.errors import EdgeExportError, UsageError
+from edgeexport.targets import DEFAULT_TARGET, known_precisions, layer_search_names, public_names, target_help
 
 # CLI parameter -> path in the BuildConfig dict (and an optional converter)
 _PARAM_PATHS: dict[str, tuple[str, ...]] = {
@@ -94,10 +95,15 @@ def config_from_options(ctx: click.Context, params: dict[str, Any]):
         import yaml
 
         data.setdefault("target_options", {})[key] = yaml.safe_load(value)
-    if params["io_dtype"]:
-        data.setdefault("target_options", {})["io_dtype"] = params["io_dtype"]
-    if params["engine"]:
-        data.setdefault("target_options", {})["engine"] = params["engine"]
+    for option, owners in _target_flags():
+        value = params.get(_param_name(option.flag))
+        if value is None:
+            continue
+        target = data.get("target", DEFAULT_TARGET) if "target" in params else None  # compare: each row checks its own
+        if target is not None and target not in owners:
+            raise UsageError(f"{option.flag} applies to --target {' or '.join(owners)}, not {target}", "",
+                             f"drop {option.flag}, or use --option {option.key}=... where that target has it")
+        data.setdefault("target_options", {})[option.key] = value
     pre: dict[str, Any] = {}
     if params["image_size"]:
         h, sep, w = params["image_size"].partition("x")
@@ -164,17 +170,35 @@ _MODEL_AND_DATA_OPTIONS = [
     click.option("--tolerance", multiple=True, help=f"KEY=VALUE overriding a default limit; keys: {', '.join(TOLERANCE_KEYS)}."),
     click.option("--opset", type=int, default=18, show_default=True),
     click.option("--option", multiple=True, help="Target option KEY=VALUE, e.g. reduce_range=false."),
-    click.option("--io-dtype", type=click.Choice(["float32", "int8", "uint8"]),
-                  help="tflite int8: dtype of the model's inputs/outputs (int8/uint8 for accelerators, MCUs)."),
     click.option("--prune", help="Prune the PyTorch model before export: structured:AMOUNT removes that share of "
                   "channels (smaller and faster), magnitude:AMOUNT zeroes that share of weights (smaller compressed, "
                   "not faster). Validated against the unpruned model."),
     click.option("--finetune-steps", type=int, help="With --prune: recovery steps on the calibration split (labels' "
                   "loss plus distillation from the unpruned model; distillation alone without labels) [default: 0]."),
     click.option("--finetune-lr", type=float, help="With --prune: Adam learning rate of the recovery [default: 1e-3]."),
-    click.option("--engine", type=click.Choice(["auto", "now", "deferred"]),
-                  help="trt: build the TensorRT engine here (now; needs TensorRT and a GPU) or on the device on first "
-                       "load (deferred) [default: auto = now when TensorRT and a GPU are here]."),
+]
+
+
+def _param_name(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
+
+def _target_flags() -> list[tuple[Any, list[str]]]:
+    """Each flag a registered target declares (targets/<name>/target.py, ``cli_options``), with the targets
+    that take it."""
+    from edgeexport.targets import all_targets
+
+    flags: dict[str, tuple[Any, list[str]]] = {}
+    for target in all_targets():
+        for option in target.cli_options:
+            flags.setdefault(option.flag, (option, []))[1].append(target.name)
+    return list(flags.values())
+
+
+_MODEL_AND_DATA_OPTIONS += [
+    click.option(option.flag, _param_name(option.flag), type=click.Choice(option.choices) if option.choices else str,
+                 help=option.help)
+    for option, _ in _target_flags()
 ]
 
 
@@ -186,15 +210,16 @@ def model_and_data_options(f):
 
 
 @main.command()
-@click.option("--target", default="ort", show_default=True, help="Backend: ort, tflite, trt.")
-@click.option("--precision", type=click.Choice(PRECISIONS), default="int8", show_default=True)
+@click.option("--target", default=DEFAULT_TARGET, show_default=True, help=f"Backend: {target_help()}.")
+@click.option("--precision", type=click.Choice(known_precisions()), default="int8", show_default=True,
+              help="Which precisions a target has is in --target's list.")
 @model_and_data_options
-@click.option("--accuracy-budget", help="int8 (ort, trt): METRIC=VALUE to reach, e.g. cosine=0.995, top1=0.99, "
+@click.option("--accuracy-budget", help=f"int8 ({layer_search_names()}): METRIC=VALUE to reach, e.g. cosine=0.995, top1=0.99, "
               "accuracy-drop=0.5; the layers adding the most error move to 16-bit activations (where the target "
               "has them), then float, step by step until it holds.")
 @click.option("--budget-steps", type=int, help="Most rounds of the --accuracy-budget search [default: 8].")
 @click.option("--explain", is_flag=True,
-              help="int8 (ort, trt): rank layers by the error they add, print the worst, record them and a plot.")
+              help=f"int8 ({layer_search_names()}): rank layers by the error they add, print the worst, record them and a plot.")
 @click.option("--diagnose/--no-diagnose", default=None,
               help="int8 refused by the gate: build up to 3 alternatives (16 bits for the worst layer, another "
                    "calibration method, ...) and say what each measured [default: on].")
@@ -327,7 +352,7 @@ def _csv(text: Optional[str]) -> Optional[list[str]]:
 
 
 @main.command()
-@click.option("--targets", default="ort,tflite,trt", show_default=True, help="Comma-separated targets to compare.")
+@click.option("--targets", default=",".join(public_names()), show_default=True, help="Comma-separated targets to compare.")
 @click.option("--precisions", help="Comma-separated precisions [default: every precision each target has]; "
               "int8-dynamic and dynamic-range both mean each target's int8-weights/float-activations mode.")
 @model_and_data_options

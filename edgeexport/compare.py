@@ -25,7 +25,6 @@ from edgeexport.util import tmp_prefix
 Log = Callable[[str], None]
 
 #: the same technique under each target's honest name: int8 weights, float activations
-WEIGHT_ONLY = {"ort": "int8-dynamic", "tflite": "dynamic-range"}
 
 
 @dataclass
@@ -102,13 +101,14 @@ class Comparison:
 
 def plan(targets: list[str], precisions: Optional[list[str]]) -> list[Row]:
     """One row per combination; ones that cannot be built here are already marked skipped, with the reason."""
-    from edgeexport.targets import get_target
+    from edgeexport.targets import all_targets, get_target
 
     rows = []
     for name in targets:
         target = get_target(name)
+        weight_only = {t.weight_only for t in all_targets() if t.weight_only}
         for asked in precisions or list(target.precisions):
-            precision = WEIGHT_ONLY.get(name, asked) if asked in WEIGHT_ONLY.values() else asked
+            precision = target.weight_only if asked in weight_only and target.weight_only else asked
             row = Row(name, precision)
             if precision != asked:
                 row.add_note(f"asked for {asked}: {name} calls int8 weights with float activations {precision}")
@@ -305,6 +305,7 @@ def run(base: BuildConfig, targets: list[str], precisions: Optional[list[str]], 
     ``focus`` ('target/precision') picks the row whose errors the report plots."""
     from edgeexport import pipeline
     from edgeexport.bench import machine, runtime_versions
+    from edgeexport.targets import DEFAULT_TARGET
 
     rows = plan(targets, precisions)
     if focus is not None and focus not in [r.key for r in rows]:
@@ -316,7 +317,9 @@ def run(base: BuildConfig, targets: list[str], precisions: Optional[list[str]], 
                          "", "see each target's options in the README")
     with tempfile.TemporaryDirectory(prefix=tmp_prefix("compare-")) as tmp:
         root = out_root or Path(tmp) / "bundles"
-        probe = base.model_copy(update={"target": "ort", "precision": "fp32", "target_options": {},
+        # resolves the model, inputs and data once for every row through the core target (no extra, any shapes);
+        # each row's own target checks come with its row
+        probe = base.model_copy(update={"target": DEFAULT_TARGET, "precision": "fp32", "target_options": {},
                                         "out": str(Path(tmp) / "probe"), "force": False})
         quiet = _step_log(log, "      ")
         config, source, calib = pipeline.resolve(probe, quiet)

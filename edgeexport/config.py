@@ -13,8 +13,8 @@ from typing import Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from edgeexport.errors import ConfigError
+from edgeexport.targets import DEFAULT_TARGET
 
-PRECISIONS = ("fp32", "fp16", "int8-dynamic", "dynamic-range", "int8")
 CALIB_METHODS = ("auto", "minmax", "entropy", "percentile")
 DTYPES = ("float32", "float16", "int64", "int32", "int8", "uint8", "bool")
 _NAME = re.compile(r"^[^\x00-\x1f]+$")
@@ -172,7 +172,7 @@ def parse_prune(text: str) -> dict[str, Any]:
 class BuildConfig(_Strict):
     """Everything that determines one build."""
 
-    target: str = "ort"
+    target: str = DEFAULT_TARGET
     precision: str = "fp32"
     model: str
     task: Optional[str] = None  # hf: the optimum task (default feature-extraction); also selects metrics
@@ -213,8 +213,10 @@ class BuildConfig(_Strict):
     @field_validator("precision")
     @classmethod
     def _precision(cls, v: str) -> str:
-        if v not in PRECISIONS:
-            raise ValueError(f"precision {v!r} is not one of {', '.join(PRECISIONS)}")
+        from edgeexport.targets import known_precisions
+
+        if v not in known_precisions():  # the union of every target's own list (each target checks its own)
+            raise ValueError(f"precision {v!r} is not one of {', '.join(known_precisions())}")
         return v
 
     @field_validator("tolerance")

@@ -12,7 +12,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from edgeexport.bundle.manifest import PRECISION_LABELS, TARGET_PRECISION_LABELS, golden_tolerance, now_iso, versions
+from edgeexport.bundle.manifest import golden_tolerance, now_iso, versions
 from edgeexport.bundle.writer import check_output_path, write_bundle
 from edgeexport.calibration import CalibrationSet, load_calibration
 from edgeexport.config import BuildConfig, InputSpec
@@ -339,7 +339,7 @@ def build_resolved(config: BuildConfig, source: ModelSource, calib: CalibrationS
         if layers and layers["plot"]:
             files[LAYER_PLOT] = layers["plot"]
         log(f"==> writing bundle to {config.out}")
-        out = write_bundle(Path(config.out), files, golden, manifest, texts, config.force)
+        out = write_bundle(Path(config.out), files, golden, manifest, texts, config.force, target.loader_backend())
     if config.archive:
         from edgeexport.bundle.writer import write_archive
 
@@ -423,8 +423,7 @@ def make_manifest(config: BuildConfig, source: ModelSource, calib: CalibrationSe
         "created": now_iso(),
         "target": artifact.target,
         "precision": artifact.precision,
-        "precision_label": TARGET_PRECISION_LABELS.get((artifact.target, artifact.precision),
-                                                       PRECISION_LABELS.get(artifact.precision, artifact.precision)),
+        "precision_label": get_target(artifact.target).precision_label(artifact.precision),
         "model_file": artifact.files[0],
         "inputs": io["inputs"],
         "outputs": io["outputs"],

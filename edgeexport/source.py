@@ -353,7 +353,7 @@ class OnnxModelSource(ModelSource):
         return list(self._outputs)
 
     def reference(self, specs: list[InputSpec], output_names: list[str]) -> Runner:
-        from edgeexport.targets.onnxruntime import OrtRunner
+        from edgeexport.targets.ort.target import OrtRunner
 
         return OrtRunner(self.spec)
 

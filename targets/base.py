@@ -145,8 +145,20 @@ def check_feeds(inputs: list[TensorInfo], feeds: Mapping[str, np.ndarray]) -> No
             )
 
 
+@dataclass(frozen=True)
+class CliOption:
+    """A ``edgeexport build`` flag a target declares: ``--flag VALUE`` sets ``target_options[key]``; the CLI refuses
+    it with another --target."""
+
+    flag: str
+    key: str
+    help: str
+    choices: tuple[str, ...] = ()
+
+
 class Target:
-    """Base class for a backend. Subclasses live in ``targets/<name>.py`` and never import each other."""
+    """Base class for a backend. Each lives in its own unit, ``targets/<name>/``: ``target.py`` (this class) and
+    ``backend.py`` (the device side the shipped loader runs). Units never import each other."""
 
     name: str = ""
     extra: str = ""  # pip extra that brings its runtime, '' for core
@@ -156,6 +168,19 @@ class Target:
     build_imports: tuple[str, ...] = ()
     #: target_options this target understands: name -> (default, one-line meaning)
     options_spec: dict[str, tuple[Any, str]] = {}
+    #: its own ``edgeexport build`` flags (each a shorthand for one target option), shown in --help
+    cli_options: tuple[CliOption, ...] = ()
+    #: wording of a precision where this format differs from the generic label (the manifest's precision_label)
+    precision_labels: dict[str, str] = {}
+    #: the precision that quantizes weights only, if any (``edgeexport compare`` maps one onto the other)
+    weight_only: Optional[str] = None
+    #: pip names of what runs its bundles (benchmarks record their versions)
+    runtime_packages: tuple[str, ...] = ()
+    #: int8 builds can rank layers and keep some in 16 bits or float (--accuracy-budget, --explain); the details
+    #: per config are in layer_fallback
+    layer_search: bool = False
+    #: listed in --help and error messages ('fake', a test double, is not)
+    public: bool = True
 
     def check(self, config: "BuildConfig") -> list[Problem]:
         problems = []
@@ -193,6 +218,16 @@ class Target:
         the caller; these are the target's own choices."""
         return []
 
+    def trial_overrides(self, config: "BuildConfig") -> dict[str, Any]:
+        """target_options for the trial builds of a search (--accuracy-budget), which only validate: e.g. no
+        engine build. The final build uses the user's own."""
+        return {}
+
+    def precision_label(self, precision: str) -> str:
+        from edgeexport.bundle.manifest import PRECISION_LABELS
+
+        return self.precision_labels.get(precision) or PRECISION_LABELS.get(precision, precision)
+
     def layer_fallback(self, config: "BuildConfig") -> str:
         """'' when this target can rank layers and keep some in float for ``config``; else why it cannot."""
         return f"target {self.name!r} has no per-layer ranking or float fallback"
@@ -210,6 +245,14 @@ class Target:
 
     def load(self, artifact: Artifact, threads: Optional[int] = None) -> Runner:  # pragma: no cover
         raise NotImplementedError
+
+    def loader_backend(self) -> Optional[Path]:
+        """The device-side backend appended to the loader core in this target's bundles: ``backend.py`` beside the
+        module that defines the target class (None: a target whose bundles no loader runs, e.g. a test double)."""
+        import inspect
+
+        path = Path(inspect.getfile(type(self))).with_name("backend.py")
+        return path if path.is_file() else None
 
     def requirements(self, artifact: Artifact) -> list[str]:
         """Lines of requirements.txt for the device."""

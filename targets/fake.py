@@ -16,6 +16,7 @@ from edgeexport.targets.base import Artifact, Problem, Runner, Target, ort_io
 
 class FakeTarget(Target):
     name = "fake"
+    public = False
     precisions = ("fp32",)
     description = "testing only: ONNX copied as is, outputs optionally perturbed (target_options.noise)"
     options_spec = {"noise": (0.0, "relative size of seeded Gaussian noise added to every output")}

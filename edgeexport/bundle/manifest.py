@@ -19,13 +19,7 @@ PRECISION_LABELS = {
     "int8": "int8 static (int8 weights and calibrated 8-bit activations, QDQ)",
     "dynamic-range": "dynamic-range (int8 weights, float activations)",
 }
-# target-specific wording where it differs
-TARGET_PRECISION_LABELS = {
-    ("tflite", "fp16"): "fp16 (float16 weights, float32 compute on CPU; GPU delegates may run fp16)",
-    ("tflite", "int8"): "int8 full-integer (int8 weights and activations, every op quantized)",
-    ("trt", "fp16"): "fp16 (float16 graph for TensorRT, float32 inputs/outputs)",
-    ("trt", "int8"): "int8 (TensorRT: explicit Q/DQ, or implicit calibration cache on TensorRT 10)",
-}
+# a target words a precision its own way where its format differs (Target.precision_labels)
 
 # Golden-pair tolerance for the on-device self-test, per precision: fraction of each output's max magnitude
 # allowed as absolute error, and the minimum cosine similarity. The golden outputs come from the built model

@@ -10,7 +10,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -19,7 +19,23 @@ from edgeexport.errors import BundleError
 from edgeexport.util import remove_stale
 from edgeexport.util import sha256_file
 
-LOADER_TEMPLATE = Path(__file__).with_name("loader.py")
+LOADER_CORE = Path(__file__).with_name("loader.py")
+BACKEND_MARKER = "# ---- backend: appended to the loader core"
+
+
+def assemble_loader(backend: Optional[Path]) -> str:
+    """The bundle's one-file loader.py: the loader core, then the part of ``backend`` (a target unit's backend.py)
+    below its marker line. The part above the marker is build-time only (its imports from the core)."""
+    core = LOADER_CORE.read_text(encoding="utf-8")
+    if backend is None:
+        return core
+    text = backend.read_text(encoding="utf-8")
+    if BACKEND_MARKER not in text:
+        raise RuntimeError(f"{backend} has no {BACKEND_MARKER!r} line")  # a bug in the target unit
+    body = text.split(BACKEND_MARKER, 1)[1].split("\n", 1)[1]
+    head, tail = core.split('\nif __name__ == "__main__":', 1)
+    return (f"{head.rstrip()}\n\n\n# ==== backend from the {backend.parent.name} target unit ====" + body.rstrip()
+            + '\n\n\nif __name__ == "__main__":' + tail)
 
 
 def check_output_path(out: Path, force: bool) -> None:
@@ -38,11 +54,12 @@ def check_output_path(out: Path, force: bool) -> None:
 
 
 def write_bundle(out: Path, files: dict[str, Path], golden: list[tuple[dict, dict]], manifest: dict[str, Any],
-                 texts: dict[str, str], force: bool) -> Path:
+                 texts: dict[str, str], force: bool, loader_backend: Optional[Path] = None) -> Path:
     """Create the bundle at ``out``.
 
     ``files``: bundle-relative path -> source file, copied byte for byte. ``texts``: path -> text content.
     ``golden``: (inputs, outputs) pairs saved as golden/NNN.npz. The manifest gets the file list with sha256.
+    ``loader_backend``: the target unit's backend.py, assembled with the loader core into loader.py.
     """
     out = Path(out).absolute()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -53,7 +70,7 @@ def write_bundle(out: Path, files: dict[str, Path], golden: list[tuple[dict, dic
         for rel, src in files.items():
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src, tmp / rel)
-        shutil.copyfile(LOADER_TEMPLATE, tmp / "loader.py")
+        (tmp / "loader.py").write_text(assemble_loader(loader_backend), encoding="utf-8")
         for rel, text in texts.items():
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             (tmp / rel).write_text(text, encoding="utf-8")

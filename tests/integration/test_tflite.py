@@ -178,7 +178,7 @@ def test_tflite_rules(cli, rows_npz, digits_npz, tmp_path):
 
 def test_percentile_ranges_that_cannot_be_measured_fall_back_to_min_max_and_say_so(digits_npz, tmp_path,
                                                                                     monkeypatch):
-    import edgeexport.targets.tflite as tflite_target
+    import edgeexport.targets.tflite.target as tflite_target
 
     def fails(*args, **kwargs):
         raise RuntimeError("an op this interpreter has no kernel for")

@@ -44,7 +44,7 @@ def _qdq_scales(model):
 def test_explicit_int8_bundle_follows_tensorrt_rules_and_validates(int8_bundles):
     import onnx
 
-    from edgeexport.targets.tensorrt import qdq_violations
+    from edgeexport.targets.trt.target import qdq_violations
 
     result = int8_bundles["explicit"]
     out = result.out
@@ -87,7 +87,9 @@ def test_calibration_cache_holds_the_q_dq_scales(int8_bundles):
     assert "tensorrt>=10,<11" in (out / "requirements.txt").read_text()
     floats = onnx.load(str(out / "model.onnx"))
     assert not any(n.op_type.endswith("QuantizeLinear") for n in floats.graph.node)  # TensorRT quantizes it
-    header, cache = loader.read_calibration_cache((out / "calibration.cache").read_text())
+    from edgeexport.targets.trt.backend import read_calibration_cache
+
+    header, cache = read_calibration_cache((out / "calibration.cache").read_text())
     assert header == "TRT-100300-EntropyCalibration2"
     tensors = {o for n in floats.graph.node for o in n.output} | {i.name for i in floats.graph.input}
     assert set(cache) <= tensors and len(cache) >= 8
@@ -101,7 +103,7 @@ def test_calibration_cache_holds_the_q_dq_scales(int8_bundles):
 def test_checker_flags_what_tensorrt_rejects():
     from onnx import TensorProto, helper, numpy_helper
 
-    from edgeexport.targets.tensorrt import qdq_violations
+    from edgeexport.targets.trt.target import qdq_violations
 
     def init(name, arr):
         return numpy_helper.from_array(np.asarray(arr), name)
@@ -163,7 +165,7 @@ def _run_script(script, tmp_path, major):
 
 
 def _script_bundle(tmp_path, **trt):
-    from edgeexport.targets.tensorrt import build_script
+    from edgeexport.targets.trt.target import build_script
 
     builder = {"workspace_mb": 2048, "timing_cache": True, "dla_core": 0, "gpu_fallback": True,
                "hardware_compatibility": "none", "version_compatible": True,
@@ -226,7 +228,7 @@ def test_cli_refuses_what_cannot_be_built_here(cli, digits_npz, tmp_path):
 def test_profile_rules():
     from edgeexport.config import parse_input_spec
     from edgeexport.errors import ConfigError
-    from edgeexport.targets.tensorrt import resolve_profiles
+    from edgeexport.targets.trt.target import resolve_profiles
 
     class Data:
         def calibration(self):

@@ -135,15 +135,36 @@ def test_selftest_cli_exit_codes(bundle):
     assert "Traceback" not in tampered.stderr
 
 
-def test_loader_imports_only_numpy_and_stdlib():
-    import ast
+RUNTIMES = {"ort": set(), "tflite": {"ai_edge_litert", "tflite_runtime", "tensorflow"},
+            "trt": {"tensorrt", "cuda"}}
 
-    tree = ast.parse(open(loader.__file__).read())
+
+@pytest.mark.parametrize("target", sorted(RUNTIMES))
+def test_assembled_loader_imports_only_numpy_stdlib_and_its_runtime(target):
+    """Each target's shipped loader.py: the core plus that one backend; module-level imports are stdlib + numpy,
+    and anything else imported anywhere is that target's runtime (imported lazily, inside the backend)."""
+    import ast
+    import sys
+
+    from edgeexport.bundle.writer import assemble_loader
+    from edgeexport.targets import REGISTRY, get_target
+
+    src = assemble_loader(get_target(target).loader_backend())
+    tree = ast.parse(src)
     top = {n.names[0].name.split(".")[0] for n in tree.body if isinstance(n, ast.Import)}
     top |= {n.module.split(".")[0] for n in tree.body if isinstance(n, ast.ImportFrom) and n.module}
-    assert top <= {"__future__", "argparse", "hashlib", "json", "os", "sys", "threading", "pathlib", "numpy"}, top
-    src = open(loader.__file__).read()
-    assert "import torch" not in src and "pickle" not in src.replace("never unpickles", "").replace("allow_pickle=False", "")
+    assert top <= set(sys.stdlib_module_names) | {"numpy"}, top
+    anywhere = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    anywhere |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    # preprocess() and encode(), for bundles that record images or a tokenizer; the core's OnnxSession (lazily)
+    optional = {"PIL", "tokenizers", "onnxruntime"}
+    assert anywhere - set(sys.stdlib_module_names) - {"numpy"} - optional <= RUNTIMES[target], anywhere
+    assert "edgeexport" not in anywhere and "torch" not in anywhere
+    assert "pickle" not in src.replace("never unpickles", "").replace("allow_pickle=False", "")
+    others = [b for name in REGISTRY if name != target and (b := get_target(name).loader_backend())]
+    for other in others:  # no other target's backend ships in this bundle
+        assert f"backend from the {other.parent.name} target unit" not in src
+    assert f'@backend("{target}")' in src
 
 
 def test_preprocess_needs_recorded_preprocessing(bundle):

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from edgeexport.bundle import loader
+from edgeexport.targets.trt import backend as loader
 
 ORIN = {"tensorrt": "10.3.0", "gpu": "Orin", "compute_capability": "8.7", "dla_cores": 2}
 RTX = {"tensorrt": "10.3.0", "gpu": "NVIDIA GeForce RTX 3090", "compute_capability": "8.6", "dla_cores": 0}

@@ -21,7 +21,7 @@ def _block(monkeypatch, prefix):
 def test_tflite_without_tensorflow(monkeypatch):
     import importlib
 
-    from edgeexport.targets import tflite
+    from edgeexport.targets.tflite import target as tflite
 
     real_import_module = importlib.import_module
 

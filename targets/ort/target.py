@@ -63,6 +63,9 @@ class OrtTarget(Target):
     precisions = ("fp32", "fp16", "int8-dynamic", "int8")
     description = "ONNX Runtime (CPU and any ORT execution provider)"
     options_spec = OPTIONS
+    layer_search = True
+    weight_only = "int8-dynamic"
+    runtime_packages = ("onnxruntime",)
 
     def check(self, config: "BuildConfig") -> list[Problem]:
         problems = super().check(config)

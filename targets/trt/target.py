@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 import numpy as np
 
-from edgeexport.bundle.loader import write_calibration_cache
+from edgeexport.targets.trt.backend import write_calibration_cache
 from edgeexport.errors import ConfigError, TargetError
 from edgeexport.quantize import (calibrate_ranges, load_ranges, nonfinite_exclusions, preprocess, quantize_qdq,
                                  requantize_corrected, smooth_for_int8, to_fp16)
 from edgeexport.recipes import record_integer_share
-from edgeexport.targets.base import Artifact, Problem, Runner, Target, one_of, ort_io
+from edgeexport.targets.base import Artifact, CliOption, Problem, Runner, Target, one_of, ort_io
 
 if TYPE_CHECKING:  # pragma: no cover
     from edgeexport.calibration import CalibrationSet
@@ -78,8 +78,18 @@ class TrtTarget(Target):
     extra = "trt"  # needed on the device and for --engine now; bundles build without it
     precisions = ("fp32", "fp16", "int8")
     description = "TensorRT (Jetson, NVIDIA GPUs): engine built here or on the device"
+    precision_labels = {"fp16": "fp16 (float16 graph for TensorRT, float32 inputs/outputs)",
+                        "int8": "int8 (TensorRT: explicit Q/DQ, or implicit calibration cache on TensorRT 10)"}
+    runtime_packages = ("tensorrt",)
+    cli_options = (CliOption("--engine", "engine", "trt: build the TensorRT engine here (now; needs TensorRT and a GPU) "
+                             "or on the device on first load (deferred) [default: auto = now when TensorRT and a GPU "
+                             "are here].", ("auto", "now", "deferred")),)
     options_spec = OPTIONS
+    layer_search = True
     calib_methods = ("minmax", "percentile", "entropy")
+
+    def trial_overrides(self, config: "BuildConfig") -> dict[str, Any]:
+        return {"engine": "deferred"}  # trial rounds validate the ONNX; only the final build makes an engine
 
     def check(self, config: "BuildConfig") -> list[Problem]:
         problems = super().check(config)
@@ -181,11 +191,12 @@ class TrtTarget(Target):
 
     def _engine(self, mode: str, out: Path, trt_cfg: dict[str, Any], files: list[str]) -> tuple[str, dict[str, str]]:
         """Build the engine now when asked or possible; else say plainly that the device will."""
-        from edgeexport.bundle import loader
+        from edgeexport.bundle.loader import BundleError as DeviceError
+        from edgeexport.targets.trt import backend
 
         try:
-            device = loader.trt_device()
-        except loader.BundleError as e:
+            device = backend.trt_device()
+        except DeviceError as e:
             if mode == "now":
                 raise TargetError("--engine now needs TensorRT and an NVIDIA GPU on this machine", str(e),
                                   "use --engine deferred (the device builds the engine on first load) or run "
@@ -194,14 +205,14 @@ class TrtTarget(Target):
                     f"(or run {SCRIPT_FILE} there)", {"tensorrt": "10.0"})
         if mode == "deferred":
             return "engine deferred to the device, as asked (--engine deferred)", {"tensorrt": "10.0"}
-        problems = loader.trt_compat_problems(trt_cfg, device)
+        problems = backend.trt_compat_problems(trt_cfg, device)
         if problems:
             raise TargetError("TensorRT on this machine cannot build this bundle's engine", "; ".join(problems),
                               "use --engine deferred")
         calib = (out / CACHE_FILE).read_text() if trt_cfg["calibration_cache"] else None
         try:
-            plan, _ = loader._trt_build_engine(out / MODEL_FILE, trt_cfg, calib, None)
-        except loader.BundleError as e:
+            plan, _ = backend._trt_build_engine(out / MODEL_FILE, trt_cfg, calib, None)
+        except DeviceError as e:
             raise TargetError("TensorRT failed to build the engine", str(e), "use --engine deferred, or fix the "
                               "op it names") from None
         (out / ENGINE_FILE).write_bytes(plan)
@@ -226,15 +237,16 @@ class TrtRunner(Runner):
     onnxruntime exactly as the loader's ``runtime='onnxruntime'`` runs it (the same backend class)."""
 
     def __init__(self, artifact: Artifact, threads: Optional[int]) -> None:
-        from edgeexport.bundle import loader
+        from edgeexport.bundle.loader import OnnxSession
+        from edgeexport.targets.trt import backend
 
         manifest = {"runtime": {}, "runtime_config": artifact.runtime_config, "precision": artifact.precision}
-        ort = loader._OrtBackend(artifact.model_path, manifest, threads=threads)
+        ort = OnnxSession(artifact.model_path, manifest, threads=threads)
         self.inputs, self.outputs = ort_io(ort.session)
         self.backend: Any = ort
         engine = artifact.runtime_config["trt"].get("engine")
         if engine:
-            self.backend = loader._TrtSession((artifact.root / engine["file"]).read_bytes())
+            self.backend = backend._TrtSession((artifact.root / engine["file"]).read_bytes())
 
     def _infer_impl(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = self.backend.run(dict(feeds))

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Optional
 import numpy as np
 
 from edgeexport.errors import MissingExtraError, TargetError
-from edgeexport.targets.base import Artifact, Problem, Runner, Target, TensorInfo, one_of
+from edgeexport.targets.base import Artifact, CliOption, Problem, Runner, Target, TensorInfo, one_of
 from edgeexport.util import progress, quiet, strip_ansi
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -46,6 +46,12 @@ class TfliteTarget(Target):
     calib_methods = ("minmax", "percentile")  # minmax: the converter's own; percentile: ranges narrowed for it
     precisions = ("fp32", "fp16", "dynamic-range", "int8")
     description = "TFLite / LiteRT (.tflite) for Android, iOS, Linux SBCs and microcontrollers"
+    precision_labels = {"fp16": "fp16 (float16 weights, float32 compute on CPU; GPU delegates may run fp16)",
+                        "int8": "int8 full-integer (int8 weights and activations, every op quantized)"}
+    weight_only = "dynamic-range"
+    runtime_packages = ("ai-edge-litert", "tensorflow")
+    cli_options = (CliOption("--io-dtype", "io_dtype", "tflite int8: dtype of the model's inputs/outputs (int8/uint8 "
+                             "for accelerators, MCUs).", ("float32", "int8", "uint8")),)
     options_spec = {"io_dtype": ("float32", "int8 only: dtype of the model's inputs/outputs (float32, int8, uint8)"),
                     "bias_correction": (True, "int8: subtract the mean shift that weight rounding causes from each "
                                               "Conv/Gemm bias (before conversion)"),
@@ -432,13 +438,13 @@ def inspect_tflite(path: Path, precision: str) -> dict[str, Any]:
 
 
 class TfliteRunner(Runner):
-    """Build-time runner: the very backend the bundle's loader uses (edgeexport/bundle/loader.py)."""
+    """Build-time runner: the very backend the bundle's loader ships (backend.py in this unit)."""
 
     def __init__(self, artifact: Artifact, threads: Optional[int] = None) -> None:
-        from edgeexport.bundle.loader import _TfliteBackend
+        from edgeexport.targets.tflite.backend import TfliteBackend
 
         manifest = {"runtime_config": artifact.runtime_config}
-        self.backend = _TfliteBackend(artifact.model_path, manifest, threads=threads)
+        self.backend = TfliteBackend(artifact.model_path, manifest, threads=threads)
         native = {d["name"]: d for d in artifact.runtime_config["native_inputs"]}
         inv = {k: list(np.argsort(v)) for k, v in artifact.runtime_config["input_perm"].items()}
         self.inputs = [TensorInfo(n, [d["shape"][i] for i in inv[n]] if n in inv else d["shape"], d["dtype"])
