@@ -24,6 +24,7 @@ demo: $(STAMP)
 	$(BIN)/python $(DEMO)/bundle/loader.py --selftest
 
 test: $(STAMP) chromium
+	$(BIN)/python -m mypy
 	$(BIN)/python -m pytest -q
 
 # Debian's chromium renders the HTML report in a test (driven by playwright, which downloads no browser). Installed

@@ -201,13 +201,14 @@ def _image_spec(specs: list[InputSpec], pre: ImagePreprocess) -> tuple[InputSpec
     if pre.size:
         h, w = pre.size
     else:
-        h, w = spec.shape[h_axis], spec.shape[w_axis]
-        if not (isinstance(h, int) and isinstance(w, int)):
+        sh, sw = spec.shape[h_axis], spec.shape[w_axis]
+        if not (isinstance(sh, int) and isinstance(sw, int)):
             raise CalibrationError(
                 f"input {spec.name!r} has dynamic height/width {spec.shape}",
                 "images must be resized to a known size",
                 "pass --image-size HxW",
             )
+        h, w = sh, sw
     return spec, want_c, h, w
 
 

@@ -29,14 +29,14 @@ def sample_latency(fn: Callable[[], Any], warmup: int = 5, runs: Optional[int] =
         fn()
     samples: list[float] = []
     deadline = time.perf_counter() + duration_s if duration_s else None
-    while (len(samples) < runs) if deadline is None else (time.perf_counter() < deadline or not samples):
+    while (len(samples) < (runs or 1)) if deadline is None else (time.perf_counter() < deadline or not samples):
         t0 = time.perf_counter()
         fn()
         samples.append((time.perf_counter() - t0) * 1e3)
     return samples
 
 
-def summarize(samples: list[float]) -> dict[str, float]:
+def summarize(samples: list[float]) -> dict[str, Any]:
     arr = np.asarray(samples, dtype=np.float64)
     p50, p90, p99 = (float(v) for v in np.percentile(arr, [50, 90, 99]))
     return {"p50_ms": p50, "median_ms": p50, "p90_ms": p90, "p99_ms": p99, "mean_ms": float(arr.mean()),

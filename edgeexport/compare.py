@@ -9,7 +9,7 @@ built here, fails validation or breaks is a row that says why, never a crash of 
 from __future__ import annotations
 
 import importlib.util
-import io
+from functools import partial
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -51,7 +51,7 @@ class Row:
     out: Optional[Path] = None
     size_bytes: Optional[int] = None
     deflated_bytes: Optional[int] = None  # the model file after zlib: what an archive or a download of it costs
-    latency: Optional[dict[str, float]] = None
+    latency: Optional[dict[str, Any]] = None
     speedup: Optional[float] = None
     gflops_per_s: Optional[float] = None
     metrics: dict[str, Any] = field(default_factory=dict)
@@ -180,7 +180,7 @@ def _build_row(row: Row, config: BuildConfig, resolved: tuple, log: Log, time_fa
         row.add_note(f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}")
     else:
         row.status, row.out, row.errors = "passed", result.out, result.errors
-        row.validation = result.report.to_dict()
+        row.validation = result.report.to_dict() if result.report is not None else None
         runtime = result.manifest["validation"].get("runtime", "")
         if runtime != f"{row.target} runtime":
             row.add_note(f"validated with {runtime}")
@@ -219,15 +219,7 @@ def _rebuild_lifted(row: Row, config: BuildConfig, resolved: tuple, where: Path,
 
 
 def _reference_size(source: Any) -> Optional[int]:
-    module = getattr(source, "module", None)
-    if module is None or not hasattr(module, "state_dict"):
-        spec = Path(str(getattr(source, "spec", "")))
-        return spec.stat().st_size if spec.is_file() else None
-    import torch
-
-    buf = io.BytesIO()
-    torch.save(module.state_dict(), buf)
-    return buf.tell()
+    return source.reference_bytes()
 
 
 def _time_all(rows: list[Row], ref_runner: Any, feed: dict[str, np.ndarray], settings: Settings, log: Log
@@ -255,7 +247,7 @@ def _time_all(rows: list[Row], ref_runner: Any, feed: dict[str, np.ndarray], set
         except Exception as e:  # noqa: BLE001 - reported in the row; the others are still timed
             row.add_note(f"latency not measured: its loader failed: {type(e).__name__}: {e}")
             continue
-        runners[row.key] = lambda m=model: m._backend.run(feed)
+        runners[row.key] = partial(_run_backend, model, feed)
     samples: dict[str, list[float]] = {k: [] for k in runners}
     rounds: dict[str, list[float]] = {k: [] for k in runners}  # each round's median, to judge the ratios' spread
     for r in range(settings.rounds):
@@ -274,6 +266,10 @@ def _time_all(rows: list[Row], ref_runner: Any, feed: dict[str, np.ndarray], set
     return dict(summarize(samples["reference"]), round_p50_ms=rounds["reference"])
 
 
+def _run_backend(model: Any, feed: dict[str, np.ndarray]) -> Any:
+    return model._backend.run(feed)
+
+
 def accuracy_metric(rows: list[Row]) -> str:
     ms = [r.metrics for r in rows if r.metrics]
     if any(m.get("task_accuracy") is not None for m in ms):
@@ -290,11 +286,11 @@ TIE = 0.05
 def choose(rows: list[Row]) -> Optional[Row]:
     """The fastest combination that passed validation, the smallest file among near-ties; else the first passed."""
     passed = [r for r in rows if r.status == "passed"]
-    timed = [r for r in passed if r.latency]
+    timed = [(r, r.latency["p50_ms"]) for r in passed if r.latency]
     if timed:
-        fastest = min(r.latency["p50_ms"] for r in timed)
-        near = [r for r in timed if r.latency["p50_ms"] <= fastest * (1 + TIE)]
-        return min(near, key=lambda r: (r.size_bytes or 0, r.latency["p50_ms"]))
+        fastest = min(p50 for _, p50 in timed)
+        near = [(r, p50) for r, p50 in timed if p50 <= fastest * (1 + TIE)]
+        return min(near, key=lambda rp: (rp[0].size_bytes or 0, rp[1]))[0]
     return passed[0] if passed else None
 
 

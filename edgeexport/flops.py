@@ -93,7 +93,7 @@ def matmul_peak(threads: Optional[int] = None, n: int = 1024, seconds: float = 1
 
     def best(fn) -> float:
         fn()
-        times = []
+        times: list[float] = []
         end = time.perf_counter() + seconds
         while time.perf_counter() < end or len(times) < 3:
             t0 = time.perf_counter()
@@ -111,6 +111,6 @@ def matmul_peak(threads: Optional[int] = None, n: int = 1024, seconds: float = 1
         results["torch"] = best(lambda: torch.mm(ta, tb))
     except ImportError:  # pragma: no cover - torch is a core dependency
         pass
-    lib = max(results, key=results.get)
+    lib = max(results, key=lambda k: results[k])
     return {"gflops_per_s": results[lib], "by_library": results, "best": lib, "n": n, "dtype": "float32",
             "threads": threads}

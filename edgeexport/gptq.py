@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sized
 
 import numpy as np
 
@@ -145,7 +145,7 @@ def hessians(model_path: Path, nodes: list[Any], weights: dict[str, np.ndarray],
     wanted = set(names)
     hs: dict[str, np.ndarray] = {}
     count = 0
-    total = len(feeds) if hasattr(feeds, "__len__") else None
+    total = len(feeds) if isinstance(feeds, Sized) else None
     for feed in progress(feeds, f"GPTQ: input statistics of {len(nodes)} layers", total=total):
         values = {k: v for k, v in zip(outs, sess.run(outs, {i.name: feed[i.name] for i in sess.get_inputs()}))
                   if k in wanted}

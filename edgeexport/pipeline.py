@@ -74,7 +74,7 @@ def resolve(config: BuildConfig, log: Log = _stderr) -> tuple[BuildConfig, Model
     log(f"    inputs: {', '.join(s.describe() for s in specs)}")
     _refuse(target.check_inputs(specs), f"target {config.target!r} cannot take these inputs",
             "declare the inputs with --input")
-    calib = load_calibration(config.calibration, specs, getattr(source, "tokenizer_file", None))
+    calib = load_calibration(config.calibration, specs, source.tokenizer_file)
     summary = calib.summary()
     if calib.data.synthetic:
         log("WARNING: calibration and validation use SYNTHETIC random data (you asked for it with --calib synthetic:N);"
@@ -87,7 +87,7 @@ def resolve(config: BuildConfig, log: Log = _stderr) -> tuple[BuildConfig, Model
             f"calibration, {summary['holdout_samples']} held out for validation, seed {summary['split_seed']})")
     for note in calib.data.notes:
         log(f"    note: {note}")
-    resolved = config.model_copy(update={"inputs": specs, "task": config.task or getattr(source, "task", None)})
+    resolved = config.model_copy(update={"inputs": specs, "task": config.task or source.task})
     if calib.data.preprocess:
         from edgeexport.config import ImagePreprocess
 
@@ -335,7 +335,7 @@ def build_resolved(config: BuildConfig, source: ModelSource, calib: CalibrationS
         requirements = target.requirements(artifact) + (["tokenizers"] if manifest.get("text") else [])
         texts = {"requirements.txt": "\n".join(requirements) + "\n", "report.md": render_markdown(manifest)}
         files = {name: artifact.root / name for name in artifact.files}
-        files.update(getattr(source, "bundle_files", dict)())
+        files.update(source.bundle_files())
         if layers and layers["plot"]:
             files[LAYER_PLOT] = layers["plot"]
         log(f"==> writing bundle to {config.out}")
@@ -452,7 +452,7 @@ def text_settings(config: BuildConfig, source: ModelSource, calib: CalibrationSe
     """How the device's loader turns strings into inputs (None for models without a tokenizer)."""
     if calib.data.text:
         return calib.data.text
-    if getattr(source, "tokenizer_file", None) is not None:
+    if source.tokenizer_file is not None:
         from edgeexport.bundle.loader import text_settings as default_text_settings
 
         return default_text_settings(config.calibration.max_length)

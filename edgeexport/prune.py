@@ -52,9 +52,11 @@ def prune_source(config: "BuildConfig", source: "ModelSource", calib: "Calibrati
 
     from edgeexport.targets.torch_ref import flatten_outputs
 
+    from edgeexport.source import FactorySource
+
     spec = config.prune
     assert spec is not None
-    if source.kind != "factory":
+    if not isinstance(source, FactorySource):
         raise PruneError(f"--prune cannot prune {_KINDS.get(source.kind, source.kind)}",
                          "pruning rebuilds the layers of a PyTorch nn.Module; this model is not loaded as one "
                          "(Hugging Face models: transformer heads need their own pruning rules, not built yet)",
@@ -237,7 +239,7 @@ def finetune(student: Any, teacher: Any, calib: "CalibrationSet", config: "Build
         loss = _distill_loss(outputs, targets)
         use_labels = (labels is not None and len(outputs) == 1 and outputs[0].ndim == 2
                       and outputs[0].shape[0] == len(pick) and int(labels.max()) < outputs[0].shape[1])
-        if use_labels:
+        if use_labels and labels is not None:
             loss = loss + F.cross_entropy(outputs[0], torch.from_numpy(labels[pick]).long())
         opt.zero_grad()
         loss.backward()

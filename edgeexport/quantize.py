@@ -20,6 +20,7 @@ from edgeexport.util import progress, quiet
 
 if TYPE_CHECKING:  # pragma: no cover
     from edgeexport.calibration import CalibrationSet
+    from edgeexport.config import BuildConfig
 
 PROBE_SAMPLES = 8
 #: samples per onnxruntime collect_data call (see collect_chunked)
@@ -123,7 +124,7 @@ def calibrate_ranges(pre: Path, calibration: "CalibrationSet", method: str, perc
     n = len(calibration.calib_idx)
     failures: list[str] = []
     for m in FALLBACKS.get(method, [method]):
-        extra = {"symmetric": symmetric}
+        extra: dict[str, Any] = {"symmetric": symmetric}
         if m == "percentile":
             extra["percentile"] = percentile
         feeds = progress(calibration.calibration(), f"calibrating ({m}, {n} samples)", total=n)
@@ -203,3 +204,117 @@ def requantize_corrected(pre: Path, dst: Path, ranges_json: Path, method: str, c
     if fixed != pre:
         quantize_qdq(fixed, dst, ranges_json, method, **qargs)
     return done
+
+
+def quantize_static(src: Path, dst: Path, opts: dict[str, Any], config: "BuildConfig",
+                    calibration: "CalibrationSet", workdir: Path) -> tuple[dict[str, Any], list[str]]:
+    """The static int8 Q/DQ recipe (ONNX Runtime's quantizer driven per model): pre-processing, SmoothQuant for
+    transformers, non-finite exclusions, calibrated ranges (auto: percentile for CNNs, minmax for transformers),
+    GPTQ weights and bias correction. ``opts`` are the ort target's options (resolved). Writes ``dst``; returns the
+    manifest's record and notes. Shared by every target that ships or converts a Q/DQ graph."""
+    import onnx
+
+    from edgeexport import recipes
+
+    pre = workdir / "preprocessed.onnx"
+    notes = preprocess(src, pre)
+    family = recipes.family(onnx.load(str(pre)))  # before smoothing; its Mul nodes do not change the family
+    smoothed = smooth_for_int8(pre, calibration, opts["smoothquant"], family)
+    model = onnx.load(str(pre))
+    check_names(model.graph, opts)
+    nonfinite, more = nonfinite_exclusions(pre, calibration)
+    notes += more
+    exclude = sorted(set(opts["exclude_nodes"]) | set(nonfinite))
+    recipe = opts["recipe"] if opts["recipe"] != "auto" else ("weighted" if family == "transformer" else "full")
+    # weighted: the layers with constant weights, and the embedding tables (weight-only: a Gather of int8 rows)
+    nodes = ([n for n in recipes.weighted_nodes(model) + recipes.table_gathers(model) if n not in exclude]
+             if recipe == "weighted" else None)
+    # (Gemm keeps its output Q/DQ in the weighted recipe: ORT 1.32 fails to load a Q/DQ Gemm with a float output
+    # feeding a Reshape, "Attempt to replace the existing tensor")
+    no_output_q = (["Conv", "ConvTranspose", "MatMul"] if recipe == "weighted" else
+                   recipes.output_op_types(model) if opts["float_outputs"] else [])
+    extra = {"OpTypesToExcludeOutputQuantization": no_output_q} if no_output_q else {}
+    method = recipes.calib_method(config.calibration.method, family)
+    ranges = workdir / "ranges.json"
+    used, more = calibrate_ranges(pre, calibration, method, config.calibration.percentile, ranges, opts["op_types"])
+    notes += more
+    qargs = dict(per_channel=opts["per_channel"], reduce_range=opts["reduce_range"],
+                 activation_type=opts["activation_type"], op_types=opts["op_types"], exclude_nodes=exclude,
+                 extra_options=extra, nodes=nodes, int16_tensors=opts["int16_tensors"])
+    quantize_qdq(pre, dst, ranges, used, **qargs)
+    if extra and not loads_in_onnxruntime(dst):  # the runtime must load what ships: fall back to quantized outputs, and say so
+        notes.append(f"onnxruntime cannot load the graph with unquantized outputs of {', '.join(no_output_q)}; "
+                     "their outputs are quantized instead")
+        no_output_q, qargs["extra_options"] = [], {}
+        quantize_qdq(pre, dst, ranges, used, **qargs)
+    corrected = requantize_corrected(pre, dst, ranges, used, calibration, qargs, opts["bias_correction"],
+                                     opts["weight_rounding"])
+    settings = {
+        "quantization": "static", "format": "onnx-qdq", "quantizer": f"onnxruntime.quantization {_ort_version()}",
+        "recipe": recipe, "recipe_requested": opts["recipe"], "graph_family": family,
+        "calibration_method": used, "calibration_method_requested": config.calibration.method,
+        "calibration_samples": len(calibration.calib_idx), "weight_type": "int8",
+        "activation_type": opts["activation_type"], "per_channel": opts["per_channel"], "device": opts["device"],
+        "reduce_range": opts["reduce_range"], "reduce_range_reason": opts["reduce_range_reason"],
+        "op_types": opts["op_types"] or ("Conv/Gemm/MatMul with constant weights" if recipe == "weighted"
+                                         else "ORT default"),
+        "unquantized_outputs_of": no_output_q, "exclude_nodes": exclude,
+        "int16_tensors": list(opts["int16_tensors"]), **corrected, **smoothed,
+    }
+    if used == "percentile":
+        settings["percentile"] = config.calibration.percentile
+    return settings, notes
+
+
+def loads_in_onnxruntime(path: Path) -> bool:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 4
+    try:
+        ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    except Exception:  # any load failure: the caller tries the safer recipe
+        return False
+    return True
+
+
+def _ort_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__
+
+
+def check_names(graph: Any, opts: dict[str, Any], dynamic: bool = False) -> None:
+    """exclude_nodes must name nodes, int16_tensors tensors and op_types op types of the graph (and, for dynamic
+    quantization, op types it has integer kernels for): a typo is never skipped silently."""
+    present = {n.op_type for n in graph.node}
+    if dynamic and "Gemm" in present:
+        present.add("MatMul")  # the dynamic quantizer rewrites Gemm as MatMul and quantizes it under that name
+    asked = list(opts.get("op_types") or [])
+    absent = [t for t in asked if t not in present]
+    if absent:
+        raise TargetError(f"--option op_types names op type(s) the graph does not have: {', '.join(absent)}",
+                          f"the graph's op types: {', '.join(sorted(present))}",
+                          "name op types from that list (case matters), or drop op_types for the recipe's choice")
+    if dynamic:
+        from onnxruntime.quantization.registry import IntegerOpsRegistry
+
+        unknown = [t for t in asked if t not in IntegerOpsRegistry]
+        if unknown:
+            raise TargetError(f"dynamic quantization cannot quantize {', '.join(unknown)}",
+                              f"onnxruntime's dynamic quantizer has integer kernels for "
+                              f"{', '.join(sorted(IntegerOpsRegistry))} only",
+                              ("Gemm is quantized as MatMul (onnxruntime rewrites it): use op_types=[MatMul]; "
+                               if "Gemm" in unknown else "")
+                              + "drop those op types, or use --precision int8 (static Q/DQ quantizes any op type)")
+    nodes = {n.name for n in graph.node}
+    tensors = {o for n in graph.node for o in n.output} | {i.name for i in graph.input}
+    for key, known, what in (("exclude_nodes", nodes, "node"), ("int16_tensors", tensors, "tensor")):
+        missing = [x for x in opts[key] if x not in known]
+        if missing:
+            close = sorted(k for k in known if any(m.split("/")[-1] in k for m in missing))[:5]
+            raise TargetError(f"--option {key} names {len(missing)} {what}(s) the graph does not have: "
+                              f"{', '.join(missing[:5])}",
+                              f"names are those of the pre-processed ONNX graph ({len(known)} {what}s)"
+                              + (f"; similar: {', '.join(close)}" if close else ""),
+                              "take the names from 'edgeexport build ... --explain' or the manifest's layer_errors")

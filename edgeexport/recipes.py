@@ -104,7 +104,7 @@ def family(model: Any) -> str:
     for n in model.graph.node:
         if n.op_type != "Softmax":
             continue
-        todo, seen = [n.input[0]], set()
+        todo, seen = [n.input[0]], set[str]()
         while todo:  # walk back through scaling, masking and reshapes to the scores' MatMul
             name = todo.pop()
             if name in act_matmuls:

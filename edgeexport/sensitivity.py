@@ -87,6 +87,7 @@ class _ChannelSNR:
         if not self.finite or self.signal is None:
             return -_CAP
         signal, noise = self.signal, self.noise
+        assert noise is not None  # set together with signal
         exact = noise <= 1e-30 * np.maximum(signal, 1.0)
         with np.errstate(divide="ignore", over="ignore"):
             per = np.where(exact, _CAP, 10 * np.log10(np.maximum(signal, 1e-30) / np.where(exact, 1.0, noise)))
@@ -118,7 +119,7 @@ def _activation_qparams(quant_model: Any) -> dict[str, tuple[np.ndarray, np.ndar
     bounds = {TensorProto.UINT8: (0, 255), TensorProto.INT8: (-128, 127), TensorProto.UINT16: (0, 65535),
               TensorProto.INT16: (-32768, 32767)}
     inits = {t.name: t for t in quant_model.graph.initializer}
-    out = {}
+    out: dict[str, Any] = {}
     for n in quant_model.graph.node:
         if n.op_type != "QuantizeLinear" or n.input[0] in inits or len(n.input) < 3 or n.input[1] not in inits \
                 or n.input[2] not in inits or inits[n.input[2]].data_type not in bounds:
@@ -200,7 +201,7 @@ def rank_layers(float_model: Path, quant_model: Path, feeds: Iterable[dict[str, 
     for n in fmodel.graph.node:
         for i in n.input:
             consumers.setdefault(i, []).append(n)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for node in fmodel.graph.node:
         out = node.output[0] if node.output else ""
         if node.op_type in _SKIP_OPS or out not in snr or id(node) in absorbed:

@@ -45,6 +45,22 @@ class ModelSource:
     #: what the spec says about the inputs (names and maybe shapes); None = unknown until data or --input says
     declared_inputs: Optional[list[InputSpec]] = None
     input_names: Optional[list[str]] = None
+    #: the task the source implies (e.g. a Hugging Face head); None = the user's --task or none
+    task: Optional[str] = None
+
+    @property
+    def tokenizer_file(self) -> Optional[Path]:
+        """A tokenizer.json that text calibration and the bundle use (None: the model takes arrays)."""
+        return None
+
+    def bundle_files(self) -> dict[str, Path]:
+        """Extra files the bundle ships (bundle-relative path -> source file), e.g. the tokenizer."""
+        return {}
+
+    def reference_bytes(self) -> Optional[int]:
+        """Size of the model as the user gave it, for size comparisons (None: unknown)."""
+        path = Path(self.spec)
+        return path.stat().st_size if path.is_file() else None
 
     def describe(self) -> dict[str, Any]:
         return {"spec": self.spec, "kind": self.kind}
@@ -81,6 +97,18 @@ def load_source(spec: str, task: Optional[str] = None) -> ModelSource:
 class TorchModelSource(ModelSource):
     module: Any
     example_inputs: Optional[tuple] = None
+
+    def reference_bytes(self) -> Optional[int]:
+        """The module's weights as torch saves them."""
+        if not hasattr(self.module, "state_dict"):
+            return super().reference_bytes()
+        import io
+
+        import torch
+
+        buf = io.BytesIO()
+        torch.save(self.module.state_dict(), buf)
+        return buf.tell()
 
     def reference(self, specs: list[InputSpec], output_names: list[str]) -> Runner:
         from edgeexport.targets.torch_ref import TorchRunner

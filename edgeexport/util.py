@@ -55,7 +55,7 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 def progress(items: Iterable[T], desc: str, total: Optional[int] = None) -> Iterator[T]:
     """A progress bar on a terminal (stderr), nothing when not on one. Honors EDGEEXPORT_NO_PROGRESS=1."""
-    if os.environ.get("EDGEEXPORT_NO_PROGRESS") or not sys.__stderr__.isatty():
+    if os.environ.get("EDGEEXPORT_NO_PROGRESS") or sys.__stderr__ is None or not sys.__stderr__.isatty():
         yield from items
         return
     from tqdm import tqdm
@@ -89,7 +89,7 @@ def remove_stale(folder: Path, stems: tuple[str, ...], restore_to: Optional[Path
     for entry in folder.iterdir():
         stem = next((s for s in stems if entry.name.startswith(s)), None)
         pid = entry.name[len(stem):].split("-", 1)[0] if stem else ""
-        if not pid.isdigit() or _alive(int(pid)):
+        if stem is None or not pid.isdigit() or _alive(int(pid)):
             continue
         if stem.endswith(".old-") and restore_to is not None and not restore_to.exists():
             os.rename(entry, restore_to)

@@ -14,6 +14,7 @@ REGISTRY: dict[str, tuple[str, str]] = {
     "ort": ("edgeexport.targets.ort.target", "OrtTarget"),
     "tflite": ("edgeexport.targets.tflite.target", "TfliteTarget"),
     "trt": ("edgeexport.targets.trt.target", "TrtTarget"),
+    "openvino": ("edgeexport.targets.openvino.target", "OpenvinoTarget"),
     "fake": ("edgeexport.targets.fake", "FakeTarget"),
 }
 DEFAULT_TARGET = "ort"  # the core target: no extra, any input shapes
@@ -65,7 +66,7 @@ def _import_backend(name: str) -> None:
 def _hook_loader() -> None:
     from edgeexport.bundle import loader
 
-    loader._FIND_BACKEND = _import_backend
+    loader._FIND_BACKEND = _import_backend  # the core's build-time hook
 
 
 _hook_loader()

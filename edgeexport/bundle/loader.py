@@ -22,6 +22,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -374,8 +375,8 @@ class OnnxSession:
 # model (raising BundleError with the reason when this device cannot run it); ``run(feeds) -> dict`` runs it; an
 # optional ``io`` = (inputs, outputs) replaces the manifest's I/O description the Model checks feeds against.
 
-_BACKENDS = {}
-_FIND_BACKEND = None  # set at build time (edgeexport.targets) to import a target's backend on first use
+_BACKENDS: "dict[str, type]" = {}
+_FIND_BACKEND: "Callable[[str], None] | None" = None  # set at build time (edgeexport.targets) to import a target's backend on first use
 
 
 def backend(target):

@@ -12,6 +12,8 @@ import argparse
 import functools
 from pathlib import Path
 
+from typing import Any
+
 import numpy as np
 
 from edgeexport.models.digits import SEED, fit, load_data
@@ -67,7 +69,8 @@ def write_calibration(path: str | Path) -> Path:
     _, _, x_test, y_test = load_data()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, **{INPUT_NAME: _rows(x_test), "labels": y_test})
+    arrays: dict[str, Any] = {INPUT_NAME: _rows(x_test), "labels": y_test}
+    np.savez(path, **arrays)
     return path
 
 

@@ -51,7 +51,7 @@ def write_photos(out: str | Path, which: str = "calib", per_photo: int = 16, siz
             crop = photo[y : y + side, x : x + side]
             if rng.random() < 0.5:
                 crop = crop[:, ::-1]
-            img = Image.fromarray(np.ascontiguousarray(crop)).resize((size, size), Image.BILINEAR)
+            img = Image.fromarray(np.ascontiguousarray(crop)).resize((size, size), Image.Resampling.BILINEAR)
             img.save(out / f"{name}_{k:02d}.png")
     return out
 

@@ -12,7 +12,7 @@ from edgeexport.bundle.loader import OnnxSession, backend  # noqa: F401
 
 @backend("ort")
 class OrtBackend(OnnxSession):
-    options = {}
+    options: dict = {}
 
     def __init__(self, model_path, manifest, root=None, archive=None, providers=None, threads=None):
         super().__init__(model_path, manifest, providers=providers, threads=threads)

@@ -43,7 +43,7 @@ DEVICE_COMMANDS = [
 ]
 WEIGHTED_OPS = ["Conv", "ConvTranspose", "Gemm", "MatMul"]
 # which input of each weighted op is the weight, and the weight's output-channel axis (per-channel scales)
-_WEIGHT_AXIS = {"Conv": (1, 0), "ConvTranspose": (1, 1), "Gemm": (1, None), "MatMul": (1, -1)}
+_WEIGHT_AXIS: dict[str, tuple[int, int]] = {"Conv": (1, 0), "ConvTranspose": (1, 1), "Gemm": (1, 1), "MatMul": (1, -1)}
 
 OPTIONS: dict[str, tuple[Any, str]] = {
     "engine": ("auto", "auto | now | deferred: build the engine here (needs TensorRT + GPU) or on the device"),
@@ -367,7 +367,7 @@ def _weighted_op_problems(n: Any, producer: dict[str, Any], inits: dict[str, Any
     where = f"{n.op_type} {n.name or n.output[0]}"
     if w_dq != x_dq and (w_dq or (x_dq and n.input[widx] in inits)):
         return [f"{where}: only one of its data/weight inputs is quantized, so TensorRT cannot run it in int8"]
-    if not w_dq:
+    if not w_dq or w is None:
         return []
     scale = numpy_helper.to_array(inits[w.input[1]])
     rank = len(inits[w.input[0]].dims)

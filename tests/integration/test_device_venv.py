@@ -116,3 +116,37 @@ def test_tflite_bundle_runs_with_numpy_and_litert_only(litert_python, digits_npz
     res = _run_json(litert_python, device_dir, code)
     assert res == {"shape": [1, 10], "runtime": "ai-edge-litert", "heavy": []}
     assert _lacks(litert_python, "tensorflow")
+
+
+@pytest.fixture(scope="module")
+def openvino_python(tmp_path_factory):
+    return _device_venv(tmp_path_factory, "openvino-device", "numpy", "openvino")
+
+
+def test_openvino_bundle_runs_with_numpy_and_openvino_only(openvino_python, digits_npz, tmp_path):
+    pytest.importorskip("nncf", reason="needs the [openvino] extra")
+    from tests.conftest import make_cfg, quiet_build
+
+    out = tmp_path / "bundle"
+    quiet_build(make_cfg(target="openvino", precision="int8", model="edgeexport.models.digits:model", out=str(out),
+                         calibration={"path": str(digits_npz)}, bench={"enabled": False}))
+    device_dir = _to_device(out, tmp_path)
+    st = subprocess.run([str(openvino_python), "loader.py", "--selftest"], cwd=device_dir, capture_output=True,
+                        text=True)
+    assert st.returncode == 0, st.stdout + st.stderr
+    code = ("import sys, json, numpy as np; from loader import load; m = load('.', threads=1); "
+            "y = m(np.zeros((1, 1, 8, 8), np.float32))['output']; "
+            "p = str(m._backend.compiled.get_property('INFERENCE_PRECISION_HINT')); "
+            "mods = [k for k in ('torch', 'onnxruntime', 'nncf', 'edgeexport') if k in sys.modules]; "
+            "print(json.dumps({'shape': list(y.shape), 'runtime': m._backend.runtime, 'hint': p, 'heavy': mods}))")
+    res = _run_json(openvino_python, device_dir, code)
+    # the compute precision the build validated, not the CPU plugin's own choice (bf16 where the CPU has it)
+    assert res == {"shape": [1, 10], "runtime": "openvino", "hint": "<Type: 'float32'>", "heavy": []}
+    assert _lacks(openvino_python, "onnxruntime") and _lacks(openvino_python, "nncf")
+    assert (device_dir / "requirements.txt").read_text().split() == ["numpy", f"openvino>={_ov_minor()}"]
+
+
+def _ov_minor() -> str:
+    import openvino
+
+    return ".".join(openvino.__version__.split(".")[:2])

@@ -136,7 +136,7 @@ def test_selftest_cli_exit_codes(bundle):
 
 
 RUNTIMES = {"ort": set(), "tflite": {"ai_edge_litert", "tflite_runtime", "tensorflow"},
-            "trt": {"tensorrt", "cuda"}}
+            "trt": {"tensorrt", "cuda"}, "openvino": {"openvino"}}
 
 
 @pytest.mark.parametrize("target", sorted(RUNTIMES))

@@ -1,0 +1,62 @@
+"""OpenVINO bundles on the device: the shipped loader's backend.
+
+Build time imports this module (the runner that validates a build uses it); bundle time appends everything below
+the "backend" marker to the loader core (edgeexport/bundle/loader.py) to make the bundle's one-file loader.py, so
+it may import only the standard library, numpy and its runtime.
+"""
+
+from edgeexport.bundle.loader import BundleError, _version_tuple, backend  # noqa: F401
+
+# ---- backend: appended to the loader core --------------------------------------------------------------------
+import sys
+import threading
+
+import numpy as np
+
+
+@backend("openvino")
+class OpenvinoBackend:
+    """Compiles the bundle's IR (model.xml + model.bin) for an OpenVINO device and runs it.
+
+    The compute precision is pinned to what the build validated (``runtime_config.inference_precision``): the CPU
+    plugin otherwise picks bfloat16 by itself on CPUs that have it, and an fp32 bundle would silently run in bf16."""
+
+    runtime = "openvino"
+    options = {"device": ("OpenVINO: the device to compile for: CPU (default), GPU, NPU, AUTO", None)}
+
+    def __init__(self, model_path, manifest, root=None, archive=None, providers=None, threads=None, device="CPU"):
+        if providers:
+            raise BundleError("execution providers are an onnxruntime setting; OpenVINO bundles take device= "
+                              "(CPU, GPU, NPU, AUTO) and threads")
+        try:
+            import openvino as ov
+        except ImportError:
+            raise BundleError("this bundle needs OpenVINO: pip install -r requirements.txt") from None
+        built = manifest["runtime"].get("openvino", "0")
+        if _version_tuple(ov.__version__)[:2] < _version_tuple(built)[:2]:
+            print(f"warning: openvino {ov.__version__} is older than {built}, which built this bundle; if loading "
+                  "fails, upgrade openvino", file=sys.stderr)
+        core = ov.Core()
+        available = core.available_devices
+        if device.split(".")[0] not in available and not device.startswith(("AUTO", "HETERO", "MULTI")):
+            raise BundleError(f"OpenVINO device {device!r} is not available here; available: {available}")
+        config = {}
+        precision = manifest.get("runtime_config", {}).get("inference_precision", {}).get(device.split(".")[0])
+        if precision:
+            config["INFERENCE_PRECISION_HINT"] = precision
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = int(threads)
+        try:
+            self.compiled = core.compile_model(str(model_path), device, config)
+        except Exception as e:
+            raise BundleError(f"OpenVINO {ov.__version__} cannot compile the model for {device}: "
+                              f"{str(e).strip()[:300]}") from None
+        self.device = device
+        self.output_names = [o.get_any_name() for o in self.compiled.outputs]
+        self.request = self.compiled.create_infer_request()
+        self.lock = threading.Lock()  # one infer request: one call at a time
+
+    def run(self, feeds):
+        with self.lock:
+            result = self.request.infer(feeds)
+            return {name: np.array(result[out]) for name, out in zip(self.output_names, self.compiled.outputs)}

@@ -1,0 +1,343 @@
+"""OpenVINO target: fp32, fp16 and int8 IR for Intel CPUs, iGPUs and NPUs, behind the ``[openvino]`` extra.
+
+ONNX -> ``openvino.convert_model`` -> IR (model.xml + model.bin). fp16 compresses the weights to float16 (the CPU
+computes in float32; GPU and NPU plugins compute in fp16). int8 is NNCF's post-training quantization, OpenVINO's
+own: FakeQuantize on activations and weights from the shared calibration split, fast bias correction, and NNCF's
+transformer scheme for attention graphs. The compute precision is recorded and pinned for the device's CPU plugin,
+which would otherwise pick bfloat16 on CPUs that have it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping, Optional
+
+import numpy as np
+
+from edgeexport.errors import MissingExtraError, TargetError
+from edgeexport.targets.base import Artifact, Problem, Runner, Target, TensorInfo, one_of
+from edgeexport.util import quiet
+
+if TYPE_CHECKING:  # pragma: no cover
+    from edgeexport.calibration import CalibrationSet
+    from edgeexport.config import BuildConfig
+    from edgeexport.source import ModelSource
+
+MODEL_FILE, WEIGHTS_FILE = "model.xml", "model.bin"
+OPTIONS: dict[str, tuple[Any, str]] = {
+    "quantizer": ("auto", "int8: nncf (OpenVINO's own post-training quantization) or qdq (edgeexport's Q/DQ recipe: "
+                          "calibrated ranges, GPTQ weights, bias correction; OpenVINO runs the Q/DQ pairs as int8); "
+                          "auto: qdq for CNNs, nncf for transformers (the better of the two on each, measured)"),
+    "model_type": ("auto", "int8: transformer (NNCF's transformer scheme: attention kept accurate) or cnn; auto "
+                           "from the graph"),
+    "preset": ("auto", "int8: performance (symmetric activations) or mixed (asymmetric activations, better for "
+                       "non-ReLU ranges); auto: NNCF's default for the model type"),
+    "activation_ranges": ("auto", "int8: how NNCF sets each activation range from the calibration samples: minmax "
+                                  "(over all samples), mean_minmax (the mean of each sample's min and max: clips "
+                                  "the rarer peaks), histogram (NNCF's optimum from a histogram); auto: minmax for "
+                                  "CNNs, mean_minmax for transformers"),
+    "fast_bias_correction": (True, "int8: correct each layer's output mean for its quantization (NNCF)"),
+    "ignored_nodes": ([], "int8: node names kept in float (nncf: the IR's names, its ignored scope; qdq: the "
+                          "ONNX graph's names)"),
+}
+#: nncf-only and qdq-only options
+NNCF_ONLY = ("model_type", "preset", "activation_ranges", "fast_bias_correction")
+#: the Q/DQ recipe's settings for OpenVINO (the shared recipe's options, as the ort target names them)
+QDQ_OPTIONS: dict[str, Any] = {
+    "per_channel": True, "reduce_range": False, "device": "openvino", "activation_type": "uint8", "recipe": "auto",
+    "smoothquant": "auto", "bias_correction": True, "weight_rounding": "gptq", "float_outputs": True,
+    "op_types": None, "int16_tensors": [],
+    "reduce_range_reason": "8-bit weights: OpenVINO's int8 CPU kernels (VNNI, AMX), GPU and NPU; x86 CPUs without "
+                           "VNNI may saturate 8-bit products: use --option quantizer=nncf for those (its overflow fix)"}
+_NNCF_METHOD = ("--calib-method {} is not an NNCF range estimator: NNCF takes minmax, or --option "
+                "activation_ranges=minmax|mean_minmax|histogram")
+RANGES = ("minmax", "mean_minmax", "histogram")
+RANGES_AUTO = {"cnn": "minmax", "transformer": "mean_minmax"}
+#: the IR ops that carry weights (where the multiply-adds are), and their names in the CPU plugin's runtime graph
+WEIGHTED_OPS = ("Convolution", "GroupConvolution", "MatMul")
+RUNTIME_WEIGHTED = ("Convolution", "FullyConnected", "MatMul", "GroupConvolution")
+INTEGER = ("u8", "i8")
+
+
+def _require() -> None:
+    for module, package in (("openvino", "openvino"), ("nncf", "nncf")):
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            raise MissingExtraError(package, "openvino", "the OpenVINO target") from None
+
+
+class OpenvinoTarget(Target):
+    name = "openvino"
+    extra = "openvino"
+    build_imports = ("openvino", "nncf")
+    precisions = ("fp32", "fp16", "int8")
+    description = "OpenVINO IR for Intel CPUs, iGPUs and NPUs (NUCs, industrial PCs, Core Ultra)"
+    options_spec = OPTIONS
+    precision_labels = {"fp16": "fp16 (float16 weights; float32 compute on CPU, fp16 on GPU and NPU)",
+                        "int8": "int8 (NNCF post-training quantization: int8 weights and activations where OpenVINO "
+                                "runs them in integer)"}
+    runtime_packages = ("openvino",)
+    calib_methods = ("minmax", "percentile", "entropy")  # the Q/DQ quantizer's; NNCF takes minmax (see check)
+
+    def check(self, config: "BuildConfig") -> list[Problem]:
+        problems = super().check(config)
+        opts = config.target_options
+        if not one_of(opts.get("quantizer", "auto"), ("auto", "nncf", "qdq")):
+            problems.append(Problem("target_options.quantizer", "quantizer must be auto, nncf or qdq", ""))
+        if opts.get("quantizer") == "qdq" and any(k in opts for k in NNCF_ONLY):
+            problems.append(Problem("target_options", f"{', '.join(k for k in NNCF_ONLY if k in opts)} apply to "
+                                    "quantizer=nncf only", "drop them or use --option quantizer=nncf"))
+        if not one_of(opts.get("model_type", "auto"), ("auto", "transformer", "cnn")):
+            problems.append(Problem("target_options.model_type", "model_type must be auto, transformer or cnn", ""))
+        if not one_of(opts.get("preset", "auto"), ("auto", "performance", "mixed")):
+            problems.append(Problem("target_options.preset", "preset must be auto, performance or mixed", ""))
+        if not one_of(opts.get("activation_ranges", "auto"), ("auto", *RANGES)):
+            problems.append(Problem("target_options.activation_ranges", f"activation_ranges must be auto, "
+                                    f"{', '.join(RANGES)}", ""))
+        if not one_of(opts.get("fast_bias_correction", True), (True, False)):
+            problems.append(Problem("target_options.fast_bias_correction", "fast_bias_correction must be true or "
+                                    "false", ""))
+        nodes = opts.get("ignored_nodes", [])
+        if not (isinstance(nodes, list) and all(isinstance(n, str) for n in nodes)):
+            problems.append(Problem("target_options.ignored_nodes", "ignored_nodes must be a list of node names", ""))
+        int8_only = [k for k in OPTIONS if k in opts]
+        if int8_only and config.precision != "int8":
+            problems.append(Problem("target_options", f"{', '.join(int8_only)} apply to --precision int8 only",
+                                    "drop them or use --precision int8"))
+        if opts.get("quantizer") == "nncf" and config.calibration.method not in ("auto", "minmax"):
+            problems.append(Problem("calibration.method", _NNCF_METHOD.format(config.calibration.method), ""))
+        return problems
+
+    def layer_fallback(self, config: "BuildConfig") -> str:
+        return ("not driven by edgeexport for OpenVINO: keep nodes in float with --option ignored_nodes=[...] "
+                "(NNCF's ignored scope)")
+
+    def build(self, source: "ModelSource", config: "BuildConfig", calibration: "CalibrationSet", workdir: Path,
+              onnx_path: Path) -> Artifact:
+        _require()
+        import openvino as ov
+
+        out = workdir / "openvino"
+        out.mkdir(parents=True, exist_ok=True)
+        try:
+            with quiet():
+                model = ov.convert_model(str(onnx_path))
+        except Exception as e:
+            raise TargetError("OpenVINO could not convert the ONNX model", f"{type(e).__name__}: {str(e)[:300]}",
+                              "report the op it names; --target ort runs every ONNX op") from None
+        settings: dict[str, Any] = {"format": "openvino-ir", "converter": f"openvino {ov.__version__}"}
+        notes: list[str] = []
+        if config.precision == "int8":
+            model = self._quantize(model, config, calibration, onnx_path, settings, workdir, notes)
+        ov.save_model(model, str(out / MODEL_FILE), compress_to_fp16=config.precision == "fp16")
+        if config.precision == "fp16":
+            settings["weights"] = "float16 (compressed IR); compute float32 on CPU"
+        # the CPU plugin would choose bf16 by itself where the CPU has it: pin what the build validates
+        runtime_config = {"inference_precision": {"CPU": "f32"}}
+        artifact = Artifact(self.name, config.precision, out, [MODEL_FILE, WEIGHTS_FILE], settings,
+                            {"openvino": ov.__version__}, notes, runtime_config)
+        if config.precision == "int8":
+            _record_integer_share(artifact)
+        return artifact
+
+    def _quantize(self, model: Any, config: "BuildConfig", calibration: "CalibrationSet", onnx_path: Path,
+                  settings: dict[str, Any], workdir: Path, notes: list[str]) -> Any:
+        import onnx
+
+        from edgeexport.recipes import family
+
+        opts = {k: config.target_options.get(k, default) for k, (default, _) in OPTIONS.items()}
+        graph_family = family(onnx.load(str(onnx_path), load_external_data=False))
+        quantizer = opts["quantizer"]
+        if quantizer == "auto":
+            quantizer = "qdq" if graph_family == "cnn" else "nncf"
+        settings.update(quantizer_choice=quantizer, quantizer_requested=opts["quantizer"], graph_family=graph_family)
+        if quantizer == "qdq":
+            return self._quantize_qdq(config, calibration, onnx_path, settings, workdir, notes, opts)
+        return self._quantize_nncf(model, config, calibration, settings, opts, graph_family)
+
+    def _quantize_qdq(self, config: "BuildConfig", calibration: "CalibrationSet", onnx_path: Path,
+                      settings: dict[str, Any], workdir: Path, notes: list[str], opts: dict[str, Any]) -> Any:
+        """The shared Q/DQ recipe, then OpenVINO's converter: each QuantizeLinear/DequantizeLinear pair becomes a
+        FakeQuantize that the CPU plugin runs in integer."""
+        import openvino as ov
+
+        from edgeexport.quantize import quantize_static
+
+        qdq = workdir / "openvino-qdq.onnx"
+        recorded, more = quantize_static(onnx_path, qdq, dict(QDQ_OPTIONS, exclude_nodes=list(opts["ignored_nodes"])),
+                                         config, calibration, workdir)
+        notes.extend(more)
+        settings.update({k: v for k, v in recorded.items() if k != "format"})
+        settings["quantizer"] = f"{recorded['quantizer']} (Q/DQ), converted by openvino {ov.__version__}"
+        try:
+            with quiet():
+                return ov.convert_model(str(qdq))
+        except Exception as e:
+            raise TargetError("OpenVINO could not convert the Q/DQ model", f"{type(e).__name__}: {str(e)[:300]}",
+                              "use --option quantizer=nncf") from None
+
+    def _quantize_nncf(self, model: Any, config: "BuildConfig", calibration: "CalibrationSet",
+                       settings: dict[str, Any], opts: dict[str, Any], graph_family: str) -> Any:
+        import nncf
+
+        model_type = opts["model_type"] if opts["model_type"] != "auto" else graph_family
+        method = config.calibration.method
+        if method not in ("auto", "minmax"):
+            raise TargetError(_NNCF_METHOD.format(method), f"this {graph_family} graph is quantized by NNCF "
+                              "(--option quantizer=auto)", "drop --calib-method, or pass --option quantizer=qdq")
+        feeds = list(calibration.calibration())
+        kwargs: dict[str, Any] = {"subset_size": len(feeds), "fast_bias_correction": bool(opts["fast_bias_correction"])}
+        if model_type == "transformer":
+            kwargs["model_type"] = nncf.ModelType.TRANSFORMER
+        if opts["preset"] != "auto":
+            kwargs["preset"] = {"performance": nncf.QuantizationPreset.PERFORMANCE,
+                                "mixed": nncf.QuantizationPreset.MIXED}[opts["preset"]]
+        ranges = opts["activation_ranges"]
+        if ranges == "auto":
+            ranges = "minmax" if method == "minmax" else RANGES_AUTO[model_type]
+        kwargs["advanced_parameters"] = nncf.AdvancedQuantizationParameters(
+            activations_range_estimator_params=getattr(nncf.quantization.range_estimator.RangeEstimatorParametersSet,
+                                                       ranges.upper()))
+        if opts["ignored_nodes"]:
+            names = {op.get_friendly_name() for op in model.get_ops()}
+            unknown = [n for n in opts["ignored_nodes"] if n not in names]
+            if unknown:
+                raise TargetError(f"ignored_nodes names node(s) the OpenVINO model does not have: "
+                                  f"{', '.join(unknown[:5])}", "names are the IR's friendly names",
+                                  "use names from the report's layer list, or drop them")
+            kwargs["ignored_scope"] = nncf.IgnoredScope(names=list(opts["ignored_nodes"]))
+        try:
+            with quiet():
+                quantized = nncf.quantize(model, nncf.Dataset(feeds), **kwargs)
+        except Exception as e:
+            raise TargetError("NNCF post-training quantization failed", f"{type(e).__name__}: {str(e)[:300]}",
+                              "keep the failing nodes in float (--option ignored_nodes=[...]) or use --target ort") from None
+        settings.update({"quantization": "static", "quantizer": f"nncf {importlib.metadata.version('nncf')}",
+                         "model_type": model_type, "model_type_requested": config.target_options.get("model_type", "auto"),
+                         "preset": opts["preset"] if opts["preset"] != "auto" else "NNCF default",
+                         "activation_ranges": ranges,
+                         "activation_ranges_requested": opts["activation_ranges"],
+                         "fast_bias_correction": bool(opts["fast_bias_correction"]),
+                         "calibration_samples": len(feeds), "calibration_method": "NNCF statistics (min/max)",
+                         "ignored_nodes": list(opts["ignored_nodes"]),
+                         "fake_quantize_nodes": sum(op.get_type_name() == "FakeQuantize" for op in quantized.get_ops())})
+        return quantized
+
+    def load(self, artifact: Artifact, threads: Optional[int] = None) -> Runner:
+        return OpenvinoRunner(artifact, threads)
+
+    def requirements(self, artifact: Artifact) -> list[str]:
+        major, minor = artifact.runtime["openvino"].split(".")[:2]
+        return ["numpy", f"openvino>={major}.{minor}"]
+
+
+def _record_integer_share(artifact: Artifact) -> None:
+    """What OpenVINO's CPU plugin really runs in integer: the runtime precision of each weighted layer of the
+    compiled graph (counted by layer and by weight bytes), recorded like the other targets' integer share."""
+    try:
+        share = integer_share(artifact.model_path)
+    except Exception as e:  # informational: an uncountable graph must not fail the build
+        artifact.notes.append(f"integer share not counted ({type(e).__name__}: {str(e)[:120]})")
+        return
+    from edgeexport.recipes import advise
+
+    artifact.settings["integer_share"] = share
+    note = advise(share)
+    if note:
+        artifact.notes.append(note)
+
+
+def integer_share(model_xml: Path) -> dict[str, Any]:
+    """From the IR: each weighted op's multiply-adds (static shapes; a dynamic dimension counts as 1) and whether both
+    its inputs arrive quantized (a FakeQuantize on the activation, an integer or fake-quantized weight). From the CPU
+    plugin's compiled graph: how many weighted layers really run in integer there."""
+    import openvino as ov
+
+    core = ov.Core()
+    macs = {"int": 0, "float": 0}
+    floats: list[str] = []
+    layers = 0
+    for op in core.read_model(str(model_xml)).get_ops():
+        if op.get_type_name() not in WEIGHTED_OPS:
+            continue
+        layers += 1
+        n = _macs(op)
+        quantized = _source(op, 0).get_type_name() == "FakeQuantize" and _quantized_weight(op.input_value(1).get_node())
+        macs["int" if quantized else "float"] += n
+        if not quantized:
+            floats.append(op.get_friendly_name())
+    weight_bytes = {"int": 0, "float": 0}
+    for op in core.read_model(str(model_xml)).get_ops():
+        if op.get_type_name() == "Constant" and op.get_output_size() and np.prod(op.get_output_shape(0)) > 64:
+            t = op.get_output_element_type(0).get_type_name()
+            size = int(np.prod(op.get_output_shape(0))) * op.get_output_element_type(0).size
+            weight_bytes["int" if t in ("i8", "u8", "i4", "u4") else "float"] += size
+    compiled = core.compile_model(str(model_xml), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    runtime = [op.get_rt_info() for op in compiled.get_runtime_model().get_ops()]
+    runtime = [i for i in runtime if "layerType" in i and i["layerType"].astype(str) in RUNTIME_WEIGHTED]
+    total_macs, total_bytes = sum(macs.values()) or 1, sum(weight_bytes.values()) or 1
+    return {"integer_mac_share": macs["int"] / total_macs, "integer_weight_share": weight_bytes["int"] / total_bytes,
+            "weighted_layers": layers, "float_weighted_layers": len(floats), "float_layers_sample": floats[:10],
+            "macs_per_sample": sum(macs.values()),
+            "cpu_runtime_integer_layers": sum(i["runtimePrecision"].astype(str) in INTEGER for i in runtime),
+            "cpu_runtime_weighted_layers": len(runtime)}
+
+
+def _source(op: Any, index: int) -> Any:
+    """The op feeding input ``index``, looking through ops that keep a quantized tensor quantized."""
+    node = op.input_value(index).get_node()
+    while node.get_type_name() in ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "MaxPool") and node.get_input_size():
+        node = node.input_value(0).get_node()
+    return node
+
+
+def _quantized_weight(node: Any, depth: int = 5) -> bool:
+    """An integer Constant (NNCF's compressed weights: i8 -> Convert -> Subtract/Multiply) or a FakeQuantize."""
+    if node.get_type_name() == "FakeQuantize":
+        return True
+    if node.get_type_name() == "Constant":
+        return node.get_output_element_type(0).get_type_name() in ("i8", "u8", "i4", "u4")
+    return depth > 0 and any(_quantized_weight(node.input_value(i).get_node(), depth - 1)
+                             for i in range(node.get_input_size()))
+
+
+def _static(shape: Any) -> list[int]:
+    return [d.get_length() if d.is_static else 1 for d in shape]
+
+
+def _macs(op: Any) -> int:
+    out = int(np.prod(_static(op.get_output_partial_shape(0))))
+    weight = _static(op.get_input_partial_shape(1))
+    kind = op.get_type_name()
+    if kind == "Convolution":
+        return out * int(np.prod(weight[1:]))
+    if kind == "GroupConvolution":
+        return out * int(np.prod(weight[2:]))
+    a = _static(op.get_input_partial_shape(0))
+    transposed = op.get_attributes().get("transpose_a", False)
+    return out * (a[-2] if transposed and len(a) > 1 else a[-1])
+
+
+class OpenvinoRunner(Runner):
+    """Build-time runner: the very backend the bundle's loader ships (backend.py in this unit), on the CPU."""
+
+    def __init__(self, artifact: Artifact, threads: Optional[int] = None) -> None:
+        from edgeexport.targets.openvino.backend import OpenvinoBackend
+
+        manifest = {"runtime": artifact.runtime, "runtime_config": artifact.runtime_config}
+        self.backend = OpenvinoBackend(artifact.model_path, manifest, threads=threads)
+        compiled = self.backend.compiled
+        self.inputs = [_info(p) for p in compiled.inputs]
+        self.outputs = [_info(p) for p in compiled.outputs]
+
+    def _infer_impl(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.backend.run(dict(feeds))
+
+
+def _info(port: Any) -> TensorInfo:
+    shape = [d.get_length() if d.is_static else None for d in port.get_partial_shape()]
+    return TensorInfo(port.get_any_name(), shape, port.get_element_type().to_dtype().name)
