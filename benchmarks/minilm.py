@@ -80,7 +80,7 @@ def main() -> int:
     from edgeexport.bundle.manifest import versions
     from edgeexport.models.sentences import minilm_path, write_sentences
     from edgeexport.source import load_source
-    from edgeexport.targets.ort.target import OrtRunner
+    from edgeexport.reference import OnnxRunner
     from edgeexport.calibration import load_calibration
     from edgeexport.config import CalibrationConfig
     from edgeexport.validate import collect, compare
@@ -94,9 +94,9 @@ def main() -> int:
         print("building fp32, fp16, int8-dynamic, int8, and both int8 modes without SmoothQuant ...", file=sys.stderr)
         built = build_all(model, calib, val, work)
         fp32_result = built["fp32"][0]
-        runners = {f"ort {p}": OrtRunner(str(r.out / "model.onnx"), threads=args.threads) for p, (r, _) in built.items()}
+        runners = {f"ort {p}": OnnxRunner(str(r.out / "model.onnx"), threads=args.threads) for p, (r, _) in built.items()}
         try:
-            runners["optimum ORTQuantizer dynamic (avx2)"] = OrtRunner(str(optimum_dynamic(fp32_result.out, work)),
+            runners["optimum ORTQuantizer dynamic (avx2)"] = OnnxRunner(str(optimum_dynamic(fp32_result.out, work)),
                                                                         threads=args.threads)
             optimum_note = "optimum ORTQuantizer installed beside edgeexport (optimum-onnx)"
         except Exception as e:  # reported, not hidden

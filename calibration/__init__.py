@@ -11,32 +11,17 @@ or a block when asked (see ``store.py``), so a build's memory does not grow with
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
 import numpy as np
 
-from edgeexport.calibration.store import Concat, Samples
+from edgeexport.calibration.store import Concat, RawData, Samples  # noqa: F401 (RawData: the sources' result)
 from edgeexport.config import CalibrationConfig, InputSpec
 from edgeexport.errors import CalibrationError
 
 MAX_DEFAULT_CALIB = 256
 MAX_DEFAULT_HOLDOUT = 200
-
-
-@dataclass
-class RawData:
-    """Sample stores keyed by input name, first axis = samples, as read from a source."""
-
-    arrays: dict[str, Samples]
-    labels: Optional[np.ndarray]
-    kind: str  # npz | npy | images | synthetic
-    description: str
-    synthetic: bool = False
-    notes: list[str] = field(default_factory=list)
-    preprocess: Optional[dict[str, Any]] = None
-    files: Optional[list[str]] = None  # image files, in sample order
-    text: Optional[dict[str, Any]] = None  # tokenization settings when the source was text
 
 
 @dataclass

@@ -8,8 +8,7 @@ from typing import Optional
 
 import numpy as np
 
-from edgeexport.calibration import RawData
-from edgeexport.calibration.store import Decoded, InMemory, check_magic, open_npy, open_npz, pickled
+from edgeexport.calibration.store import Decoded, RawData, InMemory, check_magic, open_npy, open_npz, pickled
 from edgeexport.config import CalibrationConfig, ImagePreprocess, InputSpec
 from edgeexport.errors import CalibrationError
 

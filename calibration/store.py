@@ -19,7 +19,8 @@ import tempfile
 import zipfile
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -262,3 +263,18 @@ def _inflated(zf: zipfile.ZipFile, info: zipfile.ZipInfo, where: str) -> Samples
             tmp.write(chunk)
     tmp.flush()
     return _rows_at(tmp, 0, tmp.tell(), where)
+
+
+@dataclass
+class RawData:
+    """Sample stores keyed by input name, first axis = samples, as read from a source."""
+
+    arrays: dict[str, Samples]
+    labels: Optional[np.ndarray]
+    kind: str  # npz | npy | images | synthetic
+    description: str
+    synthetic: bool = False
+    notes: list[str] = field(default_factory=list)
+    preprocess: Optional[dict[str, Any]] = None
+    files: Optional[list[str]] = None  # image files, in sample order
+    text: Optional[dict[str, Any]] = None  # tokenization settings when the source was text

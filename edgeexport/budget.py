@@ -44,10 +44,10 @@ def _better(a: float, b: float, metric: str) -> bool:
 
 
 def validate(config: BuildConfig, source: Any, calib: Any, artifact: Any, target: Any, output_names: list[str]):
-    from edgeexport.pipeline import holdout_report
+    from edgeexport.validate import holdout_report
 
     with source.reference(config.inputs, output_names) as ref, target.load(artifact, config.bench.threads) as cand:
-        return holdout_report(ref, cand, config, calib)[0]
+        return holdout_report(ref, cand, config.resolved_tolerance(), calib, config.task)[0]
 
 
 def _weighted_nodes(float_model: Path) -> set[str]:
@@ -162,8 +162,8 @@ def search(config: BuildConfig, source: Any, calib: Any, onnx_path: Path, output
             f"best reachable {metric} = {reached} with "
             f"{0 if best is None else len(best['int16_tensors'])} tensor(s) in int16 and "
             f"{0 if best is None else len(best['float_nodes'])} node(s) in float, after {len(steps)} round(s)",
-            "relax the budget, try another --calib-method, raise --budget-steps, or use a higher precision")
-        err.budget = result  # type: ignore[attr-defined]
+            "relax the budget, try another --calib-method, raise --budget-steps, or use a higher precision",
+            budget=result)
         raise err
     options = {**config.target_options, "exclude_nodes": excluded}
     if int16:

@@ -14,7 +14,7 @@ from click.core import ParameterSource
 
 from edgeexport import __version__
 from edgeexport.config import CALIB_METHODS, TOLERANCE_KEYS
-from edgeexport.errors import EdgeExportError, UsageError
+from edgeexport.errors import EdgeExportError, UsageError, ValidationFailed
 from edgeexport.targets import DEFAULT_TARGET, known_precisions, layer_search_names, public_names, target_help
 
 # CLI parameter -> path in the BuildConfig dict (and an optional converter)
@@ -127,11 +127,10 @@ def _fail(e: EdgeExportError, as_json: bool) -> None:
     click.echo(e.render(), err=True)
     if as_json:
         out = {"ok": False, **e.to_dict()}
-        report = getattr(e, "report", None)
-        if report is not None:
-            out["validation"] = report.to_dict()
-        if getattr(e, "diagnosis", None):
-            out["diagnosis"] = e.diagnosis  # type: ignore[attr-defined]
+        if isinstance(e, ValidationFailed) and e.report is not None:
+            out["validation"] = e.report.to_dict()
+        if isinstance(e, ValidationFailed) and e.diagnosis:
+            out["diagnosis"] = e.diagnosis
         click.echo(json.dumps(out, indent=2))
     sys.exit(e.exit_code)
 

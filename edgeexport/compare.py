@@ -165,11 +165,10 @@ def _build_row(row: Row, config: BuildConfig, resolved: tuple, log: Log, time_fa
     try:
         result = pipeline.build_resolved(config, source, calib, log, exported)
     except ValidationFailed as e:
-        report = getattr(e, "report", None)
         row.status = "failed"
         row.add_note(f"validation: {e.why}")
-        row.validation = report.to_dict() if report is not None else None
-        row.errors = getattr(e, "errors", {})
+        row.validation = e.report.to_dict() if e.report is not None else None
+        row.errors = e.errors
         if time_failed_in is not None:
             _rebuild_lifted(row, config, resolved, time_failed_in, log)
     except EdgeExportError as e:

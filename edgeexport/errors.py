@@ -7,6 +7,8 @@ ordinary exceptions and keep their traceback.
 
 from __future__ import annotations
 
+from typing import Any, Optional
+
 
 class EdgeExportError(Exception):
     """A failure the user can act on."""
@@ -73,7 +75,25 @@ class MissingExtraError(EdgeExportError):
 
 
 class ValidationFailed(EdgeExportError):
-    """The built model's outputs are outside tolerance; no bundle was written."""
+    """The built model's outputs are outside tolerance; no bundle was written. Carries what was measured: the
+    validation report, per-sample errors, the refusal's diagnosis, and an accuracy-budget search's record."""
+
+    def __init__(self, what: str, why: str = "", fix: str = "", *, report: Any = None,
+                 errors: Optional[dict[str, Any]] = None, diagnosis: Optional[dict[str, Any]] = None,
+                 budget: Optional[dict[str, Any]] = None) -> None:
+        super().__init__(what, why, fix)
+        self.report = report
+        self.errors = errors or {}
+        self.diagnosis = diagnosis
+        self.budget = budget
+
+
+class MissingOpsError(TargetError):
+    """The target's converter has no builtin op for some of the graph's ops."""
+
+    def __init__(self, what: str, why: str = "", fix: str = "", *, missing_ops: tuple[str, ...] = ()) -> None:
+        super().__init__(what, why, fix)
+        self.missing_ops = tuple(missing_ops)
 
 
 class BundleError(EdgeExportError):

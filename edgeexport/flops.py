@@ -14,16 +14,9 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
+from edgeexport.onnxgraph import attr as _attr
+
 COUNTED_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
-
-
-def _attr(node: Any, name: str, default: Any) -> Any:
-    for a in node.attribute:
-        if a.name == name:
-            import onnx
-
-            return onnx.helper.get_attribute_value(a)
-    return default
 
 
 def _node_flops(node: Any, shape: dict[str, list[int]]) -> int:

@@ -25,7 +25,7 @@ from typing import Any, Iterable, Sized
 
 import numpy as np
 
-from edgeexport.flops import _attr
+from edgeexport.onnxgraph import attr as _attr
 
 SAMPLES = 32  # calibration samples for H: on EfficientNet-Lite0, 16 gave 0.0389 and 64 gave 0.0382 (above)
 DAMP = 0.1  # added to H's diagonal, as a share of its mean: 0.01 (the LLM default) overfits 32 images' statistics
@@ -86,7 +86,7 @@ def qdq_grids(qdq_model: Any) -> dict[str, Grid]:
     or per tensor, 7- or 8-bit). Only symmetric grids along the output channel; others are left out."""
     from onnx import numpy_helper
 
-    from edgeexport.recipes import output_axis
+    from edgeexport.onnxgraph import output_axis
 
     inits = {t.name: t for t in qdq_model.graph.initializer}
     deq = {n.output[0]: n for n in qdq_model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits}

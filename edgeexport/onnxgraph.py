@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 
+
 def float_tensors(model: Any) -> set[str]:
     """Node outputs that are float tensors (or whose type shape inference cannot tell: kept, filtered later)."""
     import onnx
@@ -15,6 +16,16 @@ def float_tensors(model: Any) -> set[str]:
     infos = list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input)
     known = {vi.name: vi.type.tensor_type.elem_type for vi in infos}
     return {out for n in model.graph.node for out in n.output if known.get(out, onnx.TensorProto.FLOAT) in float_types}
+
+
+def attr(node: Any, name: str, default: Any) -> Any:
+    for a in node.attribute:
+        if a.name == name:
+            import onnx
+
+            return onnx.helper.get_attribute_value(a)
+    return default
+
 
 
 def exposing_session(model: Any, names: Iterable[str]) -> tuple[Any, list[str]]:
@@ -33,3 +44,15 @@ def exposing_session(model: Any, names: Iterable[str]) -> tuple[Any, list[str]]:
     so.log_severity_level = 3
     sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     return sess, [o.name for o in sess.get_outputs()]
+
+
+def output_axis(node: Any) -> int:
+    """The output-channel axis of a weighted node's constant weight: Conv [O, I, ..], ConvTranspose [I, O, ..],
+    Gemm [O, I] with transB=1 else [I, O], MatMul [.., I, O]."""
+    if node.op_type == "Conv":
+        return 0
+    if node.op_type == "ConvTranspose":
+        return 1
+    if node.op_type == "Gemm":
+        return 0 if attr(node, "transB", 0) else 1
+    return -1

@@ -20,7 +20,7 @@ from edgeexport.errors import CalibrationError, ConfigError, ValidationFailed
 from edgeexport.report import render_markdown
 from edgeexport.source import ModelSource, load_source
 from edgeexport.targets import get_target
-from edgeexport.validate import ValidationReport, collect, compare, error_sample
+from edgeexport.validate import ValidationReport, error_sample, holdout_report
 from edgeexport.util import remove_stale, tmp_prefix
 
 Log = Callable[[str], None]
@@ -238,17 +238,10 @@ def model_stats(onnx_path: Path, calib: CalibrationSet, log: Log) -> Optional[di
     return stats
 
 
-def holdout_report(ref, cand, config: BuildConfig, calib: CalibrationSet
-                   ) -> tuple[ValidationReport, dict[str, list], dict[str, list]]:
-    """The gate's comparison: both runners on every held-out sample, checked against the config's limits."""
-    refs, outs, masks = collect(ref, cand, calib.holdout(), total=len(calib.holdout_idx))
-    report = compare(refs, outs, config.resolved_tolerance(), calib.holdout_labels(), masks=masks, task=config.task)
-    return report, refs, outs
-
-
 def build_resolved(config: BuildConfig, source: ModelSource, calib: CalibrationSet, log: Log = _stderr,
                    exported: Optional[Exported] = None) -> BuildResult:
-    """Build from what :func:`resolve` returned; ``exported`` reuses an ONNX export of the same inputs and opset."""
+    """Build from what :func:`resolve` returned; ``exported`` reuses an ONNX export of the same inputs and opset.
+    Export -> (budget search) -> target build -> validation gate -> benchmark -> bundle, one step per function."""
     import shutil
 
     target = get_target(config.target)
@@ -260,91 +253,136 @@ def build_resolved(config: BuildConfig, source: ModelSource, calib: CalibrationS
             exported = export(config, source, calib, onnx_path, log)
         else:
             shutil.copyfile(exported.path, onnx_path)  # a fresh copy: builds must never share a file they may rewrite
-        output_names, export_info = exported.output_names, exported.info
-        budget = None
-        if config.accuracy_budget:
+        step = _Step(config, source, calib, target, workdir, onnx_path, exported, log)
+        step.build()
+        log(f"==> validating on {len(calib.holdout_idx)} held-out samples")
+        with source.reference(step.config.inputs, exported.output_names) as ref, \
+                target.load(step.artifact, config.bench.threads) as cand:
+            step.gate(ref, cand)
+            step.measure(ref, cand)
+        out = step.package()
+    if config.archive:
+        from edgeexport.bundle.writer import write_archive
+
+        log(f"==> packing {write_archive(out, config.archive)}")
+    return BuildResult(step.config, out, step.manifest, step.report, step.errors)
+
+
+@dataclass
+class _Step:
+    """One build's state as it passes through the steps of :func:`build_resolved`."""
+
+    config: BuildConfig
+    source: ModelSource
+    calib: CalibrationSet
+    target: Any
+    workdir: Path
+    onnx_path: Path
+    exported: Exported
+    log: Log
+    artifact: Any = None
+    budget: Optional[dict[str, Any]] = None
+    report: Any = None
+    errors: dict[str, Any] = field(default_factory=dict)
+    layers: Optional[dict[str, Any]] = None
+    bench: Optional[dict[str, Any]] = None
+    golden: list = field(default_factory=list)
+    io: dict[str, Any] = field(default_factory=dict)
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    def build(self) -> None:
+        """The budget search (if asked), then the target's build, with its notes and integer share printed."""
+        log = self.log
+        if self.config.accuracy_budget:
             from edgeexport.budget import search
 
-            config, budget = search(config, source, calib, onnx_path, output_names, log)
-        log(f"==> building {config.target} / {config.precision}")
-        artifact = target.build(source, config, calib, workdir, onnx_path)
-        for note in artifact.notes:
+            self.config, self.budget = search(self.config, self.source, self.calib, self.onnx_path,
+                                              self.exported.output_names, log)
+        log(f"==> building {self.config.target} / {self.config.precision}")
+        self.artifact = self.target.build(self.source, self.config, self.calib, self.workdir, self.onnx_path)
+        for note in self.artifact.notes:
             log(f"    note: {note}")
-        share = artifact.settings.get("integer_share")
+        share = self.artifact.settings.get("integer_share")
         if share and "decided_by" in share:
             log(f"    integer: decided by {share['decided_by']}")
         elif share:
             log(f"    integer: {share['integer_mac_share']:.1%} of the multiply-adds, {share['integer_weight_share']:.1%} "
                 f"of the weight bytes ({share['float_weighted_layers']} of {share['weighted_layers']} weighted layers "
                 "float)")
-        log(f"==> validating on {len(calib.holdout_idx)} held-out samples")
-        with source.reference(config.inputs, output_names) as ref, target.load(artifact, config.bench.threads) as cand:
-            report, refs, outs = holdout_report(ref, cand, config, calib)
-            errors = error_sample(refs, outs)
-            log(report.table())
-            layers = explain(artifact, calib, workdir, log) if config.explain else None
-            diagnosis = None
-            if not report.passed and config.diagnose and config.precision in ("int8", "int8-dynamic") \
-                    and config.prune is None and not config.accuracy_budget:
-                from edgeexport import diagnose
 
-                try:
-                    diagnosis = diagnose.run(config, source, calib, onnx_path, output_names, target, artifact,
-                                             report, log)
-                except Exception as e:  # the refusal below must not be lost to a failed diagnosis
-                    log(f"    note: no diagnosis ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})")
-            if not report.passed:
-                advice = failure_advice(config, target)
-                if diagnosis and diagnosis["advice"]:
-                    advice = f"{diagnosis['advice']}; otherwise {advice}"
-                err = ValidationFailed(
-                    f"validation failed: {config.target}/{config.precision} is out of tolerance on "
-                    f"{report.samples} held-out samples; no bundle was written",
-                    "; ".join(f"{c.output} {c.metric}={c.value:.4g} (limit {c.limit:g})" for c in report.failures()),
-                    ("prune less (a smaller --prune amount) or recover longer (--finetune-steps), or relax the limit "
-                     "knowingly with --tolerance KEY=VALUE" if config.prune is not None else advice),
-                )
-                err.report, err.errors, err.diagnosis = report, errors, diagnosis  # type: ignore[attr-defined]
-                raise err
-            if artifact.validated_with:
-                log(f"    validated with {artifact.validated_with}")
-            bench = None
-            if artifact.bench_skip:  # recorded even when no benchmark was asked for: it says why none can be run
-                if config.bench.enabled:
-                    log(f"    benchmark skipped: {artifact.bench_skip}")
-                bench = {"skipped": artifact.bench_skip}
-            elif config.bench.enabled:
-                bench = benchmark(config, ref, cand, calib)
-                if budget:
-                    from edgeexport.budget import compare_mix
+    def gate(self, ref: Any, cand: Any) -> None:
+        """Validate on the holdout; out of tolerance raises ValidationFailed (after a diagnosis for int8)."""
+        config, log = self.config, self.log
+        self.report, refs, outs = holdout_report(ref, cand, config.resolved_tolerance(), self.calib, config.task)
+        self.errors = error_sample(refs, outs)
+        log(self.report.table())
+        self.layers = explain(self.artifact, self.calib, self.workdir, log) if config.explain else None
+        if self.report.passed:
+            if self.artifact.validated_with:
+                log(f"    validated with {self.artifact.validated_with}")
+            return
+        diagnosis = None
+        if config.diagnose and config.precision in ("int8", "int8-dynamic") and config.prune is None \
+                and not config.accuracy_budget:
+            from edgeexport import diagnose
 
-                    budget["compared"] = compare_mix(config, source, calib, onnx_path, target, cand, artifact, budget,
-                                                     log)
-            golden = [(feed, cand.infer(feed)) for feed, _ in zip(calib.holdout(), range(config.golden_samples))]
-            # inputs as declared (names, named dims), outputs as the built runtime reports them
-            io = {"inputs": [s.model_dump() for s in config.inputs], "outputs": [t.to_dict() for t in cand.outputs]}
-        manifest = make_manifest(config, source, calib, artifact, report, bench, golden, io)
-        manifest["export"].update(export_info)
+            try:
+                diagnosis = diagnose.run(config, self.source, self.calib, self.onnx_path, self.exported.output_names,
+                                         self.target, self.artifact, self.report, log)
+            except Exception as e:  # the refusal below must not be lost to a failed diagnosis
+                log(f"    note: no diagnosis ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})")
+        advice = failure_advice(config, self.target)
+        if diagnosis and diagnosis["advice"]:
+            advice = f"{diagnosis['advice']}; otherwise {advice}"
+        raise ValidationFailed(
+            f"validation failed: {config.target}/{config.precision} is out of tolerance on "
+            f"{self.report.samples} held-out samples; no bundle was written",
+            "; ".join(f"{c.output} {c.metric}={c.value:.4g} (limit {c.limit:g})" for c in self.report.failures()),
+            ("prune less (a smaller --prune amount) or recover longer (--finetune-steps), or relax the limit "
+             "knowingly with --tolerance KEY=VALUE" if config.prune is not None else advice),
+            report=self.report, errors=self.errors, diagnosis=diagnosis)
+
+    def measure(self, ref: Any, cand: Any) -> None:
+        """The benchmark (or why none can run), the budget's mix against plain int8, and the golden pairs."""
+        config, artifact = self.config, self.artifact
+        if artifact.bench_skip:  # recorded even when no benchmark was asked for: it says why none can be run
+            if config.bench.enabled:
+                self.log(f"    benchmark skipped: {artifact.bench_skip}")
+            self.bench = {"skipped": artifact.bench_skip}
+        elif config.bench.enabled:
+            self.bench = benchmark(config, ref, cand, self.calib)
+            if self.budget:
+                from edgeexport.budget import compare_mix
+
+                self.budget["compared"] = compare_mix(config, self.source, self.calib, self.onnx_path, self.target,
+                                                      cand, artifact, self.budget, self.log)
+        self.golden = [(feed, cand.infer(feed)) for feed, _ in zip(self.calib.holdout(), range(config.golden_samples))]
+        # inputs as declared (names, named dims), outputs as the built runtime reports them
+        self.io = {"inputs": [s.model_dump() for s in config.inputs], "outputs": [t.to_dict() for t in cand.outputs]}
+
+    def package(self) -> Path:
+        """The manifest, the report and the files, written atomically as the bundle."""
+        config, artifact, exported = self.config, self.artifact, self.exported
+        manifest = make_manifest(config, self.source, self.calib, artifact, self.report, self.bench, self.golden,
+                                 self.io)
+        manifest["export"].update(exported.info)
         manifest["model_stats"] = exported.stats
         if exported.pruning is not None:
             manifest["pruning"] = dict(exported.pruning, model_file_deflated_bytes=deflated_size(artifact.model_path))
-        if budget:
-            manifest["accuracy_budget"] = budget
-        if layers:
-            manifest["layer_errors"] = layers["record"]
-        requirements = target.requirements(artifact) + (["tokenizers"] if manifest.get("text") else [])
+        if self.budget:
+            manifest["accuracy_budget"] = self.budget
+        if self.layers:
+            manifest["layer_errors"] = self.layers["record"]
+        self.manifest = manifest
+        requirements = self.target.requirements(artifact) + (["tokenizers"] if manifest.get("text") else [])
         texts = {"requirements.txt": "\n".join(requirements) + "\n", "report.md": render_markdown(manifest)}
         files = {name: artifact.root / name for name in artifact.files}
-        files.update(source.bundle_files())
-        if layers and layers["plot"]:
-            files[LAYER_PLOT] = layers["plot"]
-        log(f"==> writing bundle to {config.out}")
-        out = write_bundle(Path(config.out), files, golden, manifest, texts, config.force, target.loader_backend())
-    if config.archive:
-        from edgeexport.bundle.writer import write_archive
-
-        log(f"==> packing {write_archive(out, config.archive)}")
-    return BuildResult(config, out, manifest, report, errors)
+        files.update(self.source.bundle_files())
+        if self.layers and self.layers["plot"]:
+            files[LAYER_PLOT] = self.layers["plot"]
+        self.log(f"==> writing bundle to {config.out}")
+        return write_bundle(Path(config.out), files, self.golden, manifest, texts, config.force,
+                            self.target.loader_backend())
 
 
 def failure_advice(config: BuildConfig, target: Any) -> str:

@@ -50,7 +50,7 @@ def prune_source(config: "BuildConfig", source: "ModelSource", calib: "Calibrati
     """A copy of ``source`` whose module is pruned (and recovered), and what the manifest records about it."""
     import torch
 
-    from edgeexport.targets.torch_ref import flatten_outputs
+    from edgeexport.reference import flatten_outputs
 
     from edgeexport.source import FactorySource
 
@@ -102,7 +102,7 @@ def output_layers(module: Any, example: tuple) -> list[Any]:
     - the last one that runs (the usual classifier), in any case."""
     import torch
 
-    from edgeexport.targets.torch_ref import flatten_outputs
+    from edgeexport.reference import flatten_outputs
 
     produced: dict[int, Any] = {}
     order: list[Any] = []
@@ -271,7 +271,7 @@ def _forward_pair(student: Any, teacher: Any, calib: "CalibrationSet", idx: np.n
                   batch: int) -> tuple[list, list]:
     import torch
 
-    from edgeexport.targets.torch_ref import flatten_outputs
+    from edgeexport.reference import flatten_outputs
 
     feeds = [calib.sample(int(i)) for i in idx]
     args = [torch.from_numpy(np.concatenate([f[s.name] for f in feeds])) for s in config.inputs]

@@ -27,7 +27,8 @@ from typing import Any, Iterable, Optional
 import numpy as np
 
 from edgeexport.flops import COUNTED_OPS as WEIGHTED_OPS  # Conv, ConvTranspose, MatMul, Gemm
-from edgeexport.flops import _attr
+from edgeexport.onnxgraph import attr as _attr
+from edgeexport.onnxgraph import output_axis
 #: a tensor whose largest magnitude is beyond this holds a sentinel, whatever its other values
 SENTINEL_ABS = 1e30
 #: sentinel test: the large values (within LARGE_BAND of the maximum) agree to this relative spread ...
@@ -163,18 +164,6 @@ def dequantized_weights(qdq_model: Any) -> dict[str, np.ndarray]:
         deq[n.output[0]] = (q - zp) * scale
     return {n.name: deq[n.input[1]] for n in qdq_model.graph.node
             if n.op_type in WEIGHTED_OPS and len(n.input) > 1 and n.input[1] in deq and n.name}
-
-
-def output_axis(node: Any) -> int:
-    """The output-channel axis of a weighted node's constant weight: Conv [O, I, ..], ConvTranspose [I, O, ..],
-    Gemm [O, I] with transB=1 else [I, O], MatMul [.., I, O]."""
-    if node.op_type == "Conv":
-        return 0
-    if node.op_type == "ConvTranspose":
-        return 1
-    if node.op_type == "Gemm":
-        return 0 if _attr(node, "transB", 0) else 1
-    return -1
 
 
 def rounded_weights(model: Any, qmax: int = 127) -> dict[str, np.ndarray]:

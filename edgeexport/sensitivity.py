@@ -141,7 +141,8 @@ def _weight_noise(fmodel: Any, qmodel: Any) -> dict[str, float]:
     """weighted node -> the relative noise power of its rounded weight, averaged over output channels."""
     from onnx import numpy_helper
 
-    from edgeexport.recipes import dequantized_weights, output_axis
+    from edgeexport.onnxgraph import output_axis
+    from edgeexport.recipes import dequantized_weights
 
     inits = {t.name: t for t in fmodel.graph.initializer}
     nodes = {n.name: n for n in fmodel.graph.node}

@@ -19,7 +19,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from edgeexport.flops import _attr
+from edgeexport.onnxgraph import attr as _attr
 
 #: migration strengths tried per activation tensor (0.5 in the paper for most models, 0.75-0.85 where outliers are
 #: larger); None is "leave this tensor alone", chosen when no strength lowers the simulated error. The simulated

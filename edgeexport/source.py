@@ -18,7 +18,8 @@ from typing import Any, Optional
 
 from edgeexport.config import InputSpec, parse_input_spec
 from edgeexport.errors import ExportError, ModelLoadError
-from edgeexport.targets.base import Runner, TensorInfo
+from edgeexport.runner import Runner, TensorInfo
+from edgeexport.source_base import ModelSource, _short  # noqa: F401 (ModelSource: the sources' base, imported from here)
 from edgeexport.util import quiet as torch_quiet
 from edgeexport.util import strip_ansi
 
@@ -35,42 +36,6 @@ def _spec_from_tensor(name: str, t: Any) -> InputSpec:
     if dtype not in _TORCH_DTYPES:
         raise ModelLoadError(f"example input {name!r} has dtype {dtype}", "it is not supported for export", "")
     return InputSpec(name=name, shape=list(t.shape), dtype=dtype)
-
-
-class ModelSource:
-    """A loaded model. Subclasses: TorchModelSource (nn.Module / TorchScript / ExportedProgram), OnnxModelSource."""
-
-    kind: str = ""
-    spec: str = ""
-    #: what the spec says about the inputs (names and maybe shapes); None = unknown until data or --input says
-    declared_inputs: Optional[list[InputSpec]] = None
-    input_names: Optional[list[str]] = None
-    #: the task the source implies (e.g. a Hugging Face head); None = the user's --task or none
-    task: Optional[str] = None
-
-    @property
-    def tokenizer_file(self) -> Optional[Path]:
-        """A tokenizer.json that text calibration and the bundle use (None: the model takes arrays)."""
-        return None
-
-    def bundle_files(self) -> dict[str, Path]:
-        """Extra files the bundle ships (bundle-relative path -> source file), e.g. the tokenizer."""
-        return {}
-
-    def reference_bytes(self) -> Optional[int]:
-        """Size of the model as the user gave it, for size comparisons (None: unknown)."""
-        path = Path(self.spec)
-        return path.stat().st_size if path.is_file() else None
-
-    def describe(self) -> dict[str, Any]:
-        return {"spec": self.spec, "kind": self.kind}
-
-    def export_onnx(self, path: Path, specs: list[InputSpec], opset: int) -> list[str]:  # pragma: no cover
-        """Write ONNX to ``path``; return the output names."""
-        raise NotImplementedError
-
-    def reference(self, specs: list[InputSpec], output_names: list[str]) -> Runner:  # pragma: no cover
-        raise NotImplementedError
 
 
 def load_source(spec: str, task: Optional[str] = None) -> ModelSource:
@@ -111,7 +76,7 @@ class TorchModelSource(ModelSource):
         return buf.tell()
 
     def reference(self, specs: list[InputSpec], output_names: list[str]) -> Runner:
-        from edgeexport.targets.torch_ref import TorchRunner
+        from edgeexport.reference import TorchRunner
 
         return TorchRunner(self.module, [TensorInfo(s.name, s.shape, s.dtype) for s in specs], output_names)
 
@@ -135,7 +100,7 @@ class TorchModelSource(ModelSource):
         return tuple(args)
 
     def output_names(self, specs: list[InputSpec]) -> list[str]:
-        from edgeexport.targets.torch_ref import output_names_for
+        from edgeexport.reference import output_names_for
 
         with torch_quiet():
             import torch
@@ -195,12 +160,6 @@ def export_error(e: Exception, log: str) -> ExportError:
         fix = ("rewrite that part of the model with standard ops, register an ONNX translation for it "
                "(torch.onnx.export custom_translation_table), or try another --opset")
     return ExportError("PyTorch -> ONNX export failed", why, fix)
-
-
-def _short(e: BaseException, limit: int = 600) -> str:
-    text = strip_ansi(str(e)).strip() or type(e).__name__
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[:limit] + " ..."
 
 
 class FactorySource(TorchModelSource):
@@ -381,9 +340,9 @@ class OnnxModelSource(ModelSource):
         return list(self._outputs)
 
     def reference(self, specs: list[InputSpec], output_names: list[str]) -> Runner:
-        from edgeexport.targets.ort.target import OrtRunner
+        from edgeexport.reference import OnnxRunner
 
-        return OrtRunner(self.spec)
+        return OnnxRunner(self.spec)
 
 
 def onnx_input_spec(vi) -> InputSpec:

@@ -17,8 +17,8 @@ import numpy as np
 
 from edgeexport.config import InputSpec
 from edgeexport.errors import ExportError, ModelLoadError, missing_extra
-from edgeexport.source import ModelSource, _short
-from edgeexport.targets.base import Runner, TensorInfo
+from edgeexport.source_base import ModelSource, _short
+from edgeexport.runner import Runner, TensorInfo
 from edgeexport.util import quiet, tmp_prefix
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")

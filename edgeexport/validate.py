@@ -11,7 +11,7 @@ from typing import Any, Iterable, Optional
 
 import numpy as np
 
-from edgeexport.targets.base import Runner
+from edgeexport.runner import Runner
 from edgeexport.util import progress
 
 _EPS = 1e-12
@@ -212,3 +212,12 @@ def error_sample(refs: dict[str, list[np.ndarray]], outs: dict[str, list[np.ndar
             diff = diff[np.sort(rng.choice(diff.size, limit, replace=False))]
         sample[name] = diff.astype(np.float32)
     return sample
+
+
+def holdout_report(ref: Runner, cand: Runner, tolerance: dict[str, float], calib: Any, task: Optional[str] = None
+                   ) -> tuple["ValidationReport", dict[str, list], dict[str, list]]:
+    """The gate's comparison: both runners on every held-out sample of ``calib`` (a CalibrationSet), checked
+    against ``tolerance`` (and the task metric where labels exist)."""
+    refs, outs, masks = collect(ref, cand, calib.holdout(), total=len(calib.holdout_idx))
+    report = compare(refs, outs, tolerance, calib.holdout_labels(), masks=masks, task=task)
+    return report, refs, outs

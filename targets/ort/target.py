@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-import numpy as np
 
 from edgeexport.errors import TargetError
 from edgeexport.quantize import check_names, preprocess, quantize_static, smooth_for_int8, to_fp16
 from edgeexport.recipes import record_integer_share
-from edgeexport.targets.base import Artifact, Problem, Runner, Target, one_of, ort_io
+from edgeexport.reference import OnnxRunner
+from edgeexport.targets.base import Artifact, Problem, Runner, Target, one_of
 from edgeexport.util import quiet
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -166,7 +166,7 @@ class OrtTarget(Target):
         return artifact
 
     def load(self, artifact: Artifact, threads: Optional[int] = None) -> Runner:
-        return OrtRunner(str(artifact.model_path), threads=threads)
+        return OnnxRunner(str(artifact.model_path), threads=threads)
 
     def requirements(self, artifact: Artifact) -> list[str]:
         major, minor = artifact.runtime["onnxruntime"].split(".")[:2]
@@ -191,27 +191,3 @@ def quantize_dynamic(src: Path, dst: Path, opts: dict[str, Any]) -> dict[str, An
             "reduce_range_reason": opts["reduce_range_reason"],
             "op_types": opts["op_types"] or DYNAMIC_OP_TYPES,
             "exclude_nodes": opts["exclude_nodes"]}
-
-
-class OrtRunner(Runner):
-    def __init__(self, path: str, providers: Optional[list[str]] = None, threads: Optional[int] = None) -> None:
-        import onnxruntime as ort
-
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        if threads:
-            so.intra_op_num_threads = threads
-            so.inter_op_num_threads = 1
-        try:
-            self.session = ort.InferenceSession(path, so, providers=providers or ["CPUExecutionProvider"])
-        except Exception as e:
-            raise TargetError(f"ONNX Runtime cannot load {path}", str(e).strip().splitlines()[0][:400],
-                              "check the model's opset against the installed onnxruntime") from None
-        self.inputs, self.outputs = ort_io(self.session)
-
-    def _infer_impl(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        values = self.session.run(None, dict(feeds))
-        return {o.name: v for o, v in zip(self.outputs, values)}
-
-    def close(self) -> None:
-        self.session = None  # type: ignore[assignment]

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 import numpy as np
 
-from edgeexport.errors import MissingExtraError, TargetError
+from edgeexport.errors import MissingExtraError, MissingOpsError, TargetError
 from edgeexport.targets.base import Artifact, CliOption, Problem, Runner, Target, TensorInfo, one_of
 from edgeexport.util import progress, quiet, strip_ansi
 
@@ -119,8 +119,8 @@ class TfliteTarget(Target):
         try:
             data, in_perm, out_perm, native_in, native_out = _convert_once(onnx_path, config, calibration, out_dir, io,
                                                                            record=corrected)
-        except TargetError as e:
-            missing = getattr(e, "missing_ops", [])
+        except MissingOpsError as e:
+            missing = list(e.missing_ops)
             pseudo = [op for op in missing if op in _PSEUDO_OPS]
             if not pseudo or len(pseudo) != len(missing):
                 raise
@@ -318,11 +318,9 @@ def convert(saved_model: Path, config: "BuildConfig", calibration: "CalibrationS
                     if config.precision == "int8" else "rewrite the op named above with standard ops, or use --target ort")
             missing = re.findall(r"'tf\.(\w+)' op is neither a custom op nor a flex op", str(e))
             if missing:
-                err = TargetError(f"TFLite has no builtin op for {', '.join(sorted(set(missing)))}",
-                                  f"TFLiteConverter ({config.precision}): '{missing[0]}' is neither a builtin, custom "
-                                  "nor flex op", hint)
-                err.missing_ops = sorted(set(missing))  # type: ignore[attr-defined]
-                raise err from None
+                raise MissingOpsError(f"TFLite has no builtin op for {', '.join(sorted(set(missing)))}",
+                                      f"TFLiteConverter ({config.precision}): '{missing[0]}' is neither a builtin, "
+                                      "custom nor flex op", hint, missing_ops=tuple(sorted(set(missing)))) from None
             raise TargetError(f"TFLiteConverter failed ({config.precision})", f"{type(e).__name__}: {str(e)[:400]}"
                               + (f" | {log.getvalue().strip()[-200:]}" if log.getvalue().strip() else ""), hint) from None
 

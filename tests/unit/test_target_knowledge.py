@@ -73,3 +73,32 @@ def test_registry_modules_are_units():
     for name, (module, _) in REGISTRY.items():
         if get_target(name).public:
             assert module == f"edgeexport.targets.{name}.target"
+
+
+def _module_graph() -> dict[str, set[str]]:
+    """edgeexport's modules (targets/ and calibration/ under their installed names) -> the modules they import,
+    lazily or not."""
+    mods = {}
+    for base, pkg in ((ROOT / "edgeexport", "edgeexport"), (ROOT / "targets", "edgeexport.targets"),
+                      (ROOT / "calibration", "edgeexport.calibration")):
+        for path in base.rglob("*.py"):
+            parts = [x for x in path.relative_to(base).with_suffix("").parts if x != "__init__"]
+            mods[".".join([pkg, *parts])] = path
+    graph = {}
+    for name, path in mods.items():
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                deps.add(node.module)
+                deps |= {f"{node.module}.{a.name}" for a in node.names}
+            elif isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names}
+        graph[name] = {d for d in deps if d in mods and d != name}
+    return graph
+
+
+def test_no_two_modules_import_each_other():
+    graph = _module_graph()
+    assert len(graph) > 40
+    circles = sorted((a, b) for a in graph for b in graph[a] if a < b and a in graph[b])
+    assert not circles, circles

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import numpy as np
 
-from edgeexport.targets.base import Runner, TensorInfo
+from edgeexport.errors import TargetError
+from edgeexport.runner import Runner, TensorInfo, ort_io
 
 
 def flatten_outputs(out: Any, names: list[str] | None = None) -> list[Any]:
@@ -51,3 +52,29 @@ class TorchRunner(Runner):
             out = self.module(*args)
         flat = flatten_outputs(out)
         return {o.name: t.detach().cpu().numpy() for o, t in zip(self.outputs, flat)}
+
+
+class OnnxRunner(Runner):
+    """An ONNX file on onnxruntime's CPU provider: the reference for .onnx sources, and the ort target's runner."""
+
+    def __init__(self, path: str, providers: Optional[list[str]] = None, threads: Optional[int] = None) -> None:
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        if threads:
+            so.intra_op_num_threads = threads
+            so.inter_op_num_threads = 1
+        try:
+            self.session = ort.InferenceSession(path, so, providers=providers or ["CPUExecutionProvider"])
+        except Exception as e:
+            raise TargetError(f"ONNX Runtime cannot load {path}", str(e).strip().splitlines()[0][:400],
+                              "check the model's opset against the installed onnxruntime") from None
+        self.inputs, self.outputs = ort_io(self.session)
+
+    def _infer_impl(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        values = self.session.run(None, dict(feeds))
+        return {o.name: v for o, v in zip(self.outputs, values)}
+
+    def close(self) -> None:
+        self.session = None  # type: ignore[assignment]
