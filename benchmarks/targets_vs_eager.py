@@ -24,7 +24,11 @@ from pathlib import Path
 os.environ.setdefault("EDGEEXPORT_NO_PROGRESS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent
-TARGETS = ["ort", "tflite", "trt"]
+
+def _targets() -> list[str]:
+    from edgeexport.targets import public_names
+
+    return public_names()  # every registered target (ort, tflite, trt, openvino, ...)
 
 
 def digits(work: Path) -> dict:
@@ -186,7 +190,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--models", default=",".join(MODELS))
-    parser.add_argument("--targets", default=",".join(TARGETS))
+    parser.add_argument("--targets", default=",".join(_targets()))
     parser.add_argument("--out", default=str(ROOT / "results"))
     args = parser.parse_args()
     from edgeexport import compare
