@@ -165,7 +165,8 @@ def fresh_process(bundle: Path, batch: int, threads: Optional[int], runs: int = 
 
 def _bundle_bytes(manifest: dict) -> dict[str, int]:
     files = manifest.get("files", [])
-    return {"model_file_bytes": sum(f.get("size", 0) for f in files if f.get("path") == manifest["model_file"]),
+    model = set(manifest.get("model_files") or [manifest["model_file"]])
+    return {"model_file_bytes": sum(f.get("size", 0) for f in files if f.get("path") in model),
             "bundle_bytes": sum(f.get("size", 0) for f in files)}
 
 

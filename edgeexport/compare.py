@@ -192,8 +192,10 @@ def _build_row(row: Row, config: BuildConfig, resolved: tuple, log: Log, time_fa
 def _measure_size(row: Row, result: Any) -> None:
     from edgeexport.pipeline import deflated_size
 
-    model = result.out / result.manifest["model_file"]
-    row.size_bytes, row.deflated_bytes = model.stat().st_size, deflated_size(model)
+    names = result.manifest.get("model_files") or [result.manifest["model_file"]]
+    paths = [result.out / name for name in names]
+    row.size_bytes = sum(p.stat().st_size for p in paths)
+    row.deflated_bytes = sum(deflated_size(p) for p in paths)
 
 
 def _rebuild_lifted(row: Row, config: BuildConfig, resolved: tuple, where: Path, log: Log) -> None:

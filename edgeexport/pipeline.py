@@ -463,6 +463,7 @@ def make_manifest(config: BuildConfig, source: ModelSource, calib: CalibrationSe
         "precision": artifact.precision,
         "precision_label": get_target(artifact.target).precision_label(artifact.precision),
         "model_file": artifact.files[0],
+        "model_files": artifact.model_files,  # all of the model (e.g. OpenVINO's model.xml and model.bin)
         "inputs": io["inputs"],
         "outputs": io["outputs"],
         "runtime": artifact.runtime,

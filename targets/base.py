@@ -49,6 +49,12 @@ class Artifact:
     validated_with: str = ""
     #: the float ONNX graph a Q/DQ model was made from (same tensor names), for per-layer error ranking
     float_model: Optional[Path] = None
+    #: the files that make up the model when it is more than ``files[0]`` (OpenVINO: model.xml + model.bin)
+    model_parts: list[str] = field(default_factory=list)
+
+    @property
+    def model_files(self) -> list[str]:
+        return self.model_parts or self.files[:1]
 
     @property
     def model_path(self) -> Path:

@@ -138,7 +138,8 @@ class OpenvinoTarget(Target):
         # the CPU plugin would choose bf16 by itself where the CPU has it: pin what the build validates
         runtime_config = {"inference_precision": {"CPU": "f32"}}
         artifact = Artifact(self.name, config.precision, out, [MODEL_FILE, WEIGHTS_FILE], settings,
-                            {"openvino": ov.__version__}, notes, runtime_config)
+                            {"openvino": ov.__version__}, notes, runtime_config,
+                            model_parts=[MODEL_FILE, WEIGHTS_FILE])
         if config.precision == "int8":
             _record_integer_share(artifact)
         return artifact

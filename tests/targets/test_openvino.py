@@ -48,6 +48,7 @@ def test_fp32_pins_float32_compute(tmp_path, digits_npz):
     res = _build(tmp_path, DIGITS, digits_npz, precision="fp32")
     manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
     assert manifest["runtime_config"]["inference_precision"] == {"CPU": "f32"}
+    assert manifest["model_file"] == "model.xml" and manifest["model_files"] == ["model.xml", "model.bin"]
     assert res.report.outputs["output"]["max_abs"] < 1e-4  # bf16 logits differ by ~0.1 here
     from edgeexport.bundle import loader
 
