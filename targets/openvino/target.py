@@ -36,8 +36,8 @@ OPTIONS: dict[str, tuple[Any, str]] = {
                        "non-ReLU ranges); auto: NNCF's default for the model type"),
     "activation_ranges": ("auto", "int8: how NNCF sets each activation range from the calibration samples: minmax "
                                   "(over all samples), mean_minmax (the mean of each sample's min and max: clips "
-                                  "the rarer peaks), histogram (NNCF's optimum from a histogram); auto: minmax for "
-                                  "CNNs, mean_minmax for transformers"),
+                                  "the rarer peaks), histogram (NNCF's optimum from a histogram); auto: mean_minmax, "
+                                  "NNCF's default (minmax with --calib-method minmax)"),
     "fast_bias_correction": (True, "int8: correct each layer's output mean for its quantization (NNCF)"),
     "ignored_nodes": ([], "int8: node names kept in float (nncf: the IR's names, its ignored scope; qdq: the "
                           "ONNX graph's names)"),
@@ -54,7 +54,6 @@ QDQ_OPTIONS: dict[str, Any] = {
 _NNCF_METHOD = ("--calib-method {} is not an NNCF range estimator: NNCF takes minmax, or --option "
                 "activation_ranges=minmax|mean_minmax|histogram")
 RANGES = ("minmax", "mean_minmax", "histogram")
-RANGES_AUTO = {"cnn": "minmax", "transformer": "mean_minmax"}
 #: the IR ops that carry weights (where the multiply-adds are), and their names in the CPU plugin's runtime graph
 WEIGHTED_OPS = ("Convolution", "GroupConvolution", "MatMul")
 RUNTIME_WEIGHTED = ("Convolution", "FullyConnected", "MatMul", "GroupConvolution")
@@ -199,7 +198,7 @@ class OpenvinoTarget(Target):
                                 "mixed": nncf.QuantizationPreset.MIXED}[opts["preset"]]
         ranges = opts["activation_ranges"]
         if ranges == "auto":
-            ranges = "minmax" if method == "minmax" else RANGES_AUTO[model_type]
+            ranges = "minmax" if method == "minmax" else "mean_minmax"  # NNCF's own default
         kwargs["advanced_parameters"] = nncf.AdvancedQuantizationParameters(
             activations_range_estimator_params=getattr(nncf.quantization.range_estimator.RangeEstimatorParametersSet,
                                                        ranges.upper()))
