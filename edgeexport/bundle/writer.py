@@ -34,7 +34,7 @@ def assemble_loader(backend: Optional[Path]) -> str:
         raise RuntimeError(f"{backend} has no {BACKEND_MARKER!r} line")  # a bug in the target unit
     body = text.split(BACKEND_MARKER, 1)[1].split("\n", 1)[1]
     head, tail = core.split('\nif __name__ == "__main__":', 1)
-    return (f"{head.rstrip()}\n\n\n# ==== backend from the {backend.parent.name} target unit ====" + body.rstrip()
+    return (f"{head.rstrip()}\n\n\n# ==== backend from the {backend.parent.name} target unit ====\n" + body.rstrip()
             + '\n\n\nif __name__ == "__main__":' + tail)
 
 

@@ -165,6 +165,12 @@ def test_assembled_loader_imports_only_numpy_stdlib_and_its_runtime(target):
     for other in others:  # no other target's backend ships in this bundle
         assert f"backend from the {other.parent.name} target unit" not in src
     assert f'@backend("{target}")' in src
+    # every line of the backend below its marker ships as a line of its own (none glued onto a comment)
+    from edgeexport.bundle.writer import BACKEND_MARKER
+
+    body = get_target(target).loader_backend().read_text().split(BACKEND_MARKER, 1)[1].split("\n", 1)[1]
+    shipped = set(src.splitlines())
+    assert [line for line in body.splitlines() if line not in shipped] == []
 
 
 def test_preprocess_needs_recorded_preprocessing(bundle):
