@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from math import prod
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import numpy as np
 
@@ -410,8 +410,14 @@ def advise(share: dict[str, Any], threshold: float = 0.5) -> Optional[str]:
 def record_integer_share(artifact: Any, float_path: Path, calibration: Any) -> None:
     """Count what share of ``artifact``'s model (a Q/DQ or dynamically quantized ONNX made from ``float_path``)
     really runs in int8; record it in its settings and add a plain note when most of it stayed float."""
+    record_share(artifact, lambda: integer_share(artifact.model_path, float_path, next(calibration.calibration())))
+
+
+def record_share(artifact: Any, count: Callable[[], dict[str, Any]]) -> None:
+    """Record ``count()`` (a target's integer-share measurement) in ``artifact``'s settings, with a plain note when
+    most of the model stayed float; a count that fails is a note, never a failed build."""
     try:
-        share = integer_share(artifact.model_path, float_path, next(calibration.calibration()))
+        share = count()
     except Exception as e:  # informational: an uncountable graph must not fail the build
         artifact.notes.append(f"integer share not counted ({type(e).__name__}: {str(e)[:120]})")
         return

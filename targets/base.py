@@ -64,6 +64,19 @@ class Artifact:
 # onnxruntime type strings -> numpy dtype names
 
 
+def require_modules(modules: tuple[tuple[str, str], ...], extra: str, purpose: str) -> None:
+    """Import each (module, pip package), or raise MissingExtraError naming the extra that brings it."""
+    import importlib
+
+    from edgeexport.errors import MissingExtraError
+
+    for module, package in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            raise MissingExtraError(package, extra, purpose) from None
+
+
 def one_of(value: Any, allowed: tuple[Any, ...]) -> bool:
     """Whether an option's ``value`` is one of ``allowed``; a switch only as true/false (1 == True, but 1 is not a
     switch)."""

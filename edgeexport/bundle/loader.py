@@ -331,6 +331,15 @@ def _version_tuple(v):
 
 
 
+def warn_if_older(package, installed, manifest):
+    """Warn (not fail: old runtimes often still work) when ``package`` is an older minor release than the one that
+    built the bundle (``manifest['runtime'][package]``)."""
+    built = manifest["runtime"].get(package, "0")
+    if _version_tuple(installed)[:2] < _version_tuple(built)[:2]:
+        print(f"warning: {package} {installed} is older than {built}, which built this bundle; if loading fails, "
+              f"upgrade {package}", file=sys.stderr)
+
+
 class OnnxSession:
     """The bundle's ONNX on onnxruntime: the ONNX Runtime backend, and any backend's way to run the ONNX it ships
     exactly as the build validated it (TensorRT's ``runtime='onnxruntime'``)."""
@@ -342,10 +351,7 @@ class OnnxSession:
             import onnxruntime as ort
         except ImportError:
             raise BundleError("this bundle needs onnxruntime: pip install -r requirements.txt") from None
-        built = manifest["runtime"].get("onnxruntime", "0")
-        if _version_tuple(ort.__version__)[:2] < _version_tuple(built)[:2]:
-            print(f"warning: onnxruntime {ort.__version__} is older than {built}, which built this bundle; "
-                  "if loading fails, upgrade onnxruntime", file=sys.stderr)
+        warn_if_older("onnxruntime", ort.__version__, manifest)
         so = ort.SessionOptions()
         so.log_severity_level = 3
         if manifest.get("runtime_config", {}).get("onnxruntime_fake_quant"):

@@ -5,10 +5,9 @@ the "backend" marker to the loader core (edgeexport/bundle/loader.py) to make th
 it may import only the standard library, numpy and its runtime.
 """
 
-from edgeexport.bundle.loader import BundleError, _version_tuple, backend  # noqa: F401
+from edgeexport.bundle.loader import BundleError, backend, warn_if_older  # noqa: F401
 
 # ---- backend: appended to the loader core --------------------------------------------------------------------
-import sys
 import threading
 
 import numpy as np
@@ -32,10 +31,7 @@ class OpenvinoBackend:
             import openvino as ov
         except ImportError:
             raise BundleError("this bundle needs OpenVINO: pip install -r requirements.txt") from None
-        built = manifest["runtime"].get("openvino", "0")
-        if _version_tuple(ov.__version__)[:2] < _version_tuple(built)[:2]:
-            print(f"warning: openvino {ov.__version__} is older than {built}, which built this bundle; if loading "
-                  "fails, upgrade openvino", file=sys.stderr)
+        warn_if_older("openvino", ov.__version__, manifest)
         core = ov.Core()
         available = core.available_devices
         if device.split(".")[0] not in available and not device.startswith(("AUTO", "HETERO", "MULTI")):

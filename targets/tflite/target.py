@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 import numpy as np
 
-from edgeexport.errors import MissingExtraError, MissingOpsError, TargetError
-from edgeexport.targets.base import Artifact, CliOption, Problem, Runner, Target, TensorInfo, one_of
+from edgeexport.errors import MissingOpsError, TargetError
+from edgeexport.targets.base import (Artifact, CliOption, Problem, Runner, Target, TensorInfo, one_of,
+                                     require_modules)
 from edgeexport.util import progress, quiet, strip_ansi
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -32,11 +33,8 @@ NCHW = [0, 3, 1, 2]
 
 
 def _require() -> None:
-    for module, package in (("tensorflow", "tensorflow"), ("onnx2tf", "onnx2tf"), ("ai_edge_litert", "ai-edge-litert")):
-        try:
-            importlib.import_module(module)
-        except ImportError:
-            raise MissingExtraError(package, "tflite", "the TFLite target") from None
+    require_modules((("tensorflow", "tensorflow"), ("onnx2tf", "onnx2tf"), ("ai_edge_litert", "ai-edge-litert")),
+                    "tflite", "the TFLite target")
 
 
 class TfliteTarget(Target):

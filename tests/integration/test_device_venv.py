@@ -37,6 +37,20 @@ def _run_json(python, device_dir, code):
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
+def _digits_int8_on_device(target, python, digits_npz, tmp_path):
+    """The digits CNN built to int8 for ``target``, copied alone to a 'device' folder, and self-tested there with
+    the device venv's ``python``."""
+    from tests.conftest import make_cfg, quiet_build
+
+    out = tmp_path / "bundle"
+    quiet_build(make_cfg(target=target, precision="int8", model="edgeexport.models.digits:model", out=str(out),
+                         calibration={"path": str(digits_npz)}, bench={"enabled": False}))
+    device_dir = _to_device(out, tmp_path)
+    st = subprocess.run([str(python), "loader.py", "--selftest"], cwd=device_dir, capture_output=True, text=True)
+    assert st.returncode == 0, st.stdout + st.stderr
+    return device_dir
+
+
 def _lacks(python, module):
     return subprocess.run([str(python), "-c", f"import {module}"], capture_output=True, text=True).returncode != 0
 
@@ -101,14 +115,7 @@ def litert_python(tmp_path_factory):
 @pytest.mark.tflite
 def test_tflite_bundle_runs_with_numpy_and_litert_only(litert_python, digits_npz, tmp_path):
     pytest.importorskip("onnx2tf", reason="needs the [tflite] extra")
-    from tests.conftest import make_cfg, quiet_build
-
-    out = tmp_path / "bundle"
-    quiet_build(make_cfg(target="tflite", precision="int8", model="edgeexport.models.digits:model", out=str(out),
-                         calibration={"path": str(digits_npz)}, bench={"enabled": False}))
-    device_dir = _to_device(out, tmp_path)
-    st = subprocess.run([str(litert_python), "loader.py", "--selftest"], cwd=device_dir, capture_output=True, text=True)
-    assert st.returncode == 0, st.stdout + st.stderr
+    device_dir = _digits_int8_on_device("tflite", litert_python, digits_npz, tmp_path)
     code = ("import sys, json, numpy as np; from loader import load; m = load('.'); "
             "y = m(np.zeros((1, 1, 8, 8), np.float32))['output']; "
             "mods = [k for k in ('torch', 'tensorflow', 'onnxruntime', 'edgeexport') if k in sys.modules]; "
@@ -125,15 +132,7 @@ def openvino_python(tmp_path_factory):
 
 def test_openvino_bundle_runs_with_numpy_and_openvino_only(openvino_python, digits_npz, tmp_path):
     pytest.importorskip("nncf", reason="needs the [openvino] extra")
-    from tests.conftest import make_cfg, quiet_build
-
-    out = tmp_path / "bundle"
-    quiet_build(make_cfg(target="openvino", precision="int8", model="edgeexport.models.digits:model", out=str(out),
-                         calibration={"path": str(digits_npz)}, bench={"enabled": False}))
-    device_dir = _to_device(out, tmp_path)
-    st = subprocess.run([str(openvino_python), "loader.py", "--selftest"], cwd=device_dir, capture_output=True,
-                        text=True)
-    assert st.returncode == 0, st.stdout + st.stderr
+    device_dir = _digits_int8_on_device("openvino", openvino_python, digits_npz, tmp_path)
     code = ("import sys, json, numpy as np; from loader import load; m = load('.', threads=1); "
             "y = m(np.zeros((1, 1, 8, 8), np.float32))['output']; "
             "p = str(m._backend.compiled.get_property('INFERENCE_PRECISION_HINT')); "
