@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 import numpy as np
 
-from edgeexport.errors import MissingExtraError, TargetError
-from edgeexport.targets.base import Artifact, Problem, Runner, Target, TensorInfo, one_of
+from edgeexport.errors import TargetError
+from edgeexport.targets.base import Artifact, Problem, Runner, Target, TensorInfo, one_of, require_modules
 from edgeexport.util import quiet
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -55,17 +55,23 @@ _NNCF_METHOD = ("--calib-method {} is not an NNCF range estimator: NNCF takes mi
                 "activation_ranges=minmax|mean_minmax|histogram")
 RANGES = ("minmax", "mean_minmax", "histogram")
 #: the IR ops that carry weights (where the multiply-adds are), and their names in the CPU plugin's runtime graph
-WEIGHTED_OPS = ("Convolution", "GroupConvolution", "MatMul")
+WEIGHTED_OPS = ("Convolution", "GroupConvolution", "MatMul", "LSTMSequence", "GRUSequence", "RNNSequence")
+#: where each weighted op's weight enters (a recurrent sequence op: X, H0, (C0,) lengths, W, R, B)
+WEIGHT_INPUT = {"LSTMSequence": 4, "GRUSequence": 3, "RNNSequence": 3}
 RUNTIME_WEIGHTED = ("Convolution", "FullyConnected", "MatMul", "GroupConvolution")
 INTEGER = ("u8", "i8")
 
 
-def _require() -> None:
-    for module, package in (("openvino", "openvino"), ("nncf", "nncf")):
-        try:
-            importlib.import_module(module)
-        except ImportError:
-            raise MissingExtraError(package, "openvino", "the OpenVINO target") from None
+def _convert(path: Path, what: str, fix: str = "report the op it names; --target ort runs every ONNX op") -> Any:
+    """``openvino.convert_model`` on an ONNX file, its failure a TargetError."""
+    import openvino as ov
+
+    try:
+        with quiet():
+            return ov.convert_model(str(path))
+    except Exception as e:
+        raise TargetError(f"OpenVINO could not convert {what}", f"{type(e).__name__}: {str(e)[:300]}",
+                          fix) from None
 
 
 class OpenvinoTarget(Target):
@@ -116,21 +122,17 @@ class OpenvinoTarget(Target):
 
     def build(self, source: "ModelSource", config: "BuildConfig", calibration: "CalibrationSet", workdir: Path,
               onnx_path: Path) -> Artifact:
-        _require()
+        require_modules((("openvino", "openvino"), ("nncf", "nncf")), self.extra, "the OpenVINO target")
         import openvino as ov
 
         out = workdir / "openvino"
         out.mkdir(parents=True, exist_ok=True)
-        try:
-            with quiet():
-                model = ov.convert_model(str(onnx_path))
-        except Exception as e:
-            raise TargetError("OpenVINO could not convert the ONNX model", f"{type(e).__name__}: {str(e)[:300]}",
-                              "report the op it names; --target ort runs every ONNX op") from None
         settings: dict[str, Any] = {"format": "openvino-ir", "converter": f"openvino {ov.__version__}"}
         notes: list[str] = []
-        if config.precision == "int8":
-            model = self._quantize(model, config, calibration, onnx_path, settings, workdir, notes)
+        if config.precision == "int8":  # each quantizer converts the graph it quantizes
+            model = self._quantize(config, calibration, onnx_path, settings, workdir, notes)
+        else:
+            model = _convert(onnx_path, "the ONNX model")
         ov.save_model(model, str(out / MODEL_FILE), compress_to_fp16=config.precision == "fp16")
         if config.precision == "fp16":
             settings["weights"] = "float16 (compressed IR); compute float32 on CPU"
@@ -140,10 +142,12 @@ class OpenvinoTarget(Target):
                             {"openvino": ov.__version__}, notes, runtime_config,
                             model_parts=[MODEL_FILE, WEIGHTS_FILE])
         if config.precision == "int8":
-            _record_integer_share(artifact)
+            from edgeexport.recipes import record_share
+
+            record_share(artifact, lambda: integer_share(artifact.model_path))
         return artifact
 
-    def _quantize(self, model: Any, config: "BuildConfig", calibration: "CalibrationSet", onnx_path: Path,
+    def _quantize(self, config: "BuildConfig", calibration: "CalibrationSet", onnx_path: Path,
                   settings: dict[str, Any], workdir: Path, notes: list[str]) -> Any:
         import onnx
 
@@ -157,7 +161,8 @@ class OpenvinoTarget(Target):
         settings.update(quantizer_choice=quantizer, quantizer_requested=opts["quantizer"], graph_family=graph_family)
         if quantizer == "qdq":
             return self._quantize_qdq(config, calibration, onnx_path, settings, workdir, notes, opts)
-        return self._quantize_nncf(model, config, calibration, settings, opts, graph_family)
+        return self._quantize_nncf(_convert(onnx_path, "the ONNX model"), config, calibration, settings, opts,
+                                   graph_family)
 
     def _quantize_qdq(self, config: "BuildConfig", calibration: "CalibrationSet", onnx_path: Path,
                       settings: dict[str, Any], workdir: Path, notes: list[str], opts: dict[str, Any]) -> Any:
@@ -173,12 +178,7 @@ class OpenvinoTarget(Target):
         notes.extend(more)
         settings.update({k: v for k, v in recorded.items() if k != "format"})
         settings["quantizer"] = f"{recorded['quantizer']} (Q/DQ), converted by openvino {ov.__version__}"
-        try:
-            with quiet():
-                return ov.convert_model(str(qdq))
-        except Exception as e:
-            raise TargetError("OpenVINO could not convert the Q/DQ model", f"{type(e).__name__}: {str(e)[:300]}",
-                              "use --option quantizer=nncf") from None
+        return _convert(qdq, "the Q/DQ model", "use --option quantizer=nncf")
 
     def _quantize_nncf(self, model: Any, config: "BuildConfig", calibration: "CalibrationSet",
                        settings: dict[str, Any], opts: dict[str, Any], graph_family: str) -> Any:
@@ -235,22 +235,6 @@ class OpenvinoTarget(Target):
         return ["numpy", f"openvino>={major}.{minor}"]
 
 
-def _record_integer_share(artifact: Artifact) -> None:
-    """What OpenVINO's CPU plugin really runs in integer: the runtime precision of each weighted layer of the
-    compiled graph (counted by layer and by weight bytes), recorded like the other targets' integer share."""
-    try:
-        share = integer_share(artifact.model_path)
-    except Exception as e:  # informational: an uncountable graph must not fail the build
-        artifact.notes.append(f"integer share not counted ({type(e).__name__}: {str(e)[:120]})")
-        return
-    from edgeexport.recipes import advise
-
-    artifact.settings["integer_share"] = share
-    note = advise(share)
-    if note:
-        artifact.notes.append(note)
-
-
 def integer_share(model_xml: Path) -> dict[str, Any]:
     """From the IR: each weighted op's multiply-adds (static shapes; a dynamic dimension counts as 1) and whether both
     its inputs arrive quantized (a FakeQuantize on the activation, an integer or fake-quantized weight). From the CPU
@@ -261,17 +245,19 @@ def integer_share(model_xml: Path) -> dict[str, Any]:
     macs = {"int": 0, "float": 0}
     floats: list[str] = []
     layers = 0
-    for op in core.read_model(str(model_xml)).get_ops():
+    ops = core.read_model(str(model_xml)).get_ops()
+    for op in ops:
         if op.get_type_name() not in WEIGHTED_OPS:
             continue
         layers += 1
         n = _macs(op)
-        quantized = _source(op, 0).get_type_name() == "FakeQuantize" and _quantized_weight(op.input_value(1).get_node())
+        weight = op.input_value(WEIGHT_INPUT.get(op.get_type_name(), 1)).get_node()
+        quantized = _source(op, 0).get_type_name() == "FakeQuantize" and _quantized_weight(weight)
         macs["int" if quantized else "float"] += n
         if not quantized:
             floats.append(op.get_friendly_name())
     weight_bytes = {"int": 0, "float": 0}
-    for op in core.read_model(str(model_xml)).get_ops():
+    for op in ops:
         if op.get_type_name() == "Constant" and op.get_output_size() and np.prod(op.get_output_shape(0)) > 64:
             t = op.get_output_element_type(0).get_type_name()
             size = int(np.prod(op.get_output_shape(0))) * op.get_output_element_type(0).size
@@ -310,9 +296,12 @@ def _static(shape: Any) -> list[int]:
 
 
 def _macs(op: Any) -> int:
+    kind = op.get_type_name()
+    if kind in WEIGHT_INPUT:  # batch x steps x (W: directions x gates*hidden x input + R: ... x hidden)
+        x, w = _static(op.get_input_partial_shape(0)), WEIGHT_INPUT[kind]
+        return x[0] * x[1] * sum(int(np.prod(_static(op.get_input_partial_shape(i)))) for i in (w, w + 1))
     out = int(np.prod(_static(op.get_output_partial_shape(0))))
     weight = _static(op.get_input_partial_shape(1))
-    kind = op.get_type_name()
     if kind == "Convolution":
         return out * int(np.prod(weight[1:]))
     if kind == "GroupConvolution":

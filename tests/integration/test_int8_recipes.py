@@ -280,3 +280,16 @@ def test_recurrent_layers_are_quantized_by_int8_dynamic_and_static_says_they_sta
     assert r.exit_code == 0, r.stderr
     share = json.loads((tmp_path / "st" / "manifest.json").read_text())["quantization"]["integer_share"]
     assert share["integer_mac_share"] < 0.5 and "stayed float" in r.stderr
+
+
+def test_openvino_int8_says_when_recurrent_layers_stayed_float(cli, rows_npz, tmp_path):
+    """The OpenVINO count includes LSTMSequence ops: the multiply-adds of float LSTMs are not hidden behind an
+    int8 head."""
+    pytest.importorskip("nncf", reason="needs the [openvino] extra")
+    (tmp_path / "lstm.py").write_text(RECURRENT)
+    r = cli("build", "--target", "openvino", "--model", f"{tmp_path / 'lstm.py'}:build", "--calib", rows_npz,
+            "--precision", "int8", "--out", tmp_path / "ov", "--no-bench")
+    assert r.exit_code == 0, r.stderr
+    share = json.loads((tmp_path / "ov" / "manifest.json").read_text())["quantization"]["integer_share"]
+    assert share["integer_mac_share"] < 0.5 and share["float_weighted_layers"] == 2 and "stayed float" in r.stderr
+    assert all(name.startswith("LSTMSequence") for name in share["float_layers_sample"])
