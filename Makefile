@@ -3,21 +3,30 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
+DEMO_STAMP := $(VENV)/.demo-stamp
 DEMO   := build/demo
 
 .PHONY: venv demo test bench clean chromium
 
-$(STAMP): pyproject.toml constraints.txt
+$(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
+
+# make demo: the core (torch CPU, onnx, onnxruntime) and scikit-learn for the digits, nothing else
+$(DEMO_STAMP): pyproject.toml constraints.txt | $(BIN)/python
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[examples]'
+	touch $(DEMO_STAMP)
+
+# make test: every extra the suite exercises (TensorFlow, OpenVINO, optimum, ...)
+$(STAMP): pyproject.toml constraints.txt | $(BIN)/python
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
-	touch $(STAMP)
+	touch $(STAMP) $(DEMO_STAMP)
 
 venv: $(STAMP)
 
 # The embedded default: a CNN trained on scikit-learn's real digits, int8 for ONNX Runtime, validated on
 # held-out digits, bundled, then the bundle's own loader runs its golden self-test.
-demo: $(STAMP)
+demo: $(DEMO_STAMP)
 	$(BIN)/python -m edgeexport.models.digits $(DEMO)/digits.npz
 	$(BIN)/edgeexport build --target ort --model edgeexport.models.digits:model --calib $(DEMO)/digits.npz \
 		--precision int8 --out $(DEMO)/bundle --force

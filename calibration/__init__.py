@@ -106,6 +106,7 @@ def split(n: int, cfg: CalibrationConfig) -> tuple[np.ndarray, np.ndarray]:
             "validation samples are never used for calibration",
             f"pass --holdout below {n} or provide more data",
         )
+    _check_holdout(holdout, cfg, n)
     available = n - holdout
     if cfg.samples is not None and cfg.samples > available:
         raise CalibrationError(
@@ -116,6 +117,19 @@ def split(n: int, cfg: CalibrationConfig) -> tuple[np.ndarray, np.ndarray]:
     samples = cfg.samples if cfg.samples is not None else min(MAX_DEFAULT_CALIB, available)
     perm = np.random.default_rng(cfg.seed).permutation(n)
     return perm[holdout : holdout + samples], perm[:holdout]
+
+
+def _check_holdout(holdout: int, cfg: CalibrationConfig, n: Optional[int]) -> None:
+    """Too few held-out samples make every metric a coin toss: refuse below ``cfg.min_holdout`` unless lowered."""
+    if holdout >= cfg.min_holdout:
+        return
+    more = (f"provide more data (the default holds out 20%: {5 * cfg.min_holdout}+ samples), pass --holdout "
+            f"{cfg.min_holdout} or more" if n is not None else f"provide {cfg.min_holdout}+ validation samples")
+    raise CalibrationError(
+        f"validation would use {holdout} held-out sample(s); at least {cfg.min_holdout} are needed",
+        f"on {holdout} sample(s) one sample moves an agreement or accuracy by {100 / holdout:.3g} points, so the gate "
+        "could not tell a good build from a bad one",
+        f"{more}, or accept it knowingly with --min-holdout {holdout}")
 
 
 def load_calibration(cfg: CalibrationConfig, specs: list[InputSpec], tokenizer: Optional[Any] = None) -> CalibrationSet:
@@ -141,6 +155,7 @@ def _with_separate_validation(raw: RawData, val: RawData, specs: list[InputSpec]
         if asked > have:
             raise CalibrationError(f"asked for {asked} {what} samples but the {what} data has {have}", "",
                                    f"pass {flag} {have} or fewer, or provide more data")
+    _check_holdout(holdout, cfg, None)
     rng = np.random.default_rng(cfg.seed)
     calib_idx = rng.permutation(n_cal)[:samples]
     holdout_idx = n_cal + rng.permutation(n_val)[:holdout]
@@ -222,12 +237,30 @@ def check_arrays(raw: RawData, specs: list[InputSpec]) -> None:
             "sample i of every input must belong together",
             "give every array the same length along the first axis",
         )
+    if counts and min(counts) > 1 and all(_constant(raw.arrays[s.name]) for s in specs):
+        raise CalibrationError(
+            f"every sample of {raw.description} is identical ({min(counts)} copies of one input)",
+            "int8 ranges calibrated on one input, and a comparison of one output with itself, say nothing about "
+            "real inputs: the build would pass whatever the model did",
+            "provide real, varied samples (or --calib synthetic:N for a smoke test, recorded as synthetic)")
     if raw.labels is not None and len(raw.labels) != counts.pop():
         raise CalibrationError(
             f"{len(raw.labels)} labels for {len(next(iter(raw.arrays.values())))} samples",
             "labels must align with samples",
             "pass one label per sample",
         )
+
+
+def _constant(arr: Samples) -> bool:
+    """Every sample of ``arr`` equals the first (read a block at a time)."""
+    first = None
+    for block in arr.blocks():
+        rows = block.reshape(len(block), -1)
+        if first is None:
+            first = rows[:1].copy()
+        if not (rows == first).all():
+            return False
+    return first is not None
 
 
 def _nonfinite_samples(arr: Samples) -> np.ndarray:

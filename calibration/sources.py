@@ -45,6 +45,13 @@ def read_path(path_text: str, cfg: CalibrationConfig, specs: list[InputSpec], to
             raise CalibrationError(f"calibration path {str(path)!r} does not exist", "", "check the --calib path")
         if path.is_dir():
             files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+            arrays = sorted(p.name for p in path.iterdir() if p.suffix.lower() in (".npz", ".npy"))
+            if not files and arrays:
+                raise CalibrationError(f"{str(path)!r} is a folder of array files ({', '.join(arrays[:3])}"
+                                       f"{', ...' if len(arrays) > 3 else ''}), not of images",
+                                       "a folder is read as images; arrays come from one .npz or .npy file",
+                                       f"pass one file (--calib {path / arrays[0]}), or np.savez the samples "
+                                       "together into one .npz keyed by input name")
             raw = read_images(files, str(path), specs, cfg.preprocess or ImagePreprocess())
         elif path.suffix == ".npz":
             raw = read_npz(path, specs)
@@ -83,7 +90,7 @@ def read_npz(path: Path, specs: list[InputSpec]) -> RawData:
     notes = []
     if LABELS_KEY in arrays and LABELS_KEY not in {s.name for s in specs}:
         stored = arrays.pop(LABELS_KEY)
-        labels = stored.rows(0, len(stored))
+        labels = check_labels(stored.rows(0, len(stored)), f"the '{LABELS_KEY}' array of {str(path)!r}")
         notes.append(f"labels taken from the '{LABELS_KEY}' array of {path.name}")
     if not arrays:
         raise CalibrationError(f"{str(path)!r} holds no input arrays", "", "save one array per model input")
@@ -115,9 +122,27 @@ def read_labels(path: Path) -> np.ndarray:
             labels = np.array([int(x) for x in path.read_text().split()])
         except ValueError:
             raise CalibrationError(f"labels file {str(path)!r} is not one integer per line", "", "") from None
+    return check_labels(labels, repr(str(path)))
+
+
+def check_labels(labels: np.ndarray, where: str) -> np.ndarray:
+    """Class indices, one per sample. A one-hot ``(N, classes)`` array becomes its indices; float, negative or
+    multi-dimensional labels are refused (accuracy against them would mean nothing)."""
+    labels = np.asarray(labels)
+    if labels.ndim == 2 and labels.shape[1] > 1 and labels.size and np.isin(labels, (0, 1)).all() \
+            and (labels.sum(axis=1) == 1).all():
+        return labels.argmax(axis=1).astype(np.int64)  # one-hot rows
     if labels.ndim != 1 or labels.dtype.kind not in "iu":
-        raise CalibrationError(f"labels in {str(path)!r} must be a 1-D integer array", f"got {labels.dtype} {labels.shape}", "")
-    return labels
+        kind = ("floats" if labels.dtype.kind == "f" else f"{labels.dtype}") + f" of shape {list(labels.shape)}"
+        raise CalibrationError(f"labels in {where} must be class indices: a 1-D integer array (or one-hot rows)",
+                               f"got {kind}",
+                               "save the class index of each sample, e.g. np.save('labels.npy', y.astype(np.int64))"
+                               + ("; regression targets are not labels (drop --labels)" if labels.dtype.kind == "f"
+                                  else ""))
+    if labels.size and labels.min() < 0:
+        raise CalibrationError(f"labels in {where} hold a negative class index ({int(labels.min())})", "",
+                               "class indices start at 0")
+    return labels.astype(np.int64)
 
 
 def read_text(path: Path, specs: list[InputSpec], tokenizer: Optional[Path], max_length: int) -> RawData:

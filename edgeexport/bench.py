@@ -43,6 +43,98 @@ def summarize(samples: list[float]) -> dict[str, Any]:
             "min_ms": float(arr.min()), "max_ms": float(arr.max()), "std_ms": float(arr.std()), "runs": len(samples)}
 
 
+#: interleaved timing rounds of the build's own benchmark (reference, built, reference, built, ...)
+BUILD_ROUNDS = 3
+#: a variant's p90/p50 above this says its calls were interrupted (a busy machine), not that it is slow
+NOISY_P90_P50 = 1.5
+#: the per-round medians of one variant, or the per-round speed-ups, differing by more than this factor
+NOISY_ROUNDS = 1.25
+
+
+def available_cpus() -> int:
+    """The CPUs this process may use: its affinity mask, capped by a cgroup v2 CPU quota (a container's
+    ``--cpus``). torch and some runtimes default to every core of the host, which thrashes in a container."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, int(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, n)
+
+
+def resolve_threads(threads: Optional[int]) -> int:
+    """The thread count every timed side uses (the reference included): the one asked for, else
+    :func:`available_cpus`."""
+    return int(threads) if threads else available_cpus()
+
+
+def set_torch_threads(threads: int) -> None:
+    """PyTorch's intra-op threads (when torch is loaded at all): the reference runs with the same count as the
+    runtimes it is compared with."""
+    if "torch" in sys.modules:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def interleaved(fns: Mapping[str, Callable[[], Any]], warmup: int, runs: int, rounds: int,
+                log: Optional[Callable[[str], None]] = None) -> dict[str, dict[str, Any]]:
+    """Time each ``fn`` in ``rounds`` interleaved rounds of ``warmup`` + ``runs`` calls (a machine that gets busy
+    for a while slows every variant alike, and shows as round-to-round spread). Each summary has
+    ``round_p50_ms`` and, where the calls were noisy, ``noisy`` saying why."""
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    medians: dict[str, list[float]] = {k: [] for k in fns}
+    for r in range(rounds):
+        if log:
+            log(f"==> timing round {r + 1}/{rounds}: {len(fns)} variants x {runs} runs")
+        for key, fn in fns.items():
+            got = sample_latency(fn, warmup, runs)
+            samples[key] += got
+            medians[key].append(float(np.median(got)))
+    out = {}
+    for key in fns:
+        summary = dict(summarize(samples[key]), round_p50_ms=medians[key])
+        if why := noise(summary):
+            summary["noisy"] = why
+        out[key] = summary
+    return out
+
+
+def noise(summary: Mapping[str, Any]) -> Optional[str]:
+    """Why one variant's timing cannot be taken at face value, or None."""
+    why = []
+    spread = summary["p90_ms"] / max(summary["p50_ms"], 1e-12)
+    if spread > NOISY_P90_P50:
+        why.append(f"p90 is {spread:.2f}x p50")
+    rounds = [r for r in summary.get("round_p50_ms") or [] if r > 0]
+    if len(rounds) > 1 and max(rounds) / min(rounds) > NOISY_ROUNDS:
+        why.append(f"round medians differ {max(rounds) / min(rounds):.2f}x")
+    return "; ".join(why) or None
+
+
+def speedup(reference: Mapping[str, Any], built: Mapping[str, Any]) -> dict[str, Any]:
+    """The reference's p50 over the built one's, the same per round, and whether the spread supports the ratio
+    (``supported``; ``noise`` says why not)."""
+    ratio = reference["p50_ms"] / max(built["p50_ms"], 1e-12)
+    by_round = [a / b for a, b in zip(reference.get("round_p50_ms") or [], built.get("round_p50_ms") or []) if b > 0]
+    why = [f"{side}: {n}" for side, n in (("reference", noise(reference)), ("built", noise(built))) if n]
+    if len(by_round) > 1 and max(by_round) / min(by_round) > NOISY_ROUNDS:
+        why.append(f"the speed-up ranged {min(by_round):.3g}-{max(by_round):.3g}x between rounds")
+    return {"speedup": ratio, "speedup_by_round": by_round, "supported": not why, "noise": "; ".join(why) or None}
+
+
+def format_speedup(info: Optional[Mapping[str, Any]]) -> str:
+    """``7.15x``, or ``noisy`` where the spread does not support a ratio (the reason goes in a note)."""
+    if not info or info.get("speedup") is None:
+        return "-"
+    return f"{info['speedup']:.2f}x" if info.get("supported", True) else "noisy"
+
+
 def time_calls(fn: Callable[[], Any], warmup: int = 5, runs: int = 50) -> dict[str, float]:
     """Wall time of ``fn()`` in milliseconds: p50 (= median), p90, p99, mean, min over ``runs`` after ``warmup``."""
     return dict(summarize(sample_latency(fn, warmup, runs)), warmup=warmup)
@@ -172,29 +264,42 @@ def _bundle_bytes(manifest: dict) -> dict[str, int]:
 
 def bench_bundle(bundle: Path, warmup: int = 10, runs: Optional[int] = 100, duration_s: Optional[float] = None,
                  threads: Optional[int] = None, batch: int = 1, cold_runs: int = 3,
-                 log: Callable[[str], None] = lambda _m: None) -> dict[str, Any]:
-    """Measure a bundle through its loader; the result records the protocol next to the numbers."""
+                 log: Callable[[str], None] = lambda _m: None, **options: Any) -> dict[str, Any]:
+    """Measure a bundle through its loader; the result records the protocol next to the numbers. ``options``
+    go to the loader's backend (TensorRT's ``runtime='onnxruntime'`` on a machine without TensorRT)."""
     from edgeexport.bundle import loader
 
     if batch < 1 or (runs is not None and runs < 1) or warmup < 0 or cold_runs < 0:
         raise UsageError("--batch and --runs must be at least 1, --warmup and --cold-runs at least 0")
+    if duration_s is not None and not 0 < duration_s <= 86400:
+        raise UsageError(f"--duration {duration_s:g} is not a time budget", "it must be more than 0 s (and at most a day)",
+                         "e.g. --duration 10, or --runs N")
+    threads = resolve_threads(threads)
+    if not bundle.exists():
+        raise BundleError(f"bundle {str(bundle)!r} does not exist", "", "check the path (a bundle folder, or its "
+                          ".tar.gz/.zip archive)")
     try:
-        model = loader.load(bundle, threads=threads)
+        model = loader.load(bundle, threads=threads, **options)
     except loader.BundleError as e:
-        raise BundleError(f"cannot load bundle {str(bundle)!r}", str(e), f"check it with 'edgeexport verify {bundle}'") from None
+        fix = (f"run it on the device, or time the ONNX it builds from on onnxruntime: edgeexport bench {bundle} "
+               "--runtime onnxruntime (not TensorRT's numbers)" if "TensorRT" in str(e) or "tensorrt" in str(e)
+               else f"check it with 'edgeexport verify {bundle}'")
+        raise BundleError(f"cannot load bundle {str(bundle)!r}", str(e), fix) from None
     manifest = model.manifest
     feed = batched_feed(model.inputs, next(model.golden())[0], batch)
     model(feed)  # checks the feed once; the timed calls go straight to the runtime
     what = f"{duration_s:g} s" if duration_s else f"{runs} runs"
     log(f"==> latency: {warmup} warm-up calls, then {what} at batch {batch}")
     lat = summarize(sample_latency(lambda: model._backend.run(feed), warmup, runs, duration_s))
+    if why := noise(lat):
+        lat["noisy"] = why
     result: dict[str, Any] = {
         "bundle": str(bundle), "target": manifest["target"], "precision": manifest["precision"],
         "precision_label": manifest.get("precision_label"), "latency": lat,
         "throughput_per_s": batch * 1e3 / lat["mean_ms"],
         **_bundle_bytes(manifest),
         "protocol": {"warmup": warmup, "runs": lat["runs"], "duration_s": duration_s, "threads": threads,
-                     "batch": batch, "feed_shapes": {k: list(v.shape) for k, v in feed.items()},
+                     "runtime_options": {k: v for k, v in options.items() if v is not None}, "batch": batch, "feed_shapes": {k: list(v.shape) for k, v in feed.items()},
                      "feed": "first golden input of the bundle", "timed": "runtime call (inputs checked once before)",
                      "cold_runs": cold_runs, "machine": machine(), "versions": runtime_versions(),
                      "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
@@ -217,6 +322,12 @@ def render_bench(r: dict[str, Any]) -> str:
              f"latency:     p50 {lat['p50_ms']:.4g} ms, p90 {lat['p90_ms']:.4g} ms, p99 {lat['p99_ms']:.4g} ms, "
              f"mean {lat['mean_ms']:.4g} ms (min {lat['min_ms']:.4g})",
              f"throughput:  {r['throughput_per_s']:.1f} samples/s at batch {p['batch']}"]
+    if lat.get("noisy"):
+        lines.append(f"warning:     noisy timing ({lat['noisy']}): the machine was busy or the calls vary; rerun on "
+                     "an idle machine before comparing these numbers")
+    if (p.get("runtime_options") or {}).get("runtime"):
+        lines.append(f"runtime:     {p['runtime_options']['runtime']} (asked with --runtime; not the bundle's own "
+                     "runtime, so these are not its device's numbers)")
     if "gflops_per_s" in r:
         lines.append(f"compute:     {r['gflops_per_s']:.2f} GFLOP/s achieved (model FLOPs / mean latency)")
     fp = r.get("fresh_process")
@@ -226,7 +337,7 @@ def render_bench(r: dict[str, Any]) -> str:
                   f"{fp['load_ms']:.0f}, first call {fp['first_result_ms']:.0f})",
                   f"peak memory: {fp['peak_rss_mib']:.1f} MiB resident (fresh process that loads and runs the bundle)"]
     m = p["machine"]
-    lines.append(f"protocol:    {p['warmup']} warm-up, {p['runs']} timed runs, threads {p['threads'] or 'default'}, "
+    lines.append(f"protocol:    {p['warmup']} warm-up, {p['runs']} timed runs, threads {p['threads'] or 'default'} (--threads; default: the CPUs this process may use), "
                  f"batch {p['batch']}; {m.get('cpu', m['machine'])} ({m['cpu_count']} cores); "
                  + ", ".join(f"{k} {v}" for k, v in p["versions"].items()))
     return "\n".join(lines)

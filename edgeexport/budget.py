@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterator, Optional
 
 from edgeexport.config import BUDGET_METRICS, BuildConfig
 from edgeexport.errors import ValidationFailed
+from edgeexport.bench import resolve_threads
 from edgeexport.util import tmp_prefix
 
 MAX_FLOAT_SHARE = 0.5  # of the weighted layers (Conv, Gemm, MatMul): beyond that, int8 has lost its point
@@ -46,7 +47,7 @@ def _better(a: float, b: float, metric: str) -> bool:
 def validate(config: BuildConfig, source: Any, calib: Any, artifact: Any, target: Any, output_names: list[str]):
     from edgeexport.validate import holdout_report
 
-    with source.reference(config.inputs, output_names) as ref, target.load(artifact, config.bench.threads) as cand:
+    with source.reference(config.inputs, output_names) as ref, target.load(artifact, resolve_threads(config.bench.threads)) as cand:
         return holdout_report(ref, cand, config.resolved_tolerance(), calib, config.task)[0]
 
 
@@ -217,7 +218,7 @@ def compare_mix(config: BuildConfig, source: Any, calib: Any, onnx_path: Path, t
     for name, trial, value in variants:
         with scratch_build(target, source, trial, calib, onnx_path, "budget-") as built:
             size = sum((built.root / f).stat().st_size for f in built.files)
-            with target.load(built, config.bench.threads) as runner:
+            with target.load(built, resolve_threads(config.bench.threads)) as runner:
                 rows[name] = {"size_bytes": size, "median_ms": bench_runner(runner, feed, **protocol)["median_ms"],
                               budget["metric"]: value}
     rows["mix"] = {"size_bytes": sum((artifact.root / f).stat().st_size for f in artifact.files),
@@ -226,6 +227,6 @@ def compare_mix(config: BuildConfig, source: Any, calib: Any, onnx_path: Path, t
     for name, r in rows.items():
         log(f"    {name:<5} {r['size_bytes'] / 1e6:8.3f} MB  {r['median_ms']:8.3f} ms  {budget['metric']} "
             f"{'-' if r[budget['metric']] is None else format(r[budget['metric']], '.5g')}")
-    return {"rows": rows, "threads": config.bench.threads, "runs": config.bench.runs,
+    return {"rows": rows, "threads": resolve_threads(config.bench.threads), "runs": config.bench.runs,
             "note": "built from the same ONNX by the same target; timed one after the other on one held-out feed "
                     "(fp32's value is not validated here: the budget metric is for int8 variants)"}

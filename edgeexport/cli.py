@@ -14,7 +14,7 @@ from click.core import ParameterSource
 
 from edgeexport import __version__
 from edgeexport.config import CALIB_METHODS, TOLERANCE_KEYS
-from edgeexport.errors import EdgeExportError, UsageError, ValidationFailed
+from edgeexport.errors import BundleError, EdgeExportError, UsageError, ValidationFailed
 from edgeexport.targets import DEFAULT_TARGET, known_precisions, layer_search_names, public_names, target_help
 
 # CLI parameter -> path in the BuildConfig dict (and an optional converter)
@@ -22,7 +22,7 @@ _PARAM_PATHS: dict[str, tuple[str, ...]] = {
     "target": ("target",), "model": ("model",), "precision": ("precision",), "opset": ("opset",),
     "out": ("out",), "force": ("force",), "calib": ("calibration", "path"), "labels": ("calibration", "labels"),
     "calib_method": ("calibration", "method"), "calib_samples": ("calibration", "samples"),
-    "holdout": ("calibration", "holdout"), "seed": ("calibration", "seed"), "val": ("calibration", "validation_path"),
+    "holdout": ("calibration", "holdout"), "min_holdout": ("calibration", "min_holdout"), "seed": ("calibration", "seed"), "val": ("calibration", "validation_path"),
     "percentile": ("calibration", "percentile"), "bench_runs": ("bench", "runs"), "threads": ("bench", "threads"),
     "golden": ("golden_samples",), "task": ("task",), "max_length": ("calibration", "max_length"),
     "budget_steps": ("budget_steps",), "explain": ("explain",), "archive": ("archive",),
@@ -66,6 +66,10 @@ def _given(ctx: click.Context, name: str) -> bool:
 def config_from_options(ctx: click.Context, params: dict[str, Any]):
     from edgeexport.config import load_config_file, make_config, parse_input_spec, parse_tolerance
 
+    if params.get("verbose"):
+        import os
+
+        os.environ["EDGEEXPORT_VERBOSE"] = "1"
     data: dict[str, Any] = load_config_file(params["config"]) if params["config"] else {}
     for name, path in _PARAM_PATHS.items():
         if name in params and (_given(ctx, name) or (not params["config"] and params[name] is not None)):
@@ -107,8 +111,9 @@ def config_from_options(ctx: click.Context, params: dict[str, Any]):
     pre: dict[str, Any] = {}
     if params["image_size"]:
         h, sep, w = params["image_size"].partition("x")
-        if not (sep and h.isdigit() and w.isdigit()):
-            raise UsageError(f"--image-size {params['image_size']!r} is not HxW", "", "e.g. --image-size 224x224")
+        if not (sep and h.isdigit() and w.isdigit() and int(h) > 0 and int(w) > 0):
+            raise UsageError(f"--image-size {params['image_size']!r} is not HxW with two positive integers", "",
+                             "e.g. --image-size 224x224")
         pre["size"] = [int(h), int(w)]
     for key in ("color", "layout", "scale", "resize_shorter"):
         if params[key] is not None:
@@ -121,6 +126,46 @@ def config_from_options(ctx: click.Context, params: dict[str, Any]):
     if "model" not in data:
         raise UsageError("no model given", "", "pass --model SPEC (see 'edgeexport build --help') or -c config.yaml")
     return make_config(data, params["config"] or "command line")
+
+
+_RUNTIME_HELP = ("TensorRT bundles on a machine without TensorRT: run the bundle's ONNX on onnxruntime instead "
+                 "(labelled as such; not the device's numbers).")
+
+
+def _bundle_fix(why: str) -> str:
+    if "missing" in why and "manifest" in why:
+        return "point at a folder written by 'edgeexport build' (or its archive)"
+    if "tensorrt" in why.lower() or "TensorRT" in why:
+        return ("run it on the device with TensorRT installed, or check the ONNX with --runtime onnxruntime "
+                "(not TensorRT's numbers)")
+    return "rebuild the bundle; do not edit its files (their checksums are in manifest.json)"
+
+
+def _no_traceback(command):
+    """A command's last line of defence: an unexpected exception (a bug, or a case no check foresaw) is one clear
+    message and exit 1, and a JSON object under --json, never a bare traceback (EDGEEXPORT_TRACEBACK=1 shows it)."""
+    import functools
+    import os
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except (EdgeExportError, SystemExit, KeyboardInterrupt, click.exceptions.Exit, click.ClickException):
+            raise
+        except Exception as e:  # noqa: BLE001 - turned into a report, see the docstring
+            if os.environ.get("EDGEEXPORT_TRACEBACK"):
+                raise
+            where = ""
+            tb = e.__traceback__
+            while tb is not None:
+                where = f"{tb.tb_frame.f_code.co_filename.rsplit('/', 1)[-1]}:{tb.tb_lineno}"
+                tb = tb.tb_next
+            _fail(EdgeExportError(f"unexpected {type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}",
+                                  f"no check of edgeexport caught this input (at {where}); nothing was written",
+                                  "rerun with EDGEEXPORT_TRACEBACK=1 and report it with the command line; meanwhile "
+                                  "check the inputs the message names"), kwargs.get("as_json", False))
+    return wrapper
 
 
 def _fail(e: EdgeExportError, as_json: bool) -> None:
@@ -149,32 +194,36 @@ _MODEL_AND_DATA_OPTIONS = [
                   "a quoted glob ('photos/*.jpg'), or synthetic:N (random data, recorded as such)."),
     click.option("--task", help="hf: models: the optimum task [default: feature-extraction]; feature-extraction also "
                   "selects embedding metrics."),
-    click.option("--max-length", type=int, help="Text: tokens per sample, truncated and padded [default: 128]."),
+    click.option("--max-length", type=click.IntRange(1, 8192), help="Text: tokens per sample, truncated and padded [default: 128]."),
     click.option("--input", "inputs", multiple=True, help="NAME:SHAPE[:DTYPE], e.g. image:batchx3x224x224:float32."),
     click.option("--val", help="Separate validation data (same kinds as --calib); default: hold out part of --calib."),
     click.option("--labels", help="Labels (.npy/.npz/.txt) aligned with the --calib samples, for task accuracy."),
     click.option("--calib-method", type=click.Choice(CALIB_METHODS), default="auto", show_default=True,
                  help="int8 activation ranges; auto: percentile for CNNs, minmax for transformers."),
-    click.option("--calib-samples", type=int, help="Calibration samples [default: all but the holdout, at most 256]."),
-    click.option("--holdout", type=int, help="Held-out validation samples [default: 20%, at most 200]."),
+    click.option("--calib-samples", type=click.IntRange(min=1), help="Calibration samples [default: all but the holdout, at most 256]."),
+    click.option("--holdout", type=click.IntRange(min=1), help="Held-out validation samples [default: 20%, at most 200]."),
+    click.option("--min-holdout", type=click.IntRange(min=1), help="The fewest held-out samples a build accepts "
+                 "[default: 10]; lower it knowingly (one sample of N moves an agreement by 100/N points)."),
     click.option("--seed", type=int, default=0, show_default=True, help="Seed of the calibration/holdout split."),
-    click.option("--percentile", type=float, default=99.999, show_default=True, help="For --calib-method percentile."),
+    click.option("--percentile", type=click.FloatRange(50, 100, min_open=True), default=99.999, show_default=True, help="For --calib-method percentile."),
     click.option("--image-size", help="Resize images to HxW [default: the input's H and W]."),
-    click.option("--resize-shorter", type=int, help="Resize the shorter side to N, then center-crop to the image size."),
+    click.option("--resize-shorter", type=click.IntRange(min=1), help="Resize the shorter side to N, then center-crop to the image size."),
     click.option("--color", type=click.Choice(["rgb", "bgr", "gray"]), help="Image channel order [default: rgb]."),
     click.option("--mean", help="Per-channel mean after scaling, e.g. 0.485,0.456,0.406 [default: 0]."),
     click.option("--std", help="Per-channel std after scaling, e.g. 0.229,0.224,0.225 [default: 1]."),
     click.option("--scale", type=float, help="Pixel scale before mean/std [default: 1/255]."),
     click.option("--layout", type=click.Choice(["nchw", "nhwc"]), help="Image tensor layout [default: nchw]."),
     click.option("--tolerance", multiple=True, help=f"KEY=VALUE overriding a default limit; keys: {', '.join(TOLERANCE_KEYS)}."),
-    click.option("--opset", type=int, default=18, show_default=True),
+    click.option("--opset", type=click.IntRange(13, 23), default=18, show_default=True),
     click.option("--option", multiple=True, help="Target option KEY=VALUE, e.g. reduce_range=false."),
     click.option("--prune", help="Prune the PyTorch model before export: structured:AMOUNT removes that share of "
                   "channels (smaller and faster), magnitude:AMOUNT zeroes that share of weights (smaller compressed, "
                   "not faster). Validated against the unpruned model."),
-    click.option("--finetune-steps", type=int, help="With --prune: recovery steps on the calibration split (labels' "
+    click.option("--finetune-steps", type=click.IntRange(min=0), help="With --prune: recovery steps on the calibration split (labels' "
                   "loss plus distillation from the unpruned model; distillation alone without labels) [default: 0]."),
-    click.option("--finetune-lr", type=float, help="With --prune: Adam learning rate of the recovery [default: 1e-3]."),
+    click.option("--verbose", is_flag=True, help="Let the converters' own logs (TensorFlow's C++ lines, onnx2tf, "
+                 "the quantizers) through to the terminal."),
+    click.option("--finetune-lr", type=click.FloatRange(0, 1, min_open=True), help="With --prune: Adam learning rate of the recovery [default: 1e-3]."),
 ]
 
 
@@ -216,7 +265,7 @@ def model_and_data_options(f):
 @click.option("--accuracy-budget", help=f"int8 ({layer_search_names()}): METRIC=VALUE to reach, e.g. cosine=0.995, top1=0.99, "
               "accuracy-drop=0.5; the layers adding the most error move to 16-bit activations (where the target "
               "has them), then float, step by step until it holds.")
-@click.option("--budget-steps", type=int, help="Most rounds of the --accuracy-budget search [default: 8].")
+@click.option("--budget-steps", type=click.IntRange(1, 32), help="Most rounds of the --accuracy-budget search [default: 8].")
 @click.option("--explain", is_flag=True,
               help=f"int8 ({layer_search_names()}): rank layers by the error they add, print the worst, record them and a plot.")
 @click.option("--diagnose/--no-diagnose", default=None,
@@ -226,13 +275,14 @@ def model_and_data_options(f):
 @click.option("--force", is_flag=True, help="Replace an existing bundle at --out.")
 @click.option("--archive", type=click.Choice(["tar.gz", "zip"]),
               help="Also pack the bundle as OUT.tar.gz or OUT.zip (the loader opens either, safely).")
-@click.option("--bench-runs", type=int, default=50, show_default=True, help="Timed runs in the build's benchmark.")
+@click.option("--bench-runs", type=click.IntRange(min=1), default=50, show_default=True, help="Timed runs in the build's benchmark.")
 @click.option("--no-bench", is_flag=True, help="Skip the latency benchmark.")
-@click.option("--threads", type=int, help="Threads for the runtime and the reference while benchmarking.")
-@click.option("--golden", type=int, default=3, show_default=True, help="Golden input/output pairs in the bundle.")
+@click.option("--threads", type=click.IntRange(min=1), help="Threads for the runtime and the reference while benchmarking.")
+@click.option("--golden", type=click.IntRange(1, 32), default=3, show_default=True, help="Golden input/output pairs in the bundle.")
 @click.option("--dry-run", is_flag=True, help="Resolve everything, print the config as YAML, build nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
 @click.pass_context
+@_no_traceback
 def build(ctx: click.Context, **params: Any) -> None:
     """Convert, quantize, validate and bundle a model.
 
@@ -257,9 +307,14 @@ def build(ctx: click.Context, **params: Any) -> None:
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     else:
+        from edgeexport.report import speedup_text
+
         bench = summary.get("benchmark")
-        extra = f"; {bench['speedup_vs_reference']:.2f}x vs reference" if bench and "skipped" not in bench else ""
+        extra = f"; {speedup_text(bench)} vs reference" if bench and "skipped" not in bench else ""
         click.echo(f"ok: wrote {result.out} ({config.target}/{config.precision}, validated{extra})")
+        click.echo(f"next: python {result.out}/loader.py --selftest    (on the device: pip install -r "
+                   f"{result.out}/requirements.txt first)\n      edgeexport inspect {result.out}    "
+                   f"edgeexport bench {result.out}", err=True)
 
 
 def _load_trusted_loader():
@@ -271,18 +326,28 @@ def _load_trusted_loader():
 
 @main.command()
 @click.argument("bundle", type=click.Path())
-@click.option("--threads", type=int)
+@click.option("--threads", type=click.IntRange(min=1))
+@click.option("--runtime", type=click.Choice(["onnxruntime"]), help=_RUNTIME_HELP)
 @click.option("--json", "as_json", is_flag=True)
-def verify(bundle: str, threads: Optional[int], as_json: bool) -> None:
+@_no_traceback
+def verify(bundle: str, threads: Optional[int], runtime: Optional[str], as_json: bool) -> None:
     """Re-check every checksum of BUNDLE (a folder, or a .tar.gz/.zip archive) and run its golden self-test."""
+    from pathlib import Path
+
     loader = _load_trusted_loader()
+    if not Path(bundle).exists():
+        _fail(BundleError(f"bundle {bundle!r} does not exist", "",
+                          "check the path: a bundle folder (with manifest.json), or its .tar.gz/.zip archive"), as_json)
     try:
-        model = loader.load(bundle, threads=threads)
+        model = loader.load(bundle, threads=threads, runtime=runtime)
     except loader.BundleError as e:
-        _fail(EdgeExportError(f"bundle {bundle!r} failed verification", str(e), "rebuild the bundle"), as_json)
-    ok = model.selftest(verbose=not as_json)
+        _fail(BundleError(f"bundle {bundle!r} failed verification", str(e), _bundle_fix(str(e))), as_json)
+    try:
+        ok = model.selftest(verbose=not as_json)
+    except (loader.BundleError, loader.InputError) as e:
+        _fail(BundleError(f"bundle {bundle!r} failed its self-test", str(e), _bundle_fix(str(e))), as_json)
     if as_json:
-        click.echo(json.dumps({"ok": ok, "bundle": bundle, "checksums": "ok"}))
+        click.echo(json.dumps({"ok": ok, "bundle": bundle, "checksums": "ok", "runtime": runtime or "the bundle's"}))
     elif ok:
         click.echo(f"ok: {bundle}: checksums match and the golden self-test passed")
     if not ok:
@@ -293,6 +358,7 @@ def verify(bundle: str, threads: Optional[int], as_json: bool) -> None:
 @main.command()
 @click.argument("bundle", type=click.Path(file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the raw manifest.")
+@_no_traceback
 def inspect(bundle: str, as_json: bool) -> None:
     """Print BUNDLE's manifest as a readable summary."""
     from edgeexport.report import inspect_text
@@ -307,23 +373,25 @@ def inspect(bundle: str, as_json: bool) -> None:
 
 @main.command()
 @click.argument("bundle", type=click.Path(file_okay=False))
-@click.option("--runs", type=int, default=100, show_default=True, help="Timed runs after the warm-up.")
-@click.option("--duration", type=float, help="Time budget in seconds instead of a number of runs.")
-@click.option("--warmup", type=int, default=10, show_default=True, help="Untimed calls before timing.")
-@click.option("--threads", type=int, help="Runtime threads [default: the runtime's own].")
-@click.option("--batch", type=int, default=1, show_default=True, help="Rows per call (needs a named batch dim).")
-@click.option("--cold-runs", type=int, default=3, show_default=True,
+@click.option("--runs", type=click.IntRange(min=1), default=100, show_default=True, help="Timed runs after the warm-up.")
+@click.option("--duration", type=click.FloatRange(min=0, min_open=True, max=86400), help="Time budget in seconds instead of a number of runs.")
+@click.option("--warmup", type=click.IntRange(min=0), default=10, show_default=True, help="Untimed calls before timing.")
+@click.option("--threads", type=click.IntRange(min=1), help="Runtime threads [default: the runtime's own].")
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Rows per call (needs a named batch dim).")
+@click.option("--cold-runs", type=click.IntRange(min=0), default=3, show_default=True,
               help="Fresh processes for cold start and peak memory (0 skips them).")
+@click.option("--runtime", type=click.Choice(["onnxruntime"]), help=_RUNTIME_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print the results and protocol as JSON.")
+@_no_traceback
 def bench(bundle: str, runs: int, duration: Optional[float], warmup: int, threads: Optional[int], batch: int,
-          cold_runs: int, as_json: bool) -> None:
+          cold_runs: int, runtime: Optional[str], as_json: bool) -> None:
     """Measure BUNDLE through its own loader: latency percentiles, throughput, cold start, peak memory, size."""
     from edgeexport.bench import bench_bundle, render_bench
     from pathlib import Path
 
     try:
         result = bench_bundle(Path(bundle), warmup=warmup, runs=runs, duration_s=duration, threads=threads,
-                              batch=batch, cold_runs=cold_runs, log=lambda m: click.echo(m, err=True))
+                              batch=batch, cold_runs=cold_runs, log=lambda m: click.echo(m, err=True), runtime=runtime)
     except EdgeExportError as e:
         _fail(e, as_json)
     click.echo(json.dumps(result, indent=2) if as_json else render_bench(result))
@@ -360,14 +428,15 @@ def _csv(text: Optional[str]) -> Optional[list[str]]:
 @click.option("--force", is_flag=True, help="Replace bundles already in --out.")
 @click.option("--report", type=click.Path(dir_okay=False), help="Write a self-contained HTML report here.")
 @click.option("--focus", help="TARGET/PRECISION whose error histograms the report shows [default: the recommended].")
-@click.option("--runs", type=int, default=100, show_default=True, help="Timed runs per variant per round.")
-@click.option("--rounds", type=int, default=3, show_default=True, help="Interleaved timing rounds.")
-@click.option("--warmup", type=int, default=10, show_default=True, help="Untimed calls per variant per round.")
-@click.option("--threads", type=int, help="Threads for every runtime and for PyTorch [default: their own].")
+@click.option("--runs", type=click.IntRange(min=1), default=100, show_default=True, help="Timed runs per variant per round.")
+@click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True, help="Interleaved timing rounds.")
+@click.option("--warmup", type=click.IntRange(min=0), default=10, show_default=True, help="Untimed calls per variant per round.")
+@click.option("--threads", type=click.IntRange(min=1), help="Threads for every runtime and for PyTorch [default: their own].")
 @click.option("--time-failed", is_flag=True, help="Also time combinations that fail validation (built again "
               "with the limits lifted, and not kept), to see what the gate protects against.")
 @click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON on stdout.")
 @click.pass_context
+@_no_traceback
 def compare(ctx: click.Context, **params: Any) -> None:
     """Build, validate and time every target x precision next to PyTorch eager; print one table.
 

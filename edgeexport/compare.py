@@ -8,6 +8,8 @@ built here, fails validation or breaks is a row that says why, never a crash of 
 
 from __future__ import annotations
 
+import dataclasses
+
 import importlib.util
 from functools import partial
 import tempfile
@@ -53,6 +55,7 @@ class Row:
     deflated_bytes: Optional[int] = None  # the model file after zlib: what an archive or a download of it costs
     latency: Optional[dict[str, Any]] = None
     speedup: Optional[float] = None
+    speedup_noise: Optional[str] = None  # why the timing spread does not support the speed-up (None: it does)
     gflops_per_s: Optional[float] = None
     metrics: dict[str, Any] = field(default_factory=dict)
     validation: Optional[dict[str, Any]] = None
@@ -70,7 +73,9 @@ class Row:
         return {"target": self.target, "precision": self.precision, "status": self.status, "reason": self.reason,
                 "bundle": str(self.out) if self.out else None, "size_bytes": self.size_bytes,
                 "deflated_bytes": self.deflated_bytes,
-                "latency": self.latency, "speedup_vs_reference": self.speedup, "gflops_per_s": self.gflops_per_s,
+                "latency": self.latency, "speedup_vs_reference": self.speedup,
+                "speedup_supported": self.speedup is not None and self.speedup_noise is None,
+                "speedup_noise": self.speedup_noise, "gflops_per_s": self.gflops_per_s,
                 "metrics": self.metrics, "validation": self.validation, "build_s": self.build_s}
 
 
@@ -225,14 +230,12 @@ def _reference_size(source: Any) -> Optional[int]:
 
 def _time_all(rows: list[Row], ref_runner: Any, feed: dict[str, np.ndarray], settings: Settings, log: Log
               ) -> dict[str, float]:
-    """Interleaved rounds: eager, then every passed bundle through its own loader. Returns the eager summary."""
-    from edgeexport.bench import sample_latency, summarize
+    """Interleaved rounds: eager, then every passed bundle through its own loader, all with the same thread count.
+    Returns the eager summary."""
+    from edgeexport.bench import interleaved, resolve_threads, set_torch_threads, speedup
     from edgeexport.bundle import loader
 
-    if settings.threads:
-        import torch
-
-        torch.set_num_threads(settings.threads)
+    set_torch_threads(resolve_threads(settings.threads))
     runners: dict[str, Callable[[], Any]] = {"reference": lambda: ref_runner._infer_impl(feed)}
     ref_runner.infer(feed)
     for row in rows:
@@ -249,22 +252,19 @@ def _time_all(rows: list[Row], ref_runner: Any, feed: dict[str, np.ndarray], set
             row.add_note(f"latency not measured: its loader failed: {type(e).__name__}: {e}")
             continue
         runners[row.key] = partial(_run_backend, model, feed)
-    samples: dict[str, list[float]] = {k: [] for k in runners}
-    rounds: dict[str, list[float]] = {k: [] for k in runners}  # each round's median, to judge the ratios' spread
-    for r in range(settings.rounds):
-        log(f"==> timing round {r + 1}/{settings.rounds}: {len(runners)} variants x {settings.runs} runs")
-        for key, fn in runners.items():
-            got = sample_latency(fn, settings.warmup, settings.runs)
-            samples[key] += got
-            rounds[key].append(float(np.median(got)))
+    timed = interleaved(runners, settings.warmup, settings.runs, settings.rounds, log)
     for row in rows:
-        if row.key in samples:
-            row.latency = dict(summarize(samples[row.key]), round_p50_ms=rounds[row.key])
-            # the speed-up in each round (eager and this variant timed minutes apart at most): its range is
-            # what the spread supports
-            ratios = [a / b for a, b in zip(rounds["reference"], rounds[row.key]) if b > 0]
-            row.latency["speedup_by_round"] = ratios
-    return dict(summarize(samples["reference"]), round_p50_ms=rounds["reference"])
+        if row.key in timed:
+            row.latency = timed[row.key]
+            # the speed-up in each round (eager and this variant timed minutes apart at most): its range, and each
+            # side's own spread, say whether the ratio holds
+            ratio = speedup(timed["reference"], row.latency)
+            row.latency["speedup_by_round"] = ratio["speedup_by_round"]
+            row.speedup, row.speedup_noise = ratio["speedup"], ratio["noise"]
+            if ratio["noise"]:
+                row.add_note(f"speed-up not supported by the spread ({ratio['noise']}): the machine was busy; "
+                             "rerun on an idle machine")
+    return timed["reference"]
 
 
 def _run_backend(model: Any, feed: dict[str, np.ndarray]) -> Any:
@@ -304,6 +304,16 @@ def run(base: BuildConfig, targets: list[str], precisions: Optional[list[str]], 
     from edgeexport.bench import machine, runtime_versions
     from edgeexport.targets import DEFAULT_TARGET
 
+    from edgeexport.bench import resolve_threads
+    from edgeexport.targets import known_precisions
+
+    unknown_p = [p for p in precisions or [] if p not in known_precisions()]
+    if unknown_p:
+        raise UsageError(f"--precisions names {', '.join(unknown_p)}, which no target has",
+                         f"the precisions are {', '.join(known_precisions())}", "pass some of those")
+    if not targets:
+        raise UsageError("--targets is empty", "", f"e.g. --targets {DEFAULT_TARGET}")
+    settings = dataclasses.replace(settings, threads=resolve_threads(settings.threads))
     rows = plan(targets, precisions)
     if focus is not None and focus not in [r.key for r in rows]:
         raise UsageError(f"--focus {focus!r} is not one of the compared combinations",
@@ -336,7 +346,6 @@ def run(base: BuildConfig, targets: list[str], precisions: Optional[list[str]], 
         flops = (exported.stats or {}).get("flops_per_sample")
         for row in rows:
             if row.latency:
-                row.speedup = ref_latency["p50_ms"] / max(row.latency["p50_ms"], 1e-9)
                 row.gflops_per_s = flops / (row.latency["p50_ms"] * 1e6) if flops else None
         for row in rows:
             if out_root is None or row.status != "passed":
@@ -345,7 +354,9 @@ def run(base: BuildConfig, targets: list[str], precisions: Optional[list[str]], 
                  "latency": ref_latency, "size_bytes": _reference_size(source),
                  "gflops_per_s": flops / (ref_latency["p50_ms"] * 1e6) if flops else None}
     protocol = {"warmup": settings.warmup, "runs_per_round": settings.runs, "rounds": settings.rounds,
-                "threads": settings.threads, "batch": 1, "feed_shapes": {k: list(v.shape) for k, v in feed.items()},
+                "threads": settings.threads,
+                "threads_note": "PyTorch and every runtime ran with this many threads (--threads; default: the CPUs "
+                                "this process may use)", "batch": 1, "feed_shapes": {k: list(v.shape) for k, v in feed.items()},
                 "timed": "runtime call through each bundle's loader (inputs checked once before), interleaved rounds",
                 "machine": machine(), "versions": runtime_versions(),
                 "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -386,7 +397,7 @@ def table_lines(c: Comparison, markdown: bool = False) -> list[str]:
         m, lat = r.metrics, r.latency or {}
         body.append([r.target, r.precision, r.status.upper() if r.status != "passed" else r.status,
                      _f(r.size_bytes and r.size_bytes / 1024, ".1f"), _f(lat.get("p50_ms"), ".4g"),
-                     _f(lat.get("p90_ms"), ".4g"), _f(r.speedup, ".2f") + ("x" if r.speedup else ""),
+                     _f(lat.get("p90_ms"), ".4g"), speedup_cell(r),
                      _f(m.get("cosine"), ".5f"), _f(m.get("top1"), ".3f"), _f(m.get("task_drop_points"), "+.2f"),
                      _f(r.gflops_per_s, ".3g")])
     if markdown:
@@ -404,6 +415,12 @@ def table_lines(c: Comparison, markdown: bool = False) -> list[str]:
         lines += ["", "Notes:"] + [f"- {n}" for n in notes]
     lines += ["", recommendation(c)]
     return lines
+
+
+def speedup_cell(r: Row) -> str:
+    if r.speedup is None:
+        return "-"
+    return "noisy" if r.speedup_noise else f"{r.speedup:.2f}x"
 
 
 def recommendation(c: Comparison) -> str:

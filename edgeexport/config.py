@@ -6,6 +6,7 @@ back. Everything that influences the result lives here, so the manifest can reco
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -36,6 +37,11 @@ PRUNED_TOLERANCES: dict[str, float] = {"cosine": 0.95, "snr_db": 10.0, "top1": 0
 PRUNE_METHODS = ("structured", "magnitude")
 #: --accuracy-budget metrics: the validation check each one sets, and whether it is a floor (min) or a ceiling (max)
 BUDGET_METRICS = {"cosine": "min", "top1": "min", "snr_db": "min", "pooled_cosine": "min", "accuracy_drop": "max"}
+#: the values each tolerance (and accuracy budget) may take: (lowest, highest)
+TOLERANCE_RANGES: dict[str, tuple[float, float]] = {
+    "cosine": (-1.0, 1.0), "pooled_cosine": (-1.0, 1.0), "top1": (0.0, 1.0), "top5": (0.0, 1.0),
+    "snr_db": (-200.0, 200.0), "accuracy_drop": (0.0, 100.0), "max_abs": (0.0, float("inf")),
+}
 TOLERANCE_KEYS = {
     "cosine": "min mean cosine similarity",
     "snr_db": "min signal-to-noise ratio in dB",
@@ -45,6 +51,17 @@ TOLERANCE_KEYS = {
     "accuracy_drop": "max drop in task accuracy, percentage points (needs labels)",
     "max_abs": "max absolute error (off unless set)",
 }
+
+
+def check_limit(what: str, key: str, value: float) -> None:
+    """A tolerance or budget value must be a number its metric can take (cosine 1.5, NaN or top1=95 never holds
+    or always holds: either way the gate would mean nothing)."""
+    lo, hi = TOLERANCE_RANGES[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or not lo <= value <= hi:
+        hint = ""
+        if key in ("top1", "top5") and isinstance(value, (int, float)) and 1 < value <= 100:
+            hint = f" (a fraction, not a percentage: did you mean {value / 100:g}?)"
+        raise ValueError(f"{what} {key}={value!r} is out of range: {key} takes values from {lo:g} to {hi:g}{hint}")
 
 
 class _Strict(BaseModel):
@@ -120,8 +137,29 @@ class ImagePreprocess(_Strict):
     @field_validator("std")
     @classmethod
     def _std(cls, v: list[float]) -> list[float]:
-        if any(s == 0 for s in v):
-            raise ValueError("std values must be non-zero")
+        if any(s == 0 or not math.isfinite(s) for s in v):
+            raise ValueError("std values must be finite and non-zero")
+        return v
+
+    @field_validator("mean")
+    @classmethod
+    def _mean(cls, v: list[float]) -> list[float]:
+        if not all(math.isfinite(m) for m in v):
+            raise ValueError("mean values must be finite numbers")
+        return v
+
+    @field_validator("size")
+    @classmethod
+    def _size(cls, v: Optional[list[int]]) -> Optional[list[int]]:
+        if v is not None and (len(v) != 2 or any(d < 1 for d in v)):
+            raise ValueError(f"image size {v} must be two positive integers [H, W], e.g. 224x224")
+        return v
+
+    @field_validator("scale")
+    @classmethod
+    def _scale(cls, v: float) -> float:
+        if not math.isfinite(v) or v <= 0:
+            raise ValueError(f"scale {v} must be a positive number, e.g. 0.00392 (1/255)")
         return v
 
 
@@ -130,12 +168,25 @@ class CalibrationConfig(_Strict):
     validation_path: Optional[str] = None  # separate held-out data; default: split off `path`
     samples: Optional[int] = Field(default=None, ge=1)  # calibration samples (default: all but the holdout, <=256)
     holdout: Optional[int] = Field(default=None, ge=1)  # held-out validation samples (default: 20%, <=200)
+    #: the fewest held-out samples a build accepts: with fewer, one sample moves an agreement by > 10 points
+    min_holdout: int = Field(default=10, ge=1)
     method: Literal["auto", "minmax", "entropy", "percentile"] = "auto"  # auto: recipes.calib_method
     percentile: float = Field(default=99.999, gt=50.0, le=100.0)
     seed: int = 0
     max_length: int = Field(default=128, ge=1, le=8192)  # text: tokens per sample (truncate, pad to this length)
     labels: Optional[str] = None
     preprocess: Optional[ImagePreprocess] = None
+
+    @model_validator(mode="after")
+    def _preprocess_needs_images(self) -> "CalibrationConfig":
+        arrays = [p for p in (self.path, self.validation_path)
+                  if p and (p.lower().endswith((".npz", ".npy")) or p.startswith("synthetic:"))]
+        if self.preprocess is not None and arrays:
+            given = sorted(k for k in self.preprocess.model_fields_set)
+            raise ValueError(f"image preprocessing ({', '.join('--' + g.replace('_', '-') for g in given) or 'preprocess'}) "
+                             f"applies to image folders only; {arrays[0]!r} holds arrays, fed as they are "
+                             "(preprocess them before saving, or point --calib at the images)")
+        return self
 
 
 class BenchConfig(_Strict):
@@ -173,7 +224,7 @@ class BuildConfig(_Strict):
     """Everything that determines one build."""
 
     target: str = DEFAULT_TARGET
-    precision: str = "fp32"
+    precision: str = "int8"  # the CLI's default too: a config file without it builds what the CLI would
     model: str
     task: Optional[str] = None  # hf: the optimum task (default feature-extraction); also selects metrics
     inputs: list[InputSpec] = Field(default_factory=list)
@@ -208,6 +259,7 @@ class BuildConfig(_Strict):
         for k in v:
             if k not in BUDGET_METRICS:
                 raise ValueError(f"unknown accuracy budget metric {k!r}; known: {', '.join(BUDGET_METRICS)}")
+            check_limit("accuracy budget", k, v[k])
         return v
 
     @field_validator("precision")
@@ -222,9 +274,10 @@ class BuildConfig(_Strict):
     @field_validator("tolerance")
     @classmethod
     def _tolerance(cls, v: dict[str, float]) -> dict[str, float]:
-        for k in v:
+        for k, value in v.items():
             if k not in TOLERANCE_KEYS:
                 raise ValueError(f"unknown tolerance {k!r}; known: {', '.join(TOLERANCE_KEYS)}")
+            check_limit("tolerance", k, value)
         return v
 
     @model_validator(mode="after")

@@ -12,11 +12,11 @@ import io
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
-from edgeexport.compare import Comparison, recommendation, table_lines
+from edgeexport.compare import Comparison, speedup_cell, recommendation, table_lines
 from edgeexport.errors import BundleError, missing_extra
 
 _STATUS_COLOURS = {"passed": "#2e7d32", "failed": "#c62828", "error": "#6a1b9a", "skipped": "#757575"}
@@ -149,10 +149,14 @@ def _table(c: Comparison) -> str:
             f'<td class="l status" style="color:{colour}">{r.status}</td>'
             f'<td>{fmt(r.size_bytes and r.size_bytes / 1024, ",.1f")}</td><td>{fmt(lat.get("p50_ms"), ".4g")}</td>'
             f'<td>{fmt(lat.get("p90_ms"), ".4g")}</td><td>{fmt(lat.get("p99_ms"), ".4g")}</td>'
-            f'<td>{fmt(r.speedup, ".2f")}{"x" if r.speedup else ""}</td><td>{fmt(m.get("cosine"), ".5f")}</td>'
+            f'<td{_noisy_title(r.speedup_noise)}>{speedup_cell(r)}</td><td>{fmt(m.get("cosine"), ".5f")}</td>'
             f'<td>{fmt(m.get("top1"), ".3f")}</td><td>{fmt(m.get("task_accuracy"), ".2%")}</td>'
             f'<td>{fmt(m.get("task_drop_points"), "+.2f")}</td><td>{fmt(r.gflops_per_s, ".3g")}</td></tr>')
     return '<table id="comparison">' + "".join(rows) + "</table>"
+
+
+def _noisy_title(noise: Optional[str]) -> str:
+    return f' class="noisy" title="{html.escape(noise)}"' if noise else ""
 
 
 def render(c: Comparison) -> str:

@@ -12,6 +12,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
+from edgeexport.bench import resolve_threads
 from edgeexport.bundle.manifest import golden_tolerance, now_iso, versions
 from edgeexport.bundle.writer import check_output_path, write_bundle
 from edgeexport.calibration import CalibrationSet, load_calibration
@@ -21,7 +22,7 @@ from edgeexport.report import render_markdown
 from edgeexport.source import ModelSource, load_source
 from edgeexport.targets import get_target
 from edgeexport.validate import ValidationReport, error_sample, holdout_report
-from edgeexport.util import remove_stale, tmp_prefix
+from edgeexport.util import heartbeat, remove_stale, tmp_prefix
 
 Log = Callable[[str], None]
 _POSITIONAL_SOURCES = ("torchscript", "exported_program")
@@ -69,7 +70,8 @@ def resolve(config: BuildConfig, log: Log = _stderr) -> tuple[BuildConfig, Model
             raise BundleError(f"archive {str(packed)!r} already exists", "a build never overwrites a file unless asked",
                               "pass --force to replace it, or choose another --out")
     log(f"==> loading model {config.model}")
-    source = load_source(config.model, config.task)
+    with heartbeat(log, "loading the model"):
+        source = load_source(config.model, config.task)
     specs = resolve_inputs(config, source)
     log(f"    inputs: {', '.join(s.describe() for s in specs)}")
     _refuse(target.check_inputs(specs), f"target {config.target!r} cannot take these inputs",
@@ -189,7 +191,10 @@ def finalize_onnx(path: Path, specs: list[InputSpec]) -> dict[str, Any]:
                     d.dim_param = rename[d.dim_param]
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
-    return {"stripped_debug_metadata_bytes": before - model.ByteSize(), "renamed_dims": rename}
+    first = model.graph.output[0].type.tensor_type.shape.dim if model.graph.output else []
+    classes = first[-1].dim_value if len(first) == 2 and first[-1].dim_value > 1 else None  # [batch, classes]
+    return {"stripped_debug_metadata_bytes": before - model.ByteSize(), "renamed_dims": rename,
+            "first_output_classes": classes}
 
 
 def build(config: BuildConfig, log: Log = _stderr) -> BuildResult:
@@ -217,8 +222,14 @@ def export(config: BuildConfig, source: ModelSource, calib: CalibrationSet, path
 
         source, pruning = prune_source(config, source, calib, log)
     log(f"==> exporting ONNX (opset {config.opset}) from {source.kind}" + (" (pruned)" if pruning else ""))
-    output_names = source.export_onnx(path, config.inputs, config.opset)
+    with heartbeat(log, "exporting"):
+        output_names = source.export_onnx(path, config.inputs, config.opset)
     info = finalize_onnx(path, config.inputs)
+    labels = calib.holdout_labels()
+    if labels is not None and info.get("first_output_classes"):  # before any build: not after it
+        from edgeexport.validate import check_label_range
+
+        check_label_range(labels, info["first_output_classes"], output_names[0] if output_names else "output")
     return Exported(path, output_names, info, model_stats(path, calib, log), pruning)
 
 
@@ -257,7 +268,7 @@ def build_resolved(config: BuildConfig, source: ModelSource, calib: CalibrationS
         step.build()
         log(f"==> validating on {len(calib.holdout_idx)} held-out samples")
         with source.reference(step.config.inputs, exported.output_names) as ref, \
-                target.load(step.artifact, config.bench.threads) as cand:
+                target.load(step.artifact, resolve_threads(config.bench.threads)) as cand:
             step.gate(ref, cand)
             step.measure(ref, cand)
         out = step.package()
@@ -438,20 +449,24 @@ def explain(artifact, calib: CalibrationSet, workdir: Path, log: Log) -> Optiona
 
 
 def benchmark(config: BuildConfig, ref, cand, calib: CalibrationSet) -> dict[str, Any]:
-    from edgeexport.bench import bench_runner, machine
+    from edgeexport.bench import BUILD_ROUNDS, interleaved, machine, resolve_threads, set_torch_threads, speedup
 
     feed = next(calib.holdout())
-    threads = config.bench.threads
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
-    protocol = dict(warmup=config.bench.warmup, runs=config.bench.runs)
-    r = bench_runner(ref, feed, **protocol)
-    c = bench_runner(cand, feed, **protocol)
-    return {"reference": r, "built": c, "speedup_vs_reference": r["median_ms"] / max(c["median_ms"], 1e-9),
-            "feed_shapes": {k: list(v.shape) for k, v in feed.items()}, "threads": threads, "machine": machine(),
-            "note": "reference = the source model in its own framework (PyTorch eager unless the source is ONNX)"}
+    threads = resolve_threads(config.bench.threads)
+    set_torch_threads(threads)  # the reference gets the thread count the built model was loaded with
+    ref.infer(feed)
+    cand.infer(feed)  # each checks the feed once; the timed calls go straight to the runtime
+    timed = interleaved({"reference": lambda: ref._infer_impl(feed), "built": lambda: cand._infer_impl(feed)},
+                        config.bench.warmup, config.bench.runs, BUILD_ROUNDS)
+    ratio = speedup(timed["reference"], timed["built"])
+    return {"reference": timed["reference"], "built": timed["built"], "speedup_vs_reference": ratio["speedup"],
+            "speedup_by_round": ratio["speedup_by_round"], "speedup_supported": ratio["supported"],
+            "noise": ratio["noise"], "rounds": BUILD_ROUNDS, "runs_per_round": config.bench.runs,
+            "warmup": config.bench.warmup, "feed_shapes": {k: list(v.shape) for k, v in feed.items()},
+            "threads": threads, "threads_note": "the reference and the built model ran with the same thread count",
+            "machine": machine(),
+            "note": "reference = the source model in its own framework (PyTorch eager unless the source is ONNX); "
+                    "the two are timed in interleaved rounds"}
 
 
 def make_manifest(config: BuildConfig, source: ModelSource, calib: CalibrationSet, artifact, report: ValidationReport,

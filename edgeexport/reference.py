@@ -23,7 +23,11 @@ def flatten_outputs(out: Any, names: list[str] | None = None) -> list[Any]:
         for o in out:
             flat.extend(flatten_outputs(o))
         return flat
-    raise TypeError(f"model output of type {type(out).__name__} is not a tensor, tuple, list or dict")
+    from edgeexport.errors import ModelLoadError
+
+    raise ModelLoadError(f"the model's forward returned {type(out).__name__}, which is not a tensor",
+                         "edgeexport exports and validates tensor outputs: a tensor, or a tuple, list or dict of them",
+                         "return tensors only (drop or convert the other values, e.g. in a wrapper module)")
 
 
 def output_names_for(out: Any) -> list[str]:

@@ -57,8 +57,9 @@ def render_markdown(manifest: dict[str, Any]) -> str:
                   "| model | median ms | p90 ms |", "|---|---|---|",
                   f"| reference | {_f(bench['reference']['median_ms'])} | {_f(bench['reference']['p90_ms'])} |",
                   f"| built | {_f(bench['built']['median_ms'])} | {_f(bench['built']['p90_ms'])} |",
-                  "", f"Speed-up vs reference: {bench['speedup_vs_reference']:.2f}x "
-                  f"({bench['machine'].get('cpu', bench['machine'].get('machine'))}, threads {bench.get('threads') or 'default'})."]
+                  "", f"Speed-up vs reference: {speedup_text(bench)} "
+                  f"({bench['machine'].get('cpu', bench['machine'].get('machine'))}, threads {bench.get('threads') or 'default'}"
+                  " for both)."]
     lines += _recipe_lines(manifest) + _pruning_lines(manifest) + _budget_lines(manifest) + _layer_lines(manifest)
     if manifest.get("notes"):
         lines += ["", "## Notes", ""] + [f"- {n}" for n in manifest["notes"]]
@@ -176,6 +177,16 @@ def inspect_text(manifest: dict[str, Any]) -> str:
     bench = manifest.get("benchmark")
     if bench and not bench.get("skipped"):
         lines.append(f"latency:    built {bench['built']['median_ms']:.3f} ms vs reference "
-                     f"{bench['reference']['median_ms']:.3f} ms ({bench['speedup_vs_reference']:.2f}x)")
+                     f"{bench['reference']['median_ms']:.3f} ms ({speedup_text(bench)})")
     lines.append(f"files:      {len(files)} with sha256")
     return "\n".join(lines)
+
+
+def speedup_text(bench: dict) -> str:
+    """A build benchmark's speed-up as a reader should take it: the ratio, or why the spread does not support one."""
+    ratio = bench.get("speedup_vs_reference")
+    if ratio is None:
+        return "not measured"
+    if bench.get("speedup_supported", True):
+        return f"{ratio:.2f}x"
+    return f"no speed-up given: the timing was noisy ({bench.get('noise')}); time it on an idle machine"

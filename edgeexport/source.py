@@ -127,6 +127,8 @@ class TorchModelSource(ModelSource):
                                   input_names=[s.name for s in specs], output_names=names, opset_version=opset,
                                   **self._export_options(specs))
             except Exception as e:
+                if _interrupted(e):  # the exporter wrapped Ctrl-C in its own error
+                    raise KeyboardInterrupt from None
                 raise export_error(e, log.getvalue()) from None
         return names
 
@@ -138,6 +140,17 @@ class TorchModelSource(ModelSource):
         dynamic = tuple(spec.dynamic_dims or None for spec in specs)
         return {"dynamo": True, "external_data": False, "verbose": False,
                 "dynamic_shapes": dynamic if any(dynamic) else None}
+
+
+def _interrupted(e: BaseException) -> bool:
+    """Whether ``e`` wraps a KeyboardInterrupt (exporters catch everything and re-raise their own error)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt) or "KeyboardInterrupt" in type(e).__name__:
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__  # type: ignore[assignment]
+    return False
 
 
 def export_error(e: Exception, log: str) -> ExportError:
@@ -199,8 +212,18 @@ class FactorySource(TorchModelSource):
                 "return an nn.Module, (module, example_inputs) or {'model': module, 'example_inputs': ...}",
             )
         self.module = module.eval()
-        params = [p for p in inspect.signature(module.forward).parameters.values()
-                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        try:
+            signature = list(inspect.signature(module.forward).parameters.values())
+        except (TypeError, ValueError):  # a scripted forward has no Python signature
+            signature = []
+        keyword_only = [p.name for p in signature if p.kind == p.KEYWORD_ONLY and p.default is p.empty]
+        if keyword_only:
+            raise ModelLoadError(
+                f"the model's forward() takes keyword-only argument(s) {', '.join(keyword_only)}",
+                "edgeexport (like torch.onnx and every runtime) feeds inputs by position",
+                "make them positional (def forward(self, " + ", ".join(keyword_only) + ")), or return a wrapper "
+                "module whose forward(" + ", ".join(keyword_only) + ") calls the model with keywords")
+        params = [p for p in signature if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
         self.input_names = [p.name for p in params]
         if isinstance(example, dict):
             self.input_names = list(example)

@@ -29,12 +29,78 @@ def quiet() -> Iterator[io.StringIO]:
     for lg in loggers:
         lg.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+        with warnings.catch_warnings(), contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf), \
+                _native_output_to(buf):
             warnings.simplefilter("ignore")
             yield buf
     finally:
         for lg, lvl in zip(loggers, levels):
             lg.setLevel(lvl)
+
+
+def verbose() -> bool:
+    """--verbose (EDGEEXPORT_VERBOSE=1): let third-party libraries' own logs through."""
+    return bool(os.environ.get("EDGEEXPORT_VERBOSE"))
+
+
+@contextlib.contextmanager
+def _native_output_to(buf: io.StringIO) -> Iterator[None]:
+    """What C/C++ code writes to file descriptors 1 and 2 (TensorFlow's and XLA's logs, which Python's redirects
+    never see) goes into ``buf`` too, unless :func:`verbose`."""
+    if verbose():
+        yield
+        return
+    import tempfile
+
+    for stream in (sys.__stdout__, sys.__stderr__):
+        if stream is not None:
+            stream.flush()
+    try:
+        saved = [os.dup(1), os.dup(2)]
+    except OSError:  # no real descriptors (an embedding host): nothing native to catch
+        yield
+        return
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 1)
+        os.dup2(sink.fileno(), 2)
+        _TERMINAL_FD.append(saved[1])
+        try:
+            yield
+        finally:
+            _TERMINAL_FD.remove(saved[1])
+            for stream in (sys.__stdout__, sys.__stderr__):
+                if stream is not None:
+                    with contextlib.suppress(Exception):
+                        stream.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+            sink.seek(0)
+            buf.write(sink.read()[-200_000:].decode("utf-8", "replace"))
+
+
+@contextlib.contextmanager
+def heartbeat(log, what: str, every_s: float = 10.0) -> Iterator[None]:
+    """While a long step with no progress of its own runs (loading a model, exporting it), ``log`` a line every
+    ``every_s`` seconds that says it is still going."""
+    import threading
+    import time
+
+    done = threading.Event()
+    t0 = time.monotonic()
+
+    def beat() -> None:
+        while not done.wait(every_s):
+            log(f"    ... still {what} ({time.monotonic() - t0:.0f} s)")
+
+    thread = threading.Thread(target=beat, name="edgeexport-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -55,12 +121,22 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 def progress(items: Iterable[T], desc: str, total: Optional[int] = None) -> Iterator[T]:
     """A progress bar on a terminal (stderr), nothing when not on one. Honors EDGEEXPORT_NO_PROGRESS=1."""
-    if os.environ.get("EDGEEXPORT_NO_PROGRESS") or sys.__stderr__ is None or not sys.__stderr__.isatty():
+    fd = _TERMINAL_FD[0] if _TERMINAL_FD else 2  # the user's terminal, also while native output is caught
+    try:
+        on_terminal = os.isatty(fd)
+    except OSError:
+        on_terminal = False
+    if os.environ.get("EDGEEXPORT_NO_PROGRESS") or not on_terminal:
         yield from items
         return
     from tqdm import tqdm
 
-    yield from tqdm(items, desc=desc, total=total, leave=False, file=sys.__stderr__, dynamic_ncols=True)
+    with os.fdopen(os.dup(fd), "w") as terminal:
+        yield from tqdm(items, desc=desc, total=total, leave=False, file=terminal, dynamic_ncols=True)
+
+
+#: the descriptors stderr had before :func:`quiet` caught native output (outermost first)
+_TERMINAL_FD: list[int] = []
 
 
 def tmp_prefix(kind: str = "") -> str:
@@ -100,3 +176,21 @@ def remove_stale(folder: Path, stems: tuple[str, ...], restore_to: Optional[Path
             entry.unlink(missing_ok=True)
         removed.append(entry)
     return removed
+
+
+@contextlib.contextmanager
+def torch_threads(threads: Optional[int] = None) -> Iterator[int]:
+    """PyTorch's intra-op threads set to ``threads`` (default: the CPUs this process may use) for the block, then
+    restored. torch's own default is every core of the host, which thrashes in a container or on a busy machine
+    (the digits' training took 144 s instead of 3 s)."""
+    import torch
+
+    from edgeexport.bench import available_cpus
+
+    before = torch.get_num_threads()
+    n = int(threads) if threads else available_cpus()
+    torch.set_num_threads(n)
+    try:
+        yield n
+    finally:
+        torch.set_num_threads(before)

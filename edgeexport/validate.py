@@ -119,8 +119,14 @@ class ValidationReport:
         return [c for c in self.checks if not c.passed]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"passed": self.passed, "samples": self.samples, "tolerance": self.tolerance,
-                "outputs": self.outputs, "task": self.task, "checks": [c.to_dict() for c in self.checks]}
+        return {"passed": self.passed, "samples": self.samples, "resolution_points": self.resolution_points,
+                "tolerance": self.tolerance, "outputs": self.outputs, "task": self.task,
+                "checks": [c.to_dict() for c in self.checks]}
+
+    @property
+    def resolution_points(self) -> Optional[float]:
+        """How far one held-out sample moves an agreement or accuracy, in percentage points."""
+        return 100.0 / self.samples if self.samples else None
 
     def table(self) -> str:
         cols = ["output", "max_abs", "mean_abs", "rel_err", "cosine", "snr_db", "top1", "top5", "pooled_cosine"]
@@ -134,6 +140,9 @@ class ValidationReport:
             lines.append(f"task accuracy on {self.task['samples']} labelled holdout samples: reference "
                          f"{self.task['reference_accuracy']:.2%}, built {self.task['accuracy']:.2%} "
                          f"(drop {self.task['drop_points']:+.2f} points)")
+        if self.samples:
+            lines.append(f"{self.samples} held-out samples: one sample moves top-1 agreement or accuracy by "
+                         f"{100 / self.samples:.3g} points")
         for c in self.checks:
             op = ">=" if c.kind == "min" else "<="
             lines.append(f"  [{'ok' if c.passed else 'FAIL'}] {c.output}: {c.metric} = {_fmt(c.value)} (needs {op} {_fmt(c.limit)})")
@@ -187,6 +196,7 @@ def compare(refs: dict[str, list[np.ndarray]], outs: dict[str, list[np.ndarray]]
             report.checks.append(Check(name, "pooled_cosine", m["pooled_cosine"], tolerance["pooled_cosine"], "min"))
     first = next(iter(refs), None)
     if labels is not None and first is not None and "top1" in metrics[first]:
+        check_label_range(labels, int(np.asarray(refs[first][0]).shape[-1]), first)
         ref_pred = np.concatenate([r.argmax(-1) for r in refs[first]])
         out_pred = np.concatenate([o.argmax(-1) for o in outs[first]])
         if len(ref_pred) == len(labels):
@@ -198,6 +208,16 @@ def compare(refs: dict[str, list[np.ndarray]], outs: dict[str, list[np.ndarray]]
                 report.checks.append(Check(first, "accuracy_drop", report.task["drop_points"],
                                            tolerance["accuracy_drop"], "max"))
     return report
+
+
+def check_label_range(labels: np.ndarray, classes: int, output: str) -> None:
+    """Labels are class indices of ``output``'s last axis; one beyond it cannot be the model's class."""
+    if labels.size and int(labels.max()) >= classes:
+        from edgeexport.errors import CalibrationError
+
+        raise CalibrationError(f"labels go up to class {int(labels.max())}, but output {output!r} has {classes} classes",
+                               "accuracy against a class the model cannot predict means nothing",
+                               f"pass class indices 0..{classes - 1} aligned with the samples (or drop --labels)")
 
 
 def error_sample(refs: dict[str, list[np.ndarray]], outs: dict[str, list[np.ndarray]], limit: int = 20000,

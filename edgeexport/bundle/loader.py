@@ -32,6 +32,7 @@ _FIELD_TYPES = (("target", str, "a string"), ("precision", str, "a string"), ("m
                 ("files", list, "a list"), ("inputs", list, "a list"), ("outputs", list, "a list"),
                 ("runtime", dict, "an object"), ("golden", dict, "an object"))
 _MAX_MANIFEST_BYTES = 16 << 20
+_NUMPY_DTYPES = ("float32", "float16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool")
 
 
 class BundleError(Exception):
@@ -223,7 +224,70 @@ def read_manifest(root):
     for key in ("files", "inputs", "outputs"):
         if not all(isinstance(f, dict) for f in manifest[key]):
             raise BundleError(f"manifest.json {key!r} must be a list of objects")
+    _check_fields(manifest)
     return manifest
+
+
+def _number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
+
+
+def _check_fields(m):
+    """Every field the loader reads has the type it needs, so an edited manifest is a BundleError naming the field,
+    never a crash deep inside a run (or a self-test that checks nothing)."""
+    def bad(field, want, value):
+        raise BundleError(f"manifest.json field {field} must be {want}, not {json.dumps(value)[:80]}")
+
+    for key in ("inputs", "outputs"):
+        if not m[key]:
+            raise BundleError(f"manifest.json {key!r} is empty: a model has at least one {key[:-1]}")
+        names = set()
+        for i, t in enumerate(m[key]):
+            name, shape, dtype = t.get("name"), t.get("shape"), t.get("dtype")
+            if not isinstance(name, str) or not name or name in names:
+                bad(f"{key}[{i}].name", "a non-empty name used once", name)
+            names.add(name)
+            if not isinstance(shape, list) or not all(d is None or (type(d) is int and d >= 0) or
+                                                      (isinstance(d, str) and d) for d in shape):
+                bad(f"{key}[{i}].shape", "a list of sizes (integers) or dimension names", shape)
+            if not isinstance(dtype, str) or not dtype:
+                bad(f"{key}[{i}].dtype", "a dtype name such as \"float32\"", dtype)
+    for i, f in enumerate(m["files"]):
+        if not isinstance(f.get("path"), str) or not isinstance(f.get("sha256"), str):
+            bad(f"files[{i}]", "an object with a string path and sha256", f)
+        if "size" in f and not (type(f["size"]) is int and f["size"] >= 0):
+            bad(f"files[{i}].size", "a byte count", f["size"])
+    if "model_files" in m and not (isinstance(m["model_files"], list) and all(isinstance(x, str) for x in m["model_files"])):
+        bad("model_files", "a list of paths", m["model_files"])
+    for key in ("runtime_config", "preprocess", "text"):
+        if m.get(key) is not None and not isinstance(m[key], dict):
+            bad(key, "an object (or absent)", m[key])
+    if not all(isinstance(v, str) for v in m["runtime"].values()):
+        bad("runtime", "an object of package versions (strings)", m["runtime"])
+    g = m["golden"]
+    files, tol = g.get("files"), g.get("tolerance")
+    if not isinstance(files, list) or not all(isinstance(x, str) for x in files):
+        bad("golden.files", "a list of paths", files)
+    if not files:
+        raise BundleError("manifest.json golden.files is empty: the bundle has no golden pairs to check it with")
+    listed = {f["path"] for f in m["files"]}
+    if any(x not in listed for x in files):
+        raise BundleError("manifest.json golden.files names a file that has no checksum in files[]")
+    if not isinstance(tol, dict) or not _number(tol.get("min_cosine")) or not 0 <= tol["min_cosine"] <= 1 \
+            or not isinstance(tol.get("atol"), dict) or not all(_number(v) and v >= 0 for v in tol["atol"].values()) \
+            or not {o["name"] for o in m["outputs"]} <= set(tol["atol"]):
+        bad("golden.tolerance", "an object with min_cosine (0 to 1) and atol: {output: number} for every output", tol)
+    pre = m.get("preprocess")
+    if pre:
+        size = pre.get("size")
+        if not (isinstance(size, list) and len(size) == 2 and all(type(d) is int and d > 0 for d in size)):
+            bad("preprocess.size", "[height, width]", size)
+        for key in ("mean", "std"):
+            if not (isinstance(pre.get(key), list) and pre[key] and all(_number(v) for v in pre[key])):
+                bad(f"preprocess.{key}", "a list of numbers", pre.get(key))
+        if not _number(pre.get("scale")) or pre.get("color") not in ("rgb", "bgr", "gray") \
+                or pre.get("layout") not in ("nchw", "nhwc") or 0 in pre["std"]:
+            bad("preprocess", "scale (number), color (rgb/bgr/gray), layout (nchw/nhwc) and non-zero std", pre)
 
 
 def verify(root, manifest=None):
@@ -264,6 +328,10 @@ def preprocess_image(image, pre):
     elif isinstance(image, np.ndarray):
         image = Image.fromarray(image)
     h, w = pre["size"]
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        # 16-bit images (PNG, TIFF): scaled to the 8-bit range first, so --scale 1/255 means what it means for
+        # 8-bit files (a plain convert() would clip everything above 255: a near-white image)
+        image = Image.fromarray(np.clip(np.round(np.asarray(image, dtype=np.float64) / 257.0), 0, 255).astype(np.uint8))
     img = image.convert("L" if pre["color"] == "gray" else "RGB")
     if pre.get("resize_shorter"):
         n = pre["resize_shorter"]
@@ -354,7 +422,7 @@ class OnnxSession:
         warn_if_older("onnxruntime", ort.__version__, manifest)
         so = ort.SessionOptions()
         so.log_severity_level = 3
-        if manifest.get("runtime_config", {}).get("onnxruntime_fake_quant"):
+        if (manifest.get("runtime_config") or {}).get("onnxruntime_fake_quant"):
             # run Q/DQ pairs as written (float fake-quantization), as the build validated them
             so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         if threads:
@@ -480,8 +548,23 @@ class Model:
             raise InputError("the golden pairs are in the model's layout: run the self-test on load(..., layout='model')")
         tol = self.manifest["golden"]["tolerance"]
         ok = True
+        declared = {o["name"] for o in self.outputs}
         for n, (ins, expected) in enumerate(self.golden()):
+            if set(expected) != declared:
+                raise BundleError(f"golden pair {n} holds outputs {sorted(expected)} but the manifest declares "
+                                  f"{sorted(declared)}: the manifest was edited, or the bundle is not whole")
             got = self(ins)
+            missing = declared - set(got)
+            if missing:
+                raise BundleError(f"the model does not produce the output(s) {sorted(missing)} its manifest declares")
+            for spec in self.outputs:
+                value = np.asarray(got[spec["name"]])
+                shape = spec["shape"]
+                if value.ndim != len(shape) or any(type(d) is int and d != v for d, v in zip(shape, value.shape)) \
+                        or (spec["dtype"] in _NUMPY_DTYPES and str(value.dtype) != spec["dtype"]):
+                    raise BundleError(f"output {spec['name']!r} is {value.dtype} {list(value.shape)} but the manifest "
+                                      f"declares {spec['dtype']} {shape}: the manifest was edited, or the bundle is "
+                                      "not whole")
             for name, want in expected.items():
                 out = np.asarray(got[name], dtype=np.float64).ravel()
                 ref = np.asarray(want, dtype=np.float64).ravel()
@@ -548,7 +631,12 @@ def main(argv=None):
         return 2
     print(f"verified {model!r}")
     if args.selftest:
-        if not model.selftest():
+        try:
+            passed = model.selftest()
+        except (BundleError, InputError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        if not passed:
             print("selftest FAILED: outputs differ from the golden pairs", file=sys.stderr)
             return 1
         print("selftest passed")

@@ -38,8 +38,34 @@ def assemble_loader(backend: Optional[Path]) -> str:
             + '\n\n\nif __name__ == "__main__":' + tail)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def check_writable(out: Path) -> None:
+    """The folder that will hold ``out`` can be created and written: found before any work, not after the build."""
+    parent = Path(os.path.abspath(out)).parent
+    existing = parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    why = ""
+    if not existing.is_dir():
+        why = f"{str(existing)!r} is a file, not a folder"
+    else:
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=existing))
+        except OSError as e:
+            why = f"cannot create files in {str(existing)!r}: {e.strerror or e}"
+    if why:
+        raise BundleError(f"output path {str(out)!r} cannot be written", why,
+                          "choose an --out on a writable file system (and a folder you may write to)")
+
+
 def check_output_path(out: Path, force: bool) -> None:
-    """Refuse early (before any work) to overwrite something we should not."""
+    """Refuse early (before any work) to overwrite something we should not, or to write where nothing can be."""
+    check_writable(out)
     if out.exists() and not out.is_dir():
         raise BundleError(f"output path {str(out)!r} exists and is a file", "", "choose another --out")
     if out.is_dir() and any(out.iterdir()):
@@ -62,7 +88,12 @@ def write_bundle(out: Path, files: dict[str, Path], golden: list[tuple[dict, dic
     ``loader_backend``: the target unit's backend.py, assembled with the loader core into loader.py.
     """
     out = Path(out).absolute()
-    out.parent.mkdir(parents=True, exist_ok=True)
+    check_writable(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BundleError(f"cannot create the folder {str(out.parent)!r}", f"{e.strerror or e}",
+                          "choose an --out on a writable file system") from None
     remove_stale(out.parent, (f".{out.name}.partial-", f".{out.name}.old-"), restore_to=out)  # killed builds
     check_output_path(out, force)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
@@ -91,6 +122,7 @@ def write_bundle(out: Path, files: dict[str, Path], golden: list[tuple[dict, dic
         ]
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=_json_default) + "\n")
         _fsync_tree(tmp)
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700: the bundle gets the user's usual permissions
         _swap_into_place(tmp, out)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -136,7 +168,7 @@ def write_archive(bundle: Path, fmt: str) -> Path:
             with tarfile.open(tmp, "w:gz") as tf:
                 for p in files:
                     tf.add(p, f"{bundle.name}/{p.relative_to(bundle).as_posix()}", recursive=False, filter=clean)
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, dest)
     except BaseException as e:
         tmp.unlink(missing_ok=True)

@@ -37,7 +37,7 @@ class OpenvinoBackend:
         if device.split(".")[0] not in available and not device.startswith(("AUTO", "HETERO", "MULTI")):
             raise BundleError(f"OpenVINO device {device!r} is not available here; available: {available}")
         config = {}
-        precision = manifest.get("runtime_config", {}).get("inference_precision", {}).get(device.split(".")[0])
+        precision = (manifest.get("runtime_config") or {}).get("inference_precision", {}).get(device.split(".")[0])
         if precision:
             config["INFERENCE_PRECISION_HINT"] = precision
         if threads:

@@ -92,6 +92,11 @@ class OrtTarget(Target):
         if static_only and config.precision != "int8":
             problems.append(Problem("target_options", f"{', '.join(static_only)} apply to --precision int8 only, "
                                     f"not {config.precision}", "drop them or use --precision int8"))
+        quant_only = [k for k in ("per_channel", "reduce_range", "device", "op_types", "exclude_nodes") if k in opts]
+        if quant_only and config.precision not in ("int8", "int8-dynamic"):
+            problems.append(Problem("target_options", f"{', '.join(quant_only)} apply to the int8 precisions only, "
+                                    f"not {config.precision} (nothing is quantized)",
+                                    "drop them or use --precision int8 / int8-dynamic"))
         for key in ("op_types", "exclude_nodes", "int16_tensors"):
             v = opts.get(key)
             if v is not None and not (isinstance(v, list) and all(isinstance(x, str) for x in v)):

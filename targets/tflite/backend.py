@@ -51,7 +51,7 @@ class TfliteBackend:
         self.runner = self.interp.get_signature_runner()
         self.in_details = self.runner.get_input_details()
         self.out_details = self.runner.get_output_details()
-        cfg = manifest.get("runtime_config", {})
+        cfg = (manifest.get("runtime_config") or {})
         self.in_perm = {} if layout == "native" else cfg.get("input_perm", {})
         self.out_perm = {} if layout == "native" else cfg.get("output_perm", {})
         self.lock = threading.Lock()

@@ -21,7 +21,7 @@ import numpy as np
 from edgeexport.errors import MissingOpsError, TargetError
 from edgeexport.targets.base import (Artifact, CliOption, Problem, Runner, Target, TensorInfo, one_of,
                                      require_modules)
-from edgeexport.util import progress, quiet, strip_ansi
+from edgeexport.util import progress, quiet, strip_ansi, verbose
 
 if TYPE_CHECKING:  # pragma: no cover
     from edgeexport.calibration import CalibrationSet
@@ -167,6 +167,18 @@ def _corrected(onnx_path: Path, model: Any, calibration: "CalibrationSet", workd
     return path, done
 
 
+def _quiet_tensorflow() -> None:
+    """TensorFlow's C++ logs (about 35 lines a build, an E0000 cuInit error among them on a machine without a GPU)
+    stay out of the terminal unless --verbose; set before TensorFlow is first imported."""
+    import os
+
+    if not verbose():
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    with quiet():  # the first import prints XLA's device probing through the C++ logger
+        import tensorflow  # noqa: F401
+
+
 _PSEUDO_OPS = {"Erf": "erf", "Gelu": "gelu", "Asin": "asin", "Acos": "acos", "Atan": "atan"}  # onnx2tf wants lowercase
 
 
@@ -191,6 +203,7 @@ def to_saved_model(onnx_path: Path, specs: list["InputSpec"], out_dir: Path, cal
 
     (Forcing NCW on 3-D inputs with keep_ncw_or_nchw_or_ncdhw_input_names gave wrong numbers on a transformer
     here; onnx2tf's own choice validated, so it is left to decide.)"""
+    _quiet_tensorflow()
     import onnx2tf
 
     src = out_dir / "input_copy.onnx"
@@ -239,6 +252,7 @@ def _offline_sample_data(out_dir: Path, specs: list["InputSpec"], calibration: "
 
 
 def _signature(saved_model: Path) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
+    _quiet_tensorflow()
     import tensorflow as tf
 
     with quiet():
@@ -281,6 +295,7 @@ def layouts(saved_model: Path, specs: list["InputSpec"], onnx_path: Path):
 def convert(saved_model: Path, config: "BuildConfig", calibration: "CalibrationSet", in_perm: dict,
             io: str, record: Optional[dict[str, Any]] = None) -> bytes:
     """The .tflite bytes; what the int8 calibration did goes into ``record`` (for the manifest)."""
+    _quiet_tensorflow()
     import tensorflow as tf
 
     conv = tf.lite.TFLiteConverter.from_saved_model(str(saved_model))

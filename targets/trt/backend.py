@@ -398,8 +398,10 @@ class TrtBackend:
             return
         if engine not in ("auto", "prebuilt", "rebuild"):
             raise BundleError(f"engine={engine!r}: use 'auto', 'prebuilt' or 'rebuild'")
-        if providers or threads:
-            raise BundleError("providers and threads are onnxruntime settings; TensorRT bundles take neither")
+        if providers:
+            raise BundleError("providers are onnxruntime settings; TensorRT bundles take none (add "
+                              "runtime='onnxruntime' to run the ONNX on onnxruntime)")
+        # threads: a CPU setting; TensorRT runs on the GPU and ignores it (it applies to runtime='onnxruntime')
         cache_dir = engine_cache if engine_cache is not None else default_engine_cache(archive) if archive else None
         log = log or (lambda msg: print(msg, file=sys.stderr))
         cfg = manifest["runtime_config"]["trt"]

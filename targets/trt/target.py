@@ -37,7 +37,7 @@ CACHE_FILE = "calibration.cache"
 SCRIPT_FILE = "build_engine.sh"
 TRT_MAJORS = [10, 11]
 DEVICE_COMMANDS = [
-    "pip install -r requirements.txt   # Jetson: TensorRT comes with JetPack; add cuda-python",
+    "pip install -r requirements.txt   # numpy + cuda-python; TensorRT: JetPack on Jetson, see the file on x86",
     "python3 loader.py --selftest      # checks TensorRT and the GPU, builds and caches the engine on first use",
     "sh build_engine.sh model.plan     # or the same build with trtexec (TensorRT 10 and 11)",
 ]
@@ -227,9 +227,10 @@ class TrtTarget(Target):
 
     def requirements(self, artifact: Artifact) -> list[str]:
         majors = artifact.runtime_config["trt"]["tensorrt_majors"]
+        # not a requirement line: pip would try to install it on a Jetson, where it must come from JetPack
         return ["numpy", "cuda-python",
-                "# Jetson: TensorRT comes with JetPack (python3-libnvinfer); do not pip-install it there",
-                f"tensorrt>={majors[0]},<{majors[-1] + 1}"]
+                "# TensorRT is not listed for pip: on Jetson it comes with JetPack (python3-libnvinfer), never pip;",
+                f"# on an x86 machine with an NVIDIA GPU: pip install 'tensorrt>={majors[0]},<{majors[-1] + 1}'"]
 
 
 class TrtRunner(Runner):

@@ -29,6 +29,29 @@ def build():
 '''
 
 
+ODD_MODELS = '''
+import torch
+
+class KeywordOnly(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(6, 4)
+
+    def forward(self, *, x):
+        return self.fc(x)
+
+class ReturnsText(torch.nn.Module):
+    def forward(self, x):
+        return x * 2, "done"
+
+def keyword_only():
+    return KeywordOnly()
+
+def returns_text():
+    return ReturnsText()
+'''
+
+
 #: The catalogue: (case, exit code, what the error says). docs/errors.md holds the same table, checked below.
 CATALOGUE = [
     ("spec does not resolve", 1, "cannot import module"),
@@ -69,6 +92,20 @@ CATALOGUE = [
     ("calibration method the target does not have", 2, "target 'tflite' has no entropy calibration"),
     ("op type the graph does not have", 1, "op_types names op type(s) the graph does not have: Foo"),
     ("op type dynamic int8 has no kernel for", 1, "dynamic quantization cannot quantize Relu"),
+    ("float labels", 1, "must be class indices: a 1-D integer array (or one-hot rows)"),
+    ("labels beyond the model's classes", 1, "labels go up to class 57, but output 'output' has 4 classes"),
+    ("constant calibration data", 1, "every sample of"),
+    ("too few held-out samples", 1, "validation would use 1 held-out sample(s); at least 10 are needed"),
+    ("image preprocessing with arrays", 2, "(--mean) applies to image folders only"),
+    ("quantization option on fp32", 2, "exclude_nodes apply to the int8 precisions only, not fp32"),
+    ("tolerance out of range", 2, "tolerance cosine=1.5 is out of range: cosine takes values from -1 to 1"),
+    ("tolerance NaN", 2, "tolerance cosine=nan is out of range"),
+    ("tolerance given as a percentage", 2, "a fraction, not a percentage: did you mean 0.95?"),
+    ("zero image size", 2, "is not HxW with two positive integers"),
+    ("number out of range", 2, "Invalid value for '--holdout': 0 is not in the range x>=1"),
+    ("keyword-only forward", 1, "forward() takes keyword-only argument(s) x"),
+    ("forward returns a string", 1, "the model's forward returned str, which is not a tensor"),
+    ("folder of array files", 1, "is a folder of array files (a.npz, b.npz), not of images"),
 ]
 
 
@@ -98,7 +135,33 @@ def cases(tmp_path_factory, tiny_model, tiny_npz):
     t = str(tiny_model)
     good = str(tiny_npz)
     img = ["--input", "x:1x3x16x16:float32"]
+    np.save(d / "float_labels.npy", np.random.default_rng(0).random(60).astype(np.float32))
+    np.save(d / "labels57.npy", np.full(60, 57, np.int64))
+    np.savez(d / "constant.npz", x=np.repeat(np.ones((1, 6), np.float32), 40, axis=0))
+    np.savez(d / "two.npz", x=np.random.default_rng(0).standard_normal((2, 6)).astype(np.float32))
+    (d / "arrays").mkdir()
+    for name in ("a", "b"):
+        np.savez(d / "arrays" / f"{name}.npz", x=np.zeros((20, 6), np.float32))
+    (d / "odd.py").write_text(ODD_MODELS)
     return {
+        "float labels": ["--model", t + ":build", "--calib", good, "--labels", str(d / "float_labels.npy")],
+        "labels beyond the model's classes": ["--model", t + ":build", "--calib", good, "--labels",
+                                              str(d / "labels57.npy")],
+        "constant calibration data": ["--model", t + ":build", "--calib", str(d / "constant.npz")],
+        "too few held-out samples": ["--model", t + ":build", "--calib", str(d / "two.npz")],
+        "image preprocessing with arrays": ["--model", t + ":build", "--calib", good, "--mean", "0.5"],
+        "quantization option on fp32": ["--model", t + ":build", "--calib", good, "--precision", "fp32",
+                                        "--option", "exclude_nodes=[no_such_node]"],
+        "tolerance out of range": ["--model", t + ":build", "--calib", good, "--tolerance", "cosine=1.5"],
+        "tolerance NaN": ["--model", t + ":build", "--calib", good, "--tolerance", "cosine=nan"],
+        "tolerance given as a percentage": ["--model", t + ":build", "--calib", good, "--tolerance", "top1=95"],
+        "zero image size": ["--model", t + ":build", "--calib", good, "--image-size", "0x0"],
+        "number out of range": ["--model", t + ":build", "--calib", good, "--holdout", "0"],
+        "keyword-only forward": ["--model", str(d / "odd.py") + ":keyword_only", "--calib", good,
+                                 "--input", "x:1x6:float32"],
+        "forward returns a string": ["--model", str(d / "odd.py") + ":returns_text", "--calib", good,
+                                     "--input", "x:1x6:float32"],
+        "folder of array files": ["--model", t + ":build", "--calib", str(d / "arrays")],
         "spec does not resolve": ["--model", "no_such_pkg.models:build", "--calib", good],
         "file not found": ["--model", str(d / "missing.py") + ":build", "--calib", good],
         "factory name missing": ["--model", t + ":nope", "--calib", good],
@@ -217,7 +280,7 @@ def test_disk_failure_midway_leaves_no_bundle_and_keeps_the_old_one(cli, tiny_mo
 
 def test_synthetic_data_is_loud(cli, tiny_model, tmp_path):
     out = tmp_path / "b"
-    r = cli("build", "--model", f"{tiny_model}:build", "--calib", "synthetic:40", "--precision", "int8", "--out", out,
+    r = cli("build", "--model", f"{tiny_model}:build", "--calib", "synthetic:60", "--precision", "int8", "--out", out,
             "--no-bench")
     assert r.exit_code == 0, r.stderr
     assert "SYNTHETIC" in r.stderr

@@ -118,7 +118,7 @@ def test_a_build_leaves_nothing_in_the_working_directory(tmp_path, monkeypatch):
     work.mkdir()
     monkeypatch.chdir(work)
     cfg = make_cfg(model=f"hf:{minilm_path()}", precision="int8", out="bundle", bench={"enabled": False},
-                   calibration={"path": str(data), "holdout": 4})
+                   calibration={"path": str(data), "holdout": 4, "min_holdout": 4})
     try:  # static int8 no longer collapses on MiniLM; whether the gate passes 4 samples is not the point here
         quiet_build(cfg)
     except ValidationFailed:

@@ -84,7 +84,9 @@ def test_calibration_cache_holds_the_q_dq_scales(int8_bundles):
     trt = m["runtime_config"]["trt"]
     assert trt["int8_path"] == "implicit" and trt["tensorrt_majors"] == [10]
     assert trt["calibration_cache"] == "calibration.cache"
-    assert "tensorrt>=10,<11" in (out / "requirements.txt").read_text()
+    reqs = (out / "requirements.txt").read_text()
+    assert "pip install 'tensorrt>=10,<11'" in reqs  # said, for x86 ...
+    assert not [ln for ln in reqs.splitlines() if ln.startswith("tensorrt")]  # ... never a line pip installs on Jetson
     floats = onnx.load(str(out / "model.onnx"))
     assert not any(n.op_type.endswith("QuantizeLinear") for n in floats.graph.node)  # TensorRT quantizes it
     from edgeexport.targets.trt.backend import read_calibration_cache
@@ -205,6 +207,20 @@ def test_build_script_implicit_path_is_tensorrt_10_only(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(HAS_TRT, reason="checks the machine without TensorRT")
+def test_verify_and_bench_run_a_tensorrt_bundle_on_onnxruntime_when_asked_and_say_so(cli, int8_bundles):
+    out = int8_bundles["explicit"].out
+    r = cli("verify", out)
+    assert r.exit_code == 1 and "--runtime onnxruntime" in r.stderr and "Traceback" not in r.stderr
+    r = cli("verify", out, "--runtime", "onnxruntime")
+    assert r.exit_code == 0, r.stderr
+    r = cli("bench", out, "--runtime", "onnxruntime", "--runs", "5", "--cold-runs", "0")
+    assert r.exit_code == 0, r.stderr
+    assert "runtime:     onnxruntime (asked with --runtime; not the bundle's own runtime" in r.stdout
+    r = cli("bench", out, "--runs", "5", "--cold-runs", "0")
+    assert r.exit_code == 1 and "--runtime onnxruntime" in r.stderr
+
+
 def test_cli_refuses_what_cannot_be_built_here(cli, digits_npz, tmp_path):
     base = ["build", "--target", "trt", "--model", DIGITS, "--calib", str(digits_npz), "--no-bench"]
     cases = {

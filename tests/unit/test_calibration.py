@@ -59,17 +59,18 @@ def test_mismatched_data_is_refused(tmp_path, arrays, match):
 
 
 def test_float64_is_cast_and_recorded(tmp_path):
-    cs = load_calibration(CalibrationConfig(path=_npz(tmp_path, x=np.zeros((5, 4)))), SPEC)
+    cs = load_calibration(CalibrationConfig(path=_npz(tmp_path, x=np.arange(20.0).reshape(5, 4)), min_holdout=1), SPEC)
     assert next(cs.holdout())["x"].dtype == np.float32
     assert any("float64 -> float32" in n for n in cs.summary()["notes"])
 
 
 def test_labels_from_npz_and_count_check(tmp_path):
-    x = np.zeros((6, 4), np.float32)
-    cs = load_calibration(CalibrationConfig(path=_npz(tmp_path, x=x, labels=np.arange(6)), holdout=2), SPEC)
+    x = np.arange(24, dtype=np.float32).reshape(6, 4)
+    cs = load_calibration(CalibrationConfig(path=_npz(tmp_path, x=x, labels=np.arange(6)), holdout=2, min_holdout=2),
+                          SPEC)
     assert cs.holdout_labels() is not None and len(cs.holdout_labels()) == 2
     with pytest.raises(CalibrationError, match="5 labels for 6 samples"):
-        load_calibration(CalibrationConfig(path=_npz(tmp_path, "f.npz", x=x, labels=np.arange(5))), SPEC)
+        load_calibration(CalibrationConfig(path=_npz(tmp_path, "f.npz", x=x, labels=np.arange(5)), min_holdout=1), SPEC)
 
 
 def test_pickled_data_is_never_loaded(tmp_path):
@@ -98,9 +99,9 @@ def test_no_data_is_an_error_not_random_data():
 
 
 def test_synthetic_only_when_asked_and_flagged():
-    cs = load_calibration(CalibrationConfig(path="synthetic:20"), SPEC)
+    cs = load_calibration(CalibrationConfig(path="synthetic:50"), SPEC)
     summary = cs.summary()
-    assert summary["synthetic"] is True and summary["total_samples"] == 20
+    assert summary["synthetic"] is True and summary["total_samples"] == 50
     assert any("SYNTHETIC" in n for n in summary["notes"])
 
 
@@ -117,13 +118,14 @@ def test_image_folder_with_preprocessing(tmp_path):
     _write_digit_pngs(tmp_path / "imgs")
     spec = [InputSpec(name="image", shape=[1, 1, 8, 8])]
     pre = ImagePreprocess(color="gray", scale=1 / 256, mean=[0.5], std=[0.5])
-    cs = load_calibration(CalibrationConfig(path=str(tmp_path / "imgs"), preprocess=pre, holdout=2), spec)
+    cs = load_calibration(CalibrationConfig(path=str(tmp_path / "imgs"), preprocess=pre, holdout=2, min_holdout=2), spec)
     x = next(cs.holdout())["image"]
     assert x.shape == (1, 1, 8, 8) and x.dtype == np.float32 and -1.0 <= x.min() and x.max() <= 1.0
     assert cs.summary()["preprocess"]["size"] == [8, 8] and cs.summary()["kind"] == "images"
     # NHWC RGB at another size
     spec3 = [InputSpec(name="image", shape=[1, 16, 16, 3])]
-    cs3 = load_calibration(CalibrationConfig(path=str(tmp_path / "imgs"), preprocess=ImagePreprocess(layout="nhwc")), spec3)
+    cs3 = load_calibration(CalibrationConfig(path=str(tmp_path / "imgs"), preprocess=ImagePreprocess(layout="nhwc"),
+                                             min_holdout=1), spec3)
     assert next(cs3.calibration())["image"].shape == (1, 16, 16, 3)
 
 
@@ -161,11 +163,13 @@ def test_image_glob_resize_shorter_and_center_crop(tmp_path):
     wide = np.zeros((20, 40, 3), np.uint8)
     wide[:, 10:30] = 255  # a white center block: after shorter-side resize to 10 and a 10x10 center crop, all white
     Image.fromarray(wide).save(tmp_path / "g" / "a.png")
+    wide[9, 19] = 230  # a second, different image (identical samples are refused), still white enough
     Image.fromarray(wide).save(tmp_path / "g" / "b.png")
     (tmp_path / "g" / "notes.txt").write_text("not an image")
     pre = ImagePreprocess(resize_shorter=10)
     spec = [InputSpec(name="image", shape=[1, 3, 10, 10])]
-    cs = load_calibration(CalibrationConfig(path=str(tmp_path / "g" / "*"), preprocess=pre, holdout=1), spec)
+    cs = load_calibration(CalibrationConfig(path=str(tmp_path / "g" / "*"), preprocess=pre, holdout=1, min_holdout=1),
+                          spec)
     assert cs.num_samples == 2 and cs.summary()["preprocess"]["resize_shorter"] == 10
     x = next(cs.holdout())["image"]
     assert x.shape == (1, 3, 10, 10) and x.min() > 0.8  # only the white centre survived the crop
@@ -199,7 +203,7 @@ def test_stores_read_in_place_and_hash_like_whole_arrays(tmp_path, layout, monke
     else:
         path = tmp_path / "x.npz"
         (np.savez_compressed if layout == "npz-compressed" else np.savez)(path, x=x)
-    cs = load_calibration(CalibrationConfig(path=str(path), holdout=7, seed=1), SPEC)
+    cs = load_calibration(CalibrationConfig(path=str(path), holdout=7, seed=1, min_holdout=7), SPEC)
     want = x.astype(np.float32)
     assert cs.sha256 == _whole_array_hash({"x": want})
     got = {int(i): f["x"] for i, f in zip(cs.calib_idx, cs.calibration())}
@@ -229,7 +233,7 @@ def test_separate_validation_hash_covers_both_sources(tmp_path):
     a = np.arange(40, dtype=np.float32).reshape(10, 4)
     b = -np.arange(24, dtype=np.float32).reshape(6, 4)
     cs = load_calibration(CalibrationConfig(path=_npz(tmp_path, "a.npz", x=a),
-                                            validation_path=_npz(tmp_path, "b.npz", x=b)), SPEC)
+                                            validation_path=_npz(tmp_path, "b.npz", x=b), min_holdout=6), SPEC)
     assert cs.sha256 == _whole_array_hash({"x": np.concatenate([a, b])})
     np.testing.assert_array_equal(np.concatenate([f["x"] for f in cs.holdout()]), b[cs.holdout_idx - 10])
 
@@ -253,3 +257,16 @@ def test_decoded_images_are_cached_within_budget(tmp_path, monkeypatch):
     assert len(calls) == 9  # samples 0-2 came from the cache, 3-5 were decoded again
     s.row(1)[:] = 99  # callers get copies: the cache cannot be changed through them
     assert s.row(1)[0, 0] == 1
+
+
+def test_too_few_held_out_samples_are_refused_unless_accepted_knowingly(tmp_path):
+    x = np.arange(40 * 4, dtype=np.float32).reshape(40, 4)
+    with pytest.raises(CalibrationError, match="validation would use 8 held-out sample"):
+        load_calibration(CalibrationConfig(path=_npz(tmp_path, x=x)), SPEC)
+    assert len(load_calibration(CalibrationConfig(path=_npz(tmp_path, x=x), min_holdout=8), SPEC).holdout_idx) == 8
+
+
+def test_identical_samples_are_refused(tmp_path):
+    same = np.repeat(np.arange(4, dtype=np.float32)[None], 60, axis=0)
+    with pytest.raises(CalibrationError, match="every sample of .* is identical"):
+        load_calibration(CalibrationConfig(path=_npz(tmp_path, x=same)), SPEC)
