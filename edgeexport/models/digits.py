@@ -54,23 +54,32 @@ def make_net():
     return DigitsCNN()
 
 
-def fit(net, x_train: np.ndarray, y_train: np.ndarray, epochs: int, lr: float, seed: int = SEED):
-    """Minibatch AdamW on cross-entropy, seeded; returns the net in eval mode."""
+def fit(net, x_train: np.ndarray, y_train: np.ndarray, epochs: int, lr: float, seed: int = SEED,
+        one_cycle: bool = False):
+    """Minibatch AdamW on cross-entropy, seeded (``one_cycle``: the learning rate rises to ``lr`` and anneals, which
+    deeper nets need to converge in a few epochs); returns the net in eval mode."""
     import torch
     import torch.nn.functional as F
+
+    from edgeexport.util import torch_threads
 
     torch.manual_seed(seed)
     opt = torch.optim.AdamW(net.parameters(), lr=lr)
     xt, yt = torch.from_numpy(x_train), torch.from_numpy(y_train)
     gen = torch.Generator().manual_seed(seed)
+    steps = epochs * ((len(xt) + 63) // 64)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps) if one_cycle else None
     net.train()
-    for _ in range(epochs):
-        perm = torch.randperm(len(xt), generator=gen)
-        for i in range(0, len(xt), 64):
-            idx = perm[i : i + 64]
-            opt.zero_grad()
-            F.cross_entropy(net(xt[idx]), yt[idx]).backward()
-            opt.step()
+    with torch_threads():
+        for _ in range(epochs):
+            perm = torch.randperm(len(xt), generator=gen)
+            for i in range(0, len(xt), 64):
+                idx = perm[i : i + 64]
+                opt.zero_grad()
+                F.cross_entropy(net(xt[idx]), yt[idx]).backward()
+                opt.step()
+                if sched is not None:
+                    sched.step()
     return net.eval()
 
 
@@ -100,22 +109,32 @@ def model_dynamic_batch():
             "inputs": [f"{INPUT_NAME}:batchx1x8x8:float32"]}
 
 
-def write_calibration(path: str | Path) -> Path:
-    """Save the held-out test split (images never trained on) with labels as an .npz."""
-    _, _, x_test, y_test = load_data()
+def save_labelled(path: str | Path, x: np.ndarray, y: np.ndarray) -> Path:
+    """``x`` as the ``image`` input and ``y`` as ``labels`` in one .npz (the layout ``--calib`` reads)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    arrays: dict[str, Any] = {INPUT_NAME: x_test, "labels": y_test}
+    arrays: dict[str, Any] = {INPUT_NAME: x, "labels": y}
     np.savez(path, **arrays)
     return path
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def write_calibration(path: str | Path) -> Path:
+    """Save the held-out test split (images never trained on) with labels as an .npz."""
+    _, _, x_test, y_test = load_data()
+    return save_labelled(path, x_test, y_test)
+
+
+def cli(description: str, write: Any, what: str, argv: list[str] | None = None) -> None:
+    """``python -m edgeexport.models.<name> OUT.npz``: write the model's labelled build data."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("out", help="where to write the .npz (image + labels)")
     args = parser.parse_args(argv)
-    p = write_calibration(args.out)
-    print(f"wrote {p} ({len(load_data()[2])} real digit images with labels, never seen in training)")
+    print(f"wrote {write(args.out)} ({what})")
+
+
+def main(argv: list[str] | None = None) -> None:
+    cli(__doc__.splitlines()[0], write_calibration,
+        f"{len(load_data()[2])} real digit images with labels, never seen in training", argv)
 
 
 if __name__ == "__main__":

@@ -53,6 +53,15 @@ def test_structured_pruning_with_recovery_keeps_digits_accuracy(cli, digits_npz,
     assert p["layers_changed"]["features.0"] == [16, 11]
     assert p["recovery"]["objective"].startswith("labels") and p["recovery"]["loss_last10"] < p["recovery"]["loss_first10"]
     assert m["config"]["prune"]["finetune_steps"] == 150
+    # recovery trains on every sample that is not held out (540 digits - 200 held out - 64 set aside), not on the
+    # 256 that calibration is capped at; BatchNorm statistics are re-estimated; held-out accuracy is recorded per
+    # checkpoint (for the record only)
+    rec = p["recovery"]
+    assert rec["pool"] == 540 - 200 - rec["aside_samples"] and rec["aside_samples"] == 64
+    assert rec["batchnorm_reestimated"]["samples"] > 0 and "used" in rec["batchnorm_reestimated"]
+    assert rec["checkpoints"][0]["step"] == 0 and rec["checkpoints"][-1]["step"] == 150 and len(rec["checkpoints"]) >= 9
+    assert all(0.0 <= c["holdout_accuracy"] <= 1.0 for c in rec["checkpoints"])
+    assert "held-out accuracy by checkpoint" in r.stderr
     # a genuinely smaller dense model: every Conv/Gemm weight in the ONNX file is narrower
     w = _weights(out / m["model_file"])
     assert sorted(a.shape[0] for a in w.values()) == [10, 11, 22, 44]
