@@ -219,8 +219,9 @@ _MODEL_AND_DATA_OPTIONS = [
     click.option("--prune", help="Prune the PyTorch model before export: structured:AMOUNT removes that share of "
                   "channels (smaller and faster), magnitude:AMOUNT zeroes that share of weights (smaller compressed, "
                   "not faster). Validated against the unpruned model."),
-    click.option("--finetune-steps", type=click.IntRange(min=0), help="With --prune: recovery steps on the calibration split (labels' "
-                  "loss plus distillation from the unpruned model; distillation alone without labels) [default: 0]."),
+    click.option("--finetune-steps", type=click.IntRange(min=0), help="With --prune: recovery steps on every sample "
+                  "not held out (labels' loss plus distillation from the unpruned model; distillation alone without "
+                  "labels) [default: 0]."),
     click.option("--verbose", is_flag=True, help="Let the converters' own logs (TensorFlow's C++ lines, onnx2tf, "
                  "the quantizers) through to the terminal."),
     click.option("--finetune-lr", type=click.FloatRange(0, 1, min_open=True), help="With --prune: Adam learning rate of the recovery [default: 1e-3]."),
