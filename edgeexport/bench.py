@@ -45,10 +45,13 @@ def summarize(samples: list[float]) -> dict[str, Any]:
 
 #: interleaved timing rounds of the build's own benchmark (reference, built, reference, built, ...)
 BUILD_ROUNDS = 3
-#: a variant's p90/p50 above this says its calls were interrupted (a busy machine), not that it is slow
-NOISY_P90_P50 = 1.5
-#: the per-round medians of one variant, or the per-round speed-ups, differing by more than this factor
-NOISY_ROUNDS = 1.25
+#: a variant's p90/p50 above this says its calls were interrupted (a busy machine), not that it is slow. Sub-ms
+#: calls show p90/p50 of 1.5-1.8 on an idle machine (timer and interrupt jitter), so the line is well above that
+NOISY_P90_P50 = 3.0
+#: a variant's per-round medians, or the per-round speed-ups, differing by more than this: no ratio holds
+NOISY_ROUNDS = 2.0
+#: per-round speed-ups differing by more than this: the ratio is printed with its range
+WIDE_ROUNDS = 1.25
 
 
 def available_cpus() -> int:
@@ -118,21 +121,28 @@ def noise(summary: Mapping[str, Any]) -> Optional[str]:
 
 
 def speedup(reference: Mapping[str, Any], built: Mapping[str, Any]) -> dict[str, Any]:
-    """The reference's p50 over the built one's, the same per round, and whether the spread supports the ratio
-    (``supported``; ``noise`` says why not)."""
+    """The reference's p50 over the built one's, the same per round, whether the spread supports a ratio at all
+    (``supported``; ``noise`` says why not) and, where the rounds disagree by more than :data:`WIDE_ROUNDS`, the
+    range they span (``range``: print it with the ratio)."""
     ratio = reference["p50_ms"] / max(built["p50_ms"], 1e-12)
     by_round = [a / b for a, b in zip(reference.get("round_p50_ms") or [], built.get("round_p50_ms") or []) if b > 0]
     why = [f"{side}: {n}" for side, n in (("reference", noise(reference)), ("built", noise(built))) if n]
-    if len(by_round) > 1 and max(by_round) / min(by_round) > NOISY_ROUNDS:
+    spread = max(by_round) / min(by_round) if len(by_round) > 1 and min(by_round) > 0 else 1.0
+    if spread > NOISY_ROUNDS:
         why.append(f"the speed-up ranged {min(by_round):.3g}-{max(by_round):.3g}x between rounds")
-    return {"speedup": ratio, "speedup_by_round": by_round, "supported": not why, "noise": "; ".join(why) or None}
+    return {"speedup": ratio, "speedup_by_round": by_round, "supported": not why, "noise": "; ".join(why) or None,
+            "range": [min(by_round), max(by_round)] if spread > WIDE_ROUNDS else None}
 
 
 def format_speedup(info: Optional[Mapping[str, Any]]) -> str:
-    """``7.15x``, or ``noisy`` where the spread does not support a ratio (the reason goes in a note)."""
+    """``7.15x``; ``6.1x (4.5-6.6)`` where the rounds disagree (the range is what the spread supports); ``noisy``
+    where it supports no ratio (the reason goes in a note)."""
     if not info or info.get("speedup") is None:
         return "-"
-    return f"{info['speedup']:.2f}x" if info.get("supported", True) else "noisy"
+    if not info.get("supported", True):
+        return "noisy"
+    lo_hi = info.get("range")
+    return f"{info['speedup']:.2f}x" if not lo_hi else f"{info['speedup']:.2g}x ({lo_hi[0]:.2g}-{lo_hi[1]:.2g})"
 
 
 def time_calls(fn: Callable[[], Any], warmup: int = 5, runs: int = 50) -> dict[str, float]:

@@ -56,6 +56,7 @@ class Row:
     latency: Optional[dict[str, Any]] = None
     speedup: Optional[float] = None
     speedup_noise: Optional[str] = None  # why the timing spread does not support the speed-up (None: it does)
+    speedup_range: Optional[list[float]] = None  # the per-round speed-ups' range where they disagree
     gflops_per_s: Optional[float] = None
     metrics: dict[str, Any] = field(default_factory=dict)
     validation: Optional[dict[str, Any]] = None
@@ -75,7 +76,8 @@ class Row:
                 "deflated_bytes": self.deflated_bytes,
                 "latency": self.latency, "speedup_vs_reference": self.speedup,
                 "speedup_supported": self.speedup is not None and self.speedup_noise is None,
-                "speedup_noise": self.speedup_noise, "gflops_per_s": self.gflops_per_s,
+                "speedup_noise": self.speedup_noise, "speedup_range": self.speedup_range,
+                "gflops_per_s": self.gflops_per_s,
                 "metrics": self.metrics, "validation": self.validation, "build_s": self.build_s}
 
 
@@ -260,7 +262,7 @@ def _time_all(rows: list[Row], ref_runner: Any, feed: dict[str, np.ndarray], set
             # side's own spread, say whether the ratio holds
             ratio = speedup(timed["reference"], row.latency)
             row.latency["speedup_by_round"] = ratio["speedup_by_round"]
-            row.speedup, row.speedup_noise = ratio["speedup"], ratio["noise"]
+            row.speedup, row.speedup_noise, row.speedup_range = ratio["speedup"], ratio["noise"], ratio["range"]
             if ratio["noise"]:
                 row.add_note(f"speed-up not supported by the spread ({ratio['noise']}): the machine was busy; "
                              "rerun on an idle machine")
@@ -420,7 +422,9 @@ def table_lines(c: Comparison, markdown: bool = False) -> list[str]:
 def speedup_cell(r: Row) -> str:
     if r.speedup is None:
         return "-"
-    return "noisy" if r.speedup_noise else f"{r.speedup:.2f}x"
+    from edgeexport.bench import format_speedup
+
+    return format_speedup({"speedup": r.speedup, "supported": r.speedup_noise is None, "range": r.speedup_range})
 
 
 def recommendation(c: Comparison) -> str:

@@ -461,7 +461,7 @@ def benchmark(config: BuildConfig, ref, cand, calib: CalibrationSet) -> dict[str
     ratio = speedup(timed["reference"], timed["built"])
     return {"reference": timed["reference"], "built": timed["built"], "speedup_vs_reference": ratio["speedup"],
             "speedup_by_round": ratio["speedup_by_round"], "speedup_supported": ratio["supported"],
-            "noise": ratio["noise"], "rounds": BUILD_ROUNDS, "runs_per_round": config.bench.runs,
+            "noise": ratio["noise"], "speedup_range": ratio["range"], "rounds": BUILD_ROUNDS, "runs_per_round": config.bench.runs,
             "warmup": config.bench.warmup, "feed_shapes": {k: list(v.shape) for k, v in feed.items()},
             "threads": threads, "threads_note": "the reference and the built model ran with the same thread count",
             "machine": machine(),

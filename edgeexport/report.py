@@ -188,5 +188,7 @@ def speedup_text(bench: dict) -> str:
     if ratio is None:
         return "not measured"
     if bench.get("speedup_supported", True):
-        return f"{ratio:.2f}x"
+        from edgeexport.bench import format_speedup
+
+        return format_speedup({"speedup": ratio, "range": bench.get("speedup_range")})
     return f"no speed-up given: the timing was noisy ({bench.get('noise')}); time it on an idle machine"

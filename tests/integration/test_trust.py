@@ -30,13 +30,31 @@ def test_a_steady_timing_supports_its_ratio():
 @pytest.mark.parametrize("ref,built,why", [
     (_summary(0.094, 88.8, [0.09, 0.1, 0.09]), _summary(0.01, 0.011, [0.01] * 3), "reference: p90 is"),
     (_summary(10.0, 10.2, [10.0, 30.0, 10.0]), _summary(2.0, 2.1, [2.0] * 3), "round medians differ"),
-    (_summary(10.0, 10.2, [10.0, 11.0, 12.0]), _summary(2.0, 2.1, [2.0, 1.6, 2.4]), "ranged"),
+    (_summary(10.0, 10.2, [10.0, 11.0, 12.0]), _summary(2.0, 2.1, [2.0, 1.0, 3.0]), "ranged"),
 ])
 def test_a_spread_that_does_not_support_a_ratio_is_reported_not_printed(ref, built, why):
     """The report's old reference row (p50 0.094 ms next to p99 88.8 ms) and round-to-round swings give no ratio."""
     got = bench.speedup(ref, built)
     assert not got["supported"] and why in got["noise"]
     assert bench.format_speedup(got) == "noisy"
+
+
+def test_rounds_that_disagree_moderately_print_the_ratio_with_its_range():
+    got = bench.speedup(_summary(10.0, 10.5, [10.0, 11.0, 12.0]), _summary(2.0, 2.1, [2.0, 1.6, 2.4]))
+    assert got["supported"] and got["range"] == pytest.approx([5.0, 6.875])
+    assert bench.format_speedup(got) == "5x (5-6.9)"
+
+
+def test_an_accuracy_drop_of_two_samples_in_two_hundred_is_exactly_one_point():
+    from edgeexport.validate import compare
+
+    labels = np.arange(200) % 10
+    ref = [np.eye(10, dtype=np.float32)[[y]] for y in labels]
+    out = [r.copy() for r in ref]
+    for i in (3, 7):  # two samples the built model gets wrong
+        out[i] = np.eye(10, dtype=np.float32)[[(labels[i] + 1) % 10]]
+    report = compare({"output": ref}, {"output": out}, {"accuracy_drop": 1.0}, labels)
+    assert report.task["drop_points"] == 1.0 and report.passed
 
 
 def test_interleaved_rounds_time_every_variant_in_every_round():
