@@ -135,14 +135,14 @@ def speedup(reference: Mapping[str, Any], built: Mapping[str, Any]) -> dict[str,
 
 
 def format_speedup(info: Optional[Mapping[str, Any]]) -> str:
-    """``7.15x``; ``6.1x (4.5-6.6)`` where the rounds disagree (the range is what the spread supports); ``noisy``
-    where it supports no ratio (the reason goes in a note)."""
+    """``7.15x``; ``4.5-6.6x`` (the per-round speed-ups' range: what the spread supports) where the rounds
+    disagree; ``noisy`` where it supports no ratio (the reason goes in a note)."""
     if not info or info.get("speedup") is None:
         return "-"
     if not info.get("supported", True):
         return "noisy"
     lo_hi = info.get("range")
-    return f"{info['speedup']:.2f}x" if not lo_hi else f"{info['speedup']:.2g}x ({lo_hi[0]:.2g}-{lo_hi[1]:.2g})"
+    return f"{info['speedup']:.2f}x" if not lo_hi else f"{lo_hi[0]:.2g}-{lo_hi[1]:.2g}x"
 
 
 def time_calls(fn: Callable[[], Any], warmup: int = 5, runs: int = 50) -> dict[str, float]:

@@ -68,9 +68,12 @@ def make_net():
 @functools.lru_cache(maxsize=1)
 def train(epochs: int = 6):
     """The trained network (cached: repeated factory calls in one process reuse it); the digits' seeded loop."""
+    import torch
+
     from edgeexport.models.digits import fit
 
     x, y, _, _ = load_data()
+    torch.manual_seed(SEED)  # the initial weights too, not only the training
     return fit(make_net(), x, y, epochs, 3e-3, SEED, one_cycle=True)
 
 
