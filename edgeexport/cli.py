@@ -135,10 +135,8 @@ _RUNTIME_HELP = ("TensorRT bundles on a machine without TensorRT: run the bundle
 def _bundle_fix(why: str) -> str:
     if "missing" in why and "manifest" in why:
         return "point at a folder written by 'edgeexport build' (or its archive)"
-    if "tensorrt" in why.lower() or "TensorRT" in why:
-        return ("run it on the device with TensorRT installed, or check the ONNX with --runtime onnxruntime "
-                "(not TensorRT's numbers)")
-    return "rebuild the bundle; do not edit its files (their checksums are in manifest.json)"
+    return "rebuild the bundle, or run it where its runtime is; do not edit its files (their checksums are in " \
+           "manifest.json)"
 
 
 def _no_traceback(command):

@@ -9,7 +9,6 @@ built here, fails validation or breaks is a row that says why, never a crash of 
 from __future__ import annotations
 
 import dataclasses
-
 import importlib.util
 from functools import partial
 import tempfile
@@ -303,11 +302,8 @@ def run(base: BuildConfig, targets: list[str], precisions: Optional[list[str]], 
     """Build, validate and time every combination. ``out_root`` keeps the bundles (else they go to a temp folder);
     ``focus`` ('target/precision') picks the row whose errors the report plots."""
     from edgeexport import pipeline
-    from edgeexport.bench import machine, runtime_versions
-    from edgeexport.targets import DEFAULT_TARGET
-
-    from edgeexport.bench import resolve_threads
-    from edgeexport.targets import known_precisions
+    from edgeexport.bench import machine, resolve_threads, runtime_versions
+    from edgeexport.targets import DEFAULT_TARGET, known_precisions
 
     unknown_p = [p for p in precisions or [] if p not in known_precisions()]
     if unknown_p:

@@ -449,7 +449,7 @@ def explain(artifact, calib: CalibrationSet, workdir: Path, log: Log) -> Optiona
 
 
 def benchmark(config: BuildConfig, ref, cand, calib: CalibrationSet) -> dict[str, Any]:
-    from edgeexport.bench import BUILD_ROUNDS, interleaved, machine, resolve_threads, set_torch_threads, speedup
+    from edgeexport.bench import BUILD_ROUNDS, interleaved, machine, set_torch_threads, speedup
 
     feed = next(calib.holdout())
     threads = resolve_threads(config.bench.threads)

@@ -296,13 +296,24 @@ def finetune(student: Any, teacher: Any, calib: "CalibrationSet", config: "Build
                                "are chosen on the samples kept aside from training, never on held-out ones"}
 
 
-def _bn_mode(module: Any, train: bool) -> None:
-    """BatchNorm layers alone into training mode (batch statistics, running averages updated) or back."""
+def _batch_args(calib: "CalibrationSet", idx: np.ndarray, config: "BuildConfig") -> list:
+    """The samples ``idx`` concatenated into one batch per model input, as torch tensors in input order."""
     import torch
 
-    for m in module.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.train(train)
+    feeds = [calib.sample(int(i)) for i in idx]
+    return [torch.from_numpy(np.concatenate([f[s.name] for f in feeds])) for s in config.inputs]
+
+
+def _batch_norms(module: Any) -> list:
+    import torch
+
+    return [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+
+
+def _bn_mode(module: Any, train: bool) -> None:
+    """BatchNorm layers alone into training mode (batch statistics, running averages updated) or back."""
+    for m in _batch_norms(module):
+        m.train(train)
 
 
 #: BatchNorm trains on batch statistics during recovery from this batch size up (frozen below)
@@ -318,8 +329,7 @@ def _reestimate_bn(student: Any, calib: "CalibrationSet", pool: np.ndarray, conf
     if they lower it below ``before``; returns what was done."""
     import torch
 
-    norms = [m for m in student.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
-             and m.track_running_stats]
+    norms = [m for m in _batch_norms(student) if m.track_running_stats]
     if not norms or not len(pool):
         return {"used": False, "reason": "no BatchNorm layer" if not norms else "no training samples"}
     saved = [({k: v.clone() for k, v in m.state_dict().items()}, m.momentum) for m in norms]
@@ -335,8 +345,7 @@ def _reestimate_bn(student: Any, calib: "CalibrationSet", pool: np.ndarray, conf
                 chunk = idx[start : start + step]
                 if len(chunk) < 2:
                     break
-                feeds = [calib.sample(int(i)) for i in chunk]
-                student(*[torch.from_numpy(np.concatenate([f[s.name] for f in feeds])) for s in config.inputs])
+                student(*_batch_args(calib, chunk, config))
     finally:
         for m, (_, momentum) in zip(norms, saved):
             m.momentum = momentum
@@ -370,12 +379,11 @@ def _holdout_accuracy_probe(student: Any, calib: "CalibrationSet", config: "Buil
         right = 0
         with torch.no_grad():
             for start in range(0, len(idx), batch):
-                feeds = [calib.sample(int(i)) for i in idx[start : start + batch]]
-                outs = flatten_outputs(student(*[torch.from_numpy(np.concatenate([f[s.name] for f in feeds]))
-                                                 for s in config.inputs]))
+                chunk = idx[start : start + batch]
+                outs = flatten_outputs(student(*_batch_args(calib, chunk, config)))
                 if len(outs) != 1 or outs[0].ndim != 2:
                     return None
-                right += int((outs[0].argmax(1).numpy() == labels[start : start + len(feeds)]).sum())
+                right += int((outs[0].argmax(1).numpy() == labels[start : start + len(chunk)]).sum())
         return right / len(idx)
     return accuracy
 
@@ -386,8 +394,7 @@ def _forward_pair(student: Any, teacher: Any, calib: "CalibrationSet", idx: np.n
 
     from edgeexport.reference import flatten_outputs
 
-    feeds = [calib.sample(int(i)) for i in idx]
-    args = [torch.from_numpy(np.concatenate([f[s.name] for f in feeds])) for s in config.inputs]
+    args = _batch_args(calib, idx, config)
     try:
         with torch.no_grad():
             targets = flatten_outputs(teacher(*args))

@@ -88,8 +88,7 @@ def write_bundle(out: Path, files: dict[str, Path], golden: list[tuple[dict, dic
     ``loader_backend``: the target unit's backend.py, assembled with the loader core into loader.py.
     """
     out = Path(out).absolute()
-    check_writable(out)
-    try:
+    try:  # an unwritable place fails here or in check_output_path below, each with a BundleError
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise BundleError(f"cannot create the folder {str(out.parent)!r}", f"{e.strerror or e}",

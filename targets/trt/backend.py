@@ -405,7 +405,12 @@ class TrtBackend:
         cache_dir = engine_cache if engine_cache is not None else default_engine_cache(archive) if archive else None
         log = log or (lambda msg: print(msg, file=sys.stderr))
         cfg = manifest["runtime_config"]["trt"]
-        device = trt_device()
+        try:
+            device = trt_device()
+        except BundleError as e:  # where this machine cannot run TensorRT: say how to check the bundle anyway
+            raise BundleError(f"{e}. To check the ONNX this bundle builds from on onnxruntime instead (not "
+                              "TensorRT's numbers): --runtime onnxruntime (loader.py, edgeexport verify/bench), "
+                              "or load(..., runtime='onnxruntime')") from None
         problems = trt_compat_problems(cfg, device)
         if problems:
             raise BundleError("this bundle cannot run on this device: " + "; ".join(problems))
