@@ -157,9 +157,13 @@ class OrtTarget(Target):
             settings.update(quantize_dynamic(pre, out, opts))
             settings.update(smoothed)
         else:
+            from edgeexport.recipes import shield_float_layers
+
             s, n = quantize_static(onnx_path, out, opts, config, calibration, workdir)
             settings.update(s)
             notes.extend(n)
+            # layers left float must stay float at run time (onnxruntime would quantize them per tensor)
+            settings["float_layers_shielded"] = shield_float_layers(out)
         import onnxruntime
 
         artifact = Artifact("ort", config.precision, out_dir, [MODEL_FILE], settings,

@@ -184,3 +184,72 @@ def test_integer_share_counts_embedding_tables_in_the_weight_bytes(tmp_path):
             assert "embedding table(s) embed stayed float" in recipes.advise(share)
         else:
             assert share["integer_weight_share"] == 1.0 and recipes.advise(share) is None
+
+
+def _float_layer_after_dq(tmp_path, op: str):
+    """input -> Q -> DQ -> Conv or Gemm with a *float* weight whose output channels span 1e-3..10 (a layer kept in
+    float on purpose); returns (path, the feed, what the graph computes)."""
+    scale, zero = np.float32(0.02), np.uint8(128)
+    if op == "Conv":
+        w = RNG.standard_normal((4, 3, 3, 3)).astype(np.float32) * np.array([1e-3, 1e-2, 1, 10], np.float32)[:, None, None, None]
+        x_shape, y_shape = [1, 3, 8, 8], [1, 4, 6, 6]
+        layer = helper.make_node("Conv", ["xd", "w", "b"], ["h"], name="kept_float")
+    else:
+        w = RNG.standard_normal((4, 16)).astype(np.float32) * np.array([1e-3, 1e-2, 1, 10], np.float32)[:, None]
+        x_shape, y_shape = [2, 16], [2, 4]
+        layer = helper.make_node("Gemm", ["xd", "w", "b"], ["h"], name="kept_float", transB=1)
+    b = np.array([0.01, -0.02, 0.3, 1.0], np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]),
+         helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"]), layer,
+         helper.make_node("QuantizeLinear", ["h", "s2", "z"], ["hq"]),  # the next layer's input is int8 again
+         helper.make_node("DequantizeLinear", ["hq", "s2", "z"], ["y"])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)],
+        [numpy_helper.from_array(np.array(scale), "s"), numpy_helper.from_array(np.array(zero), "z"),
+         numpy_helper.from_array(np.array(np.float32(1e-4)), "s2"),
+         numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
+    path = tmp_path / f"{op}.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    x = RNG.uniform(-2, 2, x_shape).astype(np.float32)
+    xd = (np.clip(np.round(x / scale) + 128, 0, 255) - 128) * scale
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # the graph as written
+    expected = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]).run(None, {"x": xd})[0]
+    return path, x, expected
+
+
+def _optimized(path, x):
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+
+@pytest.mark.parametrize("op", ["Conv", "Gemm"])
+def test_layers_kept_float_stay_float_when_onnxruntime_optimizes_the_graph(tmp_path, op):
+    path, x, expected = _float_layer_after_dq(tmp_path, op)
+    # what onnxruntime's WeightBiasQuantization does to such a layer: its weight becomes int8 per tensor, and
+    # the channels 1e4x smaller than the largest round to nothing
+    unshielded = _optimized(path, x)
+    small = np.abs(expected[:, :2]).max()
+    assert np.abs(unshielded[:, :2] - expected[:, :2]).max() > 0.1 * small, "onnxruntime no longer quantizes it"
+    assert recipes.shield_float_layers(path) == ["kept_float"]
+    np.testing.assert_allclose(_optimized(path, x), expected, rtol=1e-4, atol=1e-6)
+    assert recipes.shield_float_layers(path) == []  # already shielded: nothing to do
+
+
+def test_quantized_layers_are_not_shielded(tmp_path):
+    from onnxruntime.quantization import QuantFormat, quantize_static
+
+    path, x, _ = _float_layer_after_dq(tmp_path, "Conv")
+    model = onnx.load(str(path))
+    del model.graph.node[:2]  # a plain float Conv, quantized whole below
+    model.graph.node[0].input[0] = "x"
+    onnx.save(model, str(path))
+
+    class Feeds:
+        it = iter([{"x": RNG.uniform(-2, 2, (1, 3, 8, 8)).astype(np.float32)} for _ in range(4)])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    quantize_static(str(path), str(tmp_path / "q.onnx"), Feeds(), quant_format=QuantFormat.QDQ, per_channel=True)
+    assert recipes.shield_float_layers(tmp_path / "q.onnx") == []
