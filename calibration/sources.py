@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 
@@ -58,7 +58,7 @@ def read_path(path_text: str, cfg: CalibrationConfig, specs: list[InputSpec], to
         elif path.suffix == ".npy":
             raw = read_npy(path, specs)
         elif path.suffix == ".txt":
-            raw = read_text(path, specs, tokenizer, cfg.max_length)
+            raw = read_text(path, specs, tokenizer, text_length(specs, cfg))
         else:
             raise CalibrationError(
                 f"cannot read calibration data from {str(path)!r}",
@@ -143,6 +143,16 @@ def check_labels(labels: np.ndarray, where: str) -> np.ndarray:
         raise CalibrationError(f"labels in {where} hold a negative class index ({int(labels.min())})", "",
                                "class indices start at 0")
     return labels.astype(np.int64)
+
+
+def text_length(specs: list[InputSpec], cfg: Any) -> int:
+    """Tokens per text sample: ``max_length`` when given; else the sequence length the inputs declare (all the
+    same static last dimension, e.g. ``--input input_ids:1x32:int64``); else the default."""
+    if "max_length" in cfg.model_fields_set:
+        return int(cfg.max_length)
+    lengths = {s.shape[-1] for s in specs if s.shape}
+    only = next(iter(lengths)) if len(lengths) == 1 else None
+    return only if isinstance(only, int) and only > 0 else int(cfg.max_length)
 
 
 def read_text(path: Path, specs: list[InputSpec], tokenizer: Optional[Path], max_length: int) -> RawData:

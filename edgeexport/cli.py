@@ -192,7 +192,7 @@ _MODEL_AND_DATA_OPTIONS = [
                   "a quoted glob ('photos/*.jpg'), or synthetic:N (random data, recorded as such)."),
     click.option("--task", help="hf: models: the optimum task [default: feature-extraction]; feature-extraction also "
                   "selects embedding metrics."),
-    click.option("--max-length", type=click.IntRange(1, 8192), help="Text: tokens per sample, truncated and padded [default: 128]."),
+    click.option("--max-length", type=click.IntRange(1, 8192), help="Text: tokens per sample, truncated and padded [default: the --input sequence length, else 128]."),
     click.option("--input", "inputs", multiple=True, help="NAME:SHAPE[:DTYPE], e.g. image:batchx3x224x224:float32."),
     click.option("--val", help="Separate validation data (same kinds as --calib); default: hold out part of --calib."),
     click.option("--labels", help="Labels (.npy/.npz/.txt) aligned with the --calib samples, for task accuracy."),

@@ -7,12 +7,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 
+from edgeexport import fusion
 from edgeexport.errors import TargetError
 from edgeexport.quantize import check_names, preprocess, quantize_static, smooth_for_int8, to_fp16
 from edgeexport.recipes import record_integer_share
 from edgeexport.reference import OnnxRunner
 from edgeexport.targets.base import Artifact, Problem, Runner, Target, one_of
-from edgeexport.util import quiet
+from edgeexport.util import quiet, sha256_file
 
 if TYPE_CHECKING:  # pragma: no cover
     from edgeexport.calibration import CalibrationSet
@@ -50,6 +51,11 @@ OPTIONS: dict[str, tuple[Any, str]] = {
     "op_types": (None, "restrict quantization to these op types, e.g. [Conv, MatMul]"),
     "exclude_nodes": ([], "node names to keep in float"),
     "int16_tensors": ([], "int8: tensors whose activations are quantized to 16 bits (weights stay 8-bit)"),
+    "format": ("onnx", "onnx (model.onnx) or ort (ORT Mobile's model.ort, basic graph optimizations applied, with the "
+                       "required_operators.config of a reduced onnxruntime build)"),
+    "fusion": ("none", "fp32, fp16: transformer fusion into onnxruntime contrib ops (Attention, "
+                       "EmbedLayerNormalization, BiasGelu) for GPU providers: auto (bert for transformer graphs), "
+                       "bert, none (default: on CPUs the fused graph was no faster)"),
 }
 #: int8-dynamic leaves Conv float unless op_types asks for it: ConvInteger runs slower than float Conv on ORT's CPU
 #: provider and loses accuracy (EfficientNet-Lite0: 0.27x eager, top-1 agreement 0.17)
@@ -97,6 +103,18 @@ class OrtTarget(Target):
             problems.append(Problem("target_options", f"{', '.join(quant_only)} apply to the int8 precisions only, "
                                     f"not {config.precision} (nothing is quantized)",
                                     "drop them or use --precision int8 / int8-dynamic"))
+        if not one_of(opts.get("fusion", "auto"), fusion.CHOICES):
+            problems.append(Problem("target_options.fusion", "fusion must be auto, bert or none", ""))
+        elif opts.get("fusion") == "bert" and config.precision not in ("fp32", "fp16"):
+            problems.append(Problem("target_options", f"fusion=bert applies to --precision fp32 and fp16, not "
+                                    f"{config.precision} (int8 quantizes the unfused graph)",
+                                    "drop it or use --precision fp32 / fp16"))
+        if opts.get("format", "onnx") not in ("onnx", "ort"):
+            problems.append(Problem("target_options.format", "format must be onnx or ort", ""))
+        elif opts.get("format") == "ort" and (config.explain or config.accuracy_budget):
+            problems.append(Problem("target_options.format", "--explain and --accuracy-budget read the Q/DQ ONNX "
+                                    "graph; format=ort ships a flatbuffer", "find the mix with format=onnx, then "
+                                    "build format=ort with the options it recorded"))
         for key in ("op_types", "exclude_nodes", "int16_tensors"):
             v = opts.get(key)
             if v is not None and not (isinstance(v, list) and all(isinstance(x, str) for x in v)):
@@ -138,10 +156,21 @@ class OrtTarget(Target):
         opts = self.options(config)
         settings: dict[str, Any] = {"format": "onnx"}
         notes: list[str] = []
-        if config.precision == "fp32":
-            shutil.copyfile(onnx_path, out)
-        elif config.precision == "fp16":
-            settings.update(to_fp16(onnx_path, out))
+        if config.precision in ("fp32", "fp16"):
+            import onnx
+
+            from edgeexport.recipes import family
+
+            fused = workdir / "fused.onnx"
+            record = fusion.fuse(onnx_path, fused, opts["fusion"], family(onnx.load(str(onnx_path))))
+            settings.update(record)
+            if record.get("fusion_reason", "").endswith("exported unfused"):
+                notes.append(f"fusion: {record['fusion_reason']}")
+            graph = fused if record["fusion"] != "none" else onnx_path
+            if config.precision == "fp32":
+                shutil.copyfile(graph, out)
+            else:
+                settings.update(to_fp16(graph, out))
         elif config.precision == "int8-dynamic":
             # constant-folded first: torch.onnx builds LSTM weights with Unsqueeze nodes, and onnxruntime's dynamic
             # quantizer silently leaves LSTMs whose weights are not initializers in float
@@ -172,6 +201,10 @@ class OrtTarget(Target):
             artifact.float_model = workdir / "preprocessed.onnx"
         if config.precision in ("int8", "int8-dynamic"):
             record_integer_share(artifact, workdir / "preprocessed.onnx", calibration)
+        if opts["format"] == "ort":
+            artifact.files = to_ort_format(out, notes)
+            settings.update(format="ort", ort_optimization_level="basic", onnx_sha256=sha256_file(out))
+            out.unlink()
         return artifact
 
     def load(self, artifact: Artifact, threads: Optional[int] = None) -> Runner:
@@ -180,6 +213,39 @@ class OrtTarget(Target):
     def requirements(self, artifact: Artifact) -> list[str]:
         major, minor = artifact.runtime["onnxruntime"].split(".")[:2]
         return ["numpy", f"onnxruntime>={major}.{minor}"]
+
+
+ORT_FILE = "model.ort"
+OPERATORS_FILE = "required_operators.config"
+
+
+def to_ort_format(onnx_file: Path, notes: list[str]) -> list[str]:
+    """ORT Mobile's format beside ``onnx_file``: onnxruntime's basic (provider-independent) graph optimizations,
+    saved as a flatbuffer, and the operator (and type) list a reduced onnxruntime build needs. Returns the files."""
+    import onnxruntime as ort
+
+    ort_file = onnx_file.with_name(ORT_FILE)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC  # what every provider can take
+    so.optimized_model_filepath = str(ort_file)
+    so.add_session_config_entry("session.save_model_format", "ORT")
+    so.log_severity_level = 3
+    try:
+        ort.InferenceSession(str(onnx_file), so, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise TargetError("onnxruntime cannot convert the model to the ORT format", str(e).strip()[:300],
+                          "build with --option format=onnx") from None
+    from onnxruntime.tools.ort_format_model import create_config_from_models
+
+    config = onnx_file.with_name(OPERATORS_FILE)
+    with quiet():
+        try:
+            create_config_from_models([ort_file], config, enable_type_reduction=True)
+        except Exception as e:  # type reduction does not know every op: the operator list alone still works
+            notes.append(f"ORT format: no per-type reduction in {OPERATORS_FILE} ({type(e).__name__}); it lists "
+                         "the operators only")
+            create_config_from_models([ort_file], config, enable_type_reduction=False)
+    return [ORT_FILE, OPERATORS_FILE]
 
 
 def quantize_dynamic(src: Path, dst: Path, opts: dict[str, Any]) -> dict[str, Any]:
