@@ -103,7 +103,7 @@ class OrtTarget(Target):
             problems.append(Problem("target_options", f"{', '.join(quant_only)} apply to the int8 precisions only, "
                                     f"not {config.precision} (nothing is quantized)",
                                     "drop them or use --precision int8 / int8-dynamic"))
-        if not one_of(opts.get("fusion", "auto"), fusion.CHOICES):
+        if not one_of(opts.get("fusion", "none"), fusion.CHOICES):
             problems.append(Problem("target_options.fusion", "fusion must be auto, bert or none", ""))
         elif opts.get("fusion") == "bert" and config.precision not in ("fp32", "fp16"):
             problems.append(Problem("target_options", f"fusion=bert applies to --precision fp32 and fp16, not "
