@@ -68,6 +68,7 @@ def preprocess(src: Path, dst: Path) -> list[str]:
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     notes = []
+    src, dst = Path(src).resolve(), Path(dst).resolve()  # the chdir below must not change what they name
     # symbolic shape inference writes temporary files (sym_shape_infer_temp.onnx, <uuid>.data) to the current
     # directory: keep them in the build's temporary folder
     with quiet(), contextlib.chdir(dst.parent):

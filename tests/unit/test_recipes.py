@@ -253,3 +253,13 @@ def test_quantized_layers_are_not_shielded(tmp_path):
 
     quantize_static(str(path), str(tmp_path / "q.onnx"), Feeds(), quant_format=QuantFormat.QDQ, per_channel=True)
     assert recipes.shield_float_layers(tmp_path / "q.onnx") == []
+
+
+def test_preprocess_takes_paths_relative_to_the_callers_folder(tmp_path, monkeypatch):
+    from edgeexport.quantize import preprocess
+
+    path, _, _ = _float_layer_after_dq(tmp_path, "Conv")
+    (tmp_path / "out").mkdir()
+    monkeypatch.chdir(tmp_path)
+    preprocess(type(path)(path.name), type(path)("out") / "pre.onnx")  # it works in out/: both names are relative
+    assert (tmp_path / "out" / "pre.onnx").is_file()
