@@ -29,14 +29,19 @@ FUSED_OPS = ("EmbedLayerNormalization", "Attention", "MultiHeadAttention", "Skip
              "LayerNormalization", "BiasGelu", "FastGelu", "Gelu")
 
 
-def fuse(src: Path, dst: Path, choice: str, family: str) -> dict[str, Any]:
-    """Fuse ``src`` into ``dst`` when ``choice`` (auto: by ``family``) asks for it and the optimizer finds
+def fuse(src: Path, dst: Path, choice: str) -> dict[str, Any]:
+    """Fuse ``src`` into ``dst`` when ``choice`` asks for it (auto: for transformer graphs) and the optimizer finds
     attention; returns the manifest's record. ``dst`` is written only when something was fused."""
-    if choice == "none" or (choice == "auto" and family != "transformer"):
-        return {"fusion": "none", "fusion_requested": choice,
-                "fusion_reason": "not a transformer graph" if choice == "auto" else NOT_BY_DEFAULT}
+    import onnx
+
+    if choice == "none":
+        return {"fusion": "none", "fusion_requested": choice, "fusion_reason": NOT_BY_DEFAULT}
+    if choice == "auto":
+        from edgeexport.recipes import family
+
+        if family(onnx.load(str(src))) != "transformer":
+            return {"fusion": "none", "fusion_requested": choice, "fusion_reason": "not a transformer graph"}
     try:
-        import onnx
         from onnxruntime.transformers.optimizer import optimize_model
 
         with quiet():

@@ -7,14 +7,20 @@ from typing import Any, Iterable
 
 
 
+def inferred_infos(model: Any) -> list[Any]:
+    """The ValueInfos ONNX shape inference gives ``model``'s tensors (intermediate, inputs and outputs)."""
+    import onnx
+
+    inferred = onnx.shape_inference.infer_shapes(model)
+    return list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input)
+
+
 def float_tensors(model: Any) -> set[str]:
     """Node outputs that are float tensors (or whose type shape inference cannot tell: kept, filtered later)."""
     import onnx
 
-    inferred = onnx.shape_inference.infer_shapes(model)
     float_types = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE}
-    infos = list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input)
-    known = {vi.name: vi.type.tensor_type.elem_type for vi in infos}
+    known = {vi.name: vi.type.tensor_type.elem_type for vi in inferred_infos(model)}
     return {out for n in model.graph.node for out in n.output if known.get(out, onnx.TensorProto.FLOAT) in float_types}
 
 

@@ -28,7 +28,7 @@ import numpy as np
 
 from edgeexport.flops import COUNTED_OPS as WEIGHTED_OPS  # Conv, ConvTranspose, MatMul, Gemm
 from edgeexport.onnxgraph import attr as _attr
-from edgeexport.onnxgraph import output_axis
+from edgeexport.onnxgraph import inferred_infos, output_axis
 #: a tensor whose largest magnitude is beyond this holds a sentinel, whatever its other values
 SENTINEL_ABS = 1e30
 #: sentinel test: the large values (within LARGE_BAND of the maximum) agree to this relative spread ...
@@ -81,8 +81,7 @@ def unrepresentable_nodes(model_path: Path, feeds: list[dict[str, np.ndarray]]) 
     return nodes, sorted(bad)
 
 
-#: onnxruntime's level-1 graph transformer that quantizes float Conv/ConvTranspose/Gemm weights fed by a DequantizeLinear
-WEIGHT_BIAS_QUANTIZATION = "WeightBiasQuantization"
+#: the layers onnxruntime's WeightBiasQuantization quantizes when their float weight follows a DequantizeLinear
 SHIELDED_OPS = ("Conv", "ConvTranspose", "Gemm")
 
 
@@ -116,18 +115,27 @@ def shield_float_layers(path: Path) -> list[str]:
             targets.append((node, dq))
     if not targets:
         return []
-    inferred = onnx.shape_inference.infer_shapes(model)
     dims = {vi.name: [d.dim_value if d.HasField("dim_value") else 0 for d in vi.type.tensor_type.shape.dim]
-            for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)}
-    shielded, unshielded = [], []
+            for vi in inferred_infos(model)}
+
+    def axis_of(node: Any) -> Optional[int]:  # an input axis longer than 1 (a length-1 scale counts as scalar)
+        shape = dims.get(node.input[0], [])
+        return next((a for a in (1, *range(len(shape))) if a < len(shape) and shape[a] > 1), None)
+
+    axes = [axis_of(node) for node, _ in targets]
+    unshielded = [node.name for (node, _), axis in zip(targets, axes) if axis is None]
+    if unshielded:
+        from edgeexport.errors import TargetError
+
+        raise TargetError(f"cannot keep {', '.join(unshielded)} in float on onnxruntime",
+                          "shape inference does not know the input shape these layers would be shielded by (onnxruntime "
+                          "would quantize their weights per tensor)", "export with static input shapes, or drop these "
+                          "nodes from exclude_nodes")
     position = {id(n): i for i, n in enumerate(model.graph.node)}
     inserts: list[tuple[int, Any]] = []
-    for node, dq in targets:
-        shape = dims.get(node.input[0], [])
-        axis = next((a for a in (1, *range(len(shape))) if a < len(shape) and shape[a] > 1), None)
-        if axis is None:
-            unshielded.append(node.name)
-            continue
+    for (node, dq), axis in zip(targets, axes):
+        assert axis is not None  # refused above
+        shape = dims[node.input[0]]
         scale = numpy_helper.to_array(inits[dq.input[1]]).reshape(())
         tag = f"{node.name or node.output[0]}_float_input"
         names = [f"{tag}_scale"]
@@ -139,18 +147,10 @@ def shield_float_layers(path: Path) -> list[str]:
         own = onnx.helper.make_node("DequantizeLinear", [dq.input[0], *names], [tag], name=f"{tag}_dq", axis=axis)
         node.input[0] = tag
         inserts.append((position[id(node)], own))
-        shielded.append(node.name)
     for index, own in sorted(inserts, key=lambda x: -x[0]):  # each before its consumer: the order stays topological
         model.graph.node.insert(index, own)
-    if unshielded:
-        from edgeexport.errors import TargetError
-
-        raise TargetError(f"cannot keep {', '.join(unshielded)} in float on onnxruntime",
-                          "shape inference does not know the input shape these layers would be shielded by (onnxruntime "
-                          "would quantize their weights per tensor)", "export with static input shapes, or drop these "
-                          "nodes from exclude_nodes")
     onnx.save(model, str(path))
-    return shielded
+    return [node.name for node, _ in targets]
 
 
 def weighted_nodes(model: Any) -> list[str]:

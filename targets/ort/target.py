@@ -157,12 +157,8 @@ class OrtTarget(Target):
         settings: dict[str, Any] = {"format": "onnx"}
         notes: list[str] = []
         if config.precision in ("fp32", "fp16"):
-            import onnx
-
-            from edgeexport.recipes import family
-
             fused = workdir / "fused.onnx"
-            record = fusion.fuse(onnx_path, fused, opts["fusion"], family(onnx.load(str(onnx_path))))
+            record = fusion.fuse(onnx_path, fused, opts["fusion"])
             settings.update(record)
             if record.get("fusion_reason", "").endswith("exported unfused"):
                 notes.append(f"fusion: {record['fusion_reason']}")
