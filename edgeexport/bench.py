@@ -205,12 +205,13 @@ _CHILD = r"""
 import importlib.util, json, resource, sys, time
 t_start = time.time()
 loader_path, bundle, batch, threads, runs = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
+options = json.loads(sys.argv[6])
 spec = importlib.util.spec_from_file_location("edgeexport_bundle_loader", loader_path)
 loader = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(loader)
 import numpy as np
 t_import = time.time()
-model = loader.load(bundle, threads=int(threads) if threads else None)
+model = loader.load(bundle, threads=int(threads) if threads else None, **options)
 t_load = time.time()
 golden = next(model.golden())[0]
 feed = {k: (np.repeat(v[:1], batch, axis=0) if batch != 1 else v) for k, v in golden.items()}
@@ -241,7 +242,8 @@ def _loader_file(bundle: Path, target: str, tmp: Path) -> Path:
 
 
 def fresh_process(bundle: Path, batch: int, threads: Optional[int], runs: int = 10,
-                  timeout_s: int = 600, target: str = DEFAULT_TARGET) -> dict[str, float]:
+                  timeout_s: int = 600, target: str = DEFAULT_TARGET, options: Optional[dict[str, Any]] = None
+                  ) -> dict[str, float]:
     """Cold start (process start -> first result) and peak resident memory of a new process running the bundle
     through the loader a device would run."""
     import tempfile
@@ -251,7 +253,8 @@ def fresh_process(bundle: Path, batch: int, threads: Optional[int], runs: int = 
         with tempfile.TemporaryDirectory(prefix="edgeexport-loader-") as tmp:
             loader_file = _loader_file(bundle, target, Path(tmp))
             proc = subprocess.run([sys.executable, "-c", _CHILD, str(loader_file), str(bundle), str(batch),
-                                   str(threads or ""), str(runs)], capture_output=True, text=True, timeout=timeout_s)
+                                   str(threads or ""), str(runs), json.dumps(options or {})],
+                                  capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
         raise BundleError(f"a fresh process running bundle {str(bundle)!r} did not finish in {timeout_s} s", "",
                           "skip the cold-start measurement with --cold-runs 0") from None
@@ -289,7 +292,9 @@ def bench_bundle(bundle: Path, warmup: int = 10, runs: Optional[int] = 100, dura
         raise BundleError(f"bundle {str(bundle)!r} does not exist", "", "check the path (a bundle folder, or its "
                           ".tar.gz/.zip archive)")
     try:
-        model = loader.load(bundle, threads=threads, **options)
+        root = loader.extract_archive(bundle) if loader.is_archive(bundle) else bundle
+        options = loader.timing_options(loader.read_manifest(root), options)
+        model = loader.load(root, threads=threads, **options)
     except loader.BundleError as e:
         raise BundleError(f"cannot load bundle {str(bundle)!r}", str(e),
                           f"check it with 'edgeexport verify {bundle}'") from None
@@ -317,7 +322,8 @@ def bench_bundle(bundle: Path, warmup: int = 10, runs: Optional[int] = 100, dura
         result["gflops_per_s"] = flops * batch / (lat["mean_ms"] * 1e6)
     if cold_runs:
         log(f"==> cold start and peak memory: {cold_runs} fresh processes")
-        colds = [fresh_process(Path(bundle), batch, threads, target=manifest["target"]) for _ in range(cold_runs)]
+        colds = [fresh_process(Path(bundle), batch, threads, target=manifest["target"], options=options)
+                 for _ in range(cold_runs)]
         result["fresh_process"] = {k: float(np.median([c[k] for c in colds])) for k in colds[0]}
         result["fresh_process"]["cold_start_ms_all"] = [c["cold_start_ms"] for c in colds]
     return result

@@ -247,7 +247,8 @@ def _time_all(rows: list[Row], ref_runner: Any, feed: dict[str, np.ndarray], set
             row.add_note(f"latency not measured: {skip}")
             continue
         try:
-            model = loader.load(row.out, threads=settings.threads)
+            model = loader.load(row.out, threads=settings.threads,
+                                **loader.timing_options(loader.read_manifest(row.out)))
             model(feed)  # checks the feed once; timed calls go straight to the runtime
         except Exception as e:  # noqa: BLE001 - reported in the row; the others are still timed
             row.add_note(f"latency not measured: its loader failed: {type(e).__name__}: {e}")

@@ -319,3 +319,59 @@ def check_names(graph: Any, opts: dict[str, Any], dynamic: bool = False) -> None
                               f"names are those of the pre-processed ONNX graph ({len(known)} {what}s)"
                               + (f"; similar: {', '.join(close)}" if close else ""),
                               "take the names from 'edgeexport build ... --explain' or the manifest's layer_errors")
+
+
+def exact_integer_graph(src: Path, dst: Path) -> list[str]:
+    """``src`` with each MatMulInteger and ConvInteger computed in float on the same integers (zero points
+    subtracted, products summed in float32: exact while the sums stay below 2^24, as int8 x uint8 sums of up to a
+    few hundred terms do), cast back to int32. It is the integer arithmetic of a device that accumulates in int32,
+    for CPUs whose int8 kernels saturate (onnxruntime's dynamic int8 ops have no exact mode). Writes ``dst``;
+    returns the op types left as they were (integer ops it does not rewrite, e.g. DynamicQuantizeLSTM)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    model = onnx.load(str(src))
+    graph = model.graph
+    nodes: list[Any] = []
+    kept: set[str] = set()
+    fresh = itertools.count()
+
+    def as_float(name: str, zero_point: str, shape_for: Optional[int] = None) -> str:
+        out = f"{name}__f{next(fresh)}"
+        nodes.append(helper.make_node("Cast", [name], [out], to=TensorProto.FLOAT))
+        if not zero_point:
+            return out
+        zp = f"{zero_point}__f{next(fresh)}"
+        nodes.append(helper.make_node("Cast", [zero_point], [zp], to=TensorProto.FLOAT))
+        if shape_for is not None:  # a per-output-channel weight zero point of a Conv: [M] -> [M, 1, 1, ...]
+            shape = f"{zp}__shape"
+            graph.initializer.append(onnx.numpy_helper.from_array(np.array([-1] + [1] * shape_for, np.int64), shape))
+            nodes.append(helper.make_node("Reshape", [zp, shape], [zp + "__r"]))
+            zp += "__r"
+        centred = f"{out}__c"
+        nodes.append(helper.make_node("Sub", [out, zp], [centred]))
+        return centred
+
+    for node in graph.node:
+        ins = list(node.input) + [""] * (4 - len(node.input))
+        if node.op_type == "MatMulInteger":
+            a, b = as_float(ins[0], ins[2]), as_float(ins[1], ins[3])
+            y = f"{node.output[0]}__f"
+            nodes.append(helper.make_node("MatMul", [a, b], [y]))
+            nodes.append(helper.make_node("Cast", [y], [node.output[0]], to=TensorProto.INT32))
+        elif node.op_type == "ConvInteger":
+            x = as_float(ins[0], ins[2])
+            w = as_float(ins[1], ins[3], shape_for=3)  # weights [M, C/g, kH, kW]: broadcast over 3 trailing axes
+            y = f"{node.output[0]}__f"
+            nodes.append(helper.make_node("Conv", [x, w], [y], **{a.name: helper.get_attribute_value(a)
+                                                                   for a in node.attribute}))
+            nodes.append(helper.make_node("Cast", [y], [node.output[0]], to=TensorProto.INT32))
+        else:
+            if node.op_type.startswith("DynamicQuantize") and node.op_type != "DynamicQuantizeLinear" or \
+                    node.op_type in ("QLinearMatMul", "QLinearConv", "QAttention"):
+                kept.add(node.op_type)
+            nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    onnx.save(model, str(dst))
+    return sorted(kept)

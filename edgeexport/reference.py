@@ -61,11 +61,14 @@ class TorchRunner(Runner):
 class OnnxRunner(Runner):
     """An ONNX file on onnxruntime's CPU provider: the reference for .onnx sources, and the ort target's runner."""
 
-    def __init__(self, path: str, providers: Optional[list[str]] = None, threads: Optional[int] = None) -> None:
+    def __init__(self, path: str, providers: Optional[list[str]] = None, threads: Optional[int] = None,
+                 exact: bool = False) -> None:
         import onnxruntime as ort
 
         so = ort.SessionOptions()
         so.log_severity_level = 3
+        if exact:  # Q/DQ pairs as written: the int8 arithmetic of a device that accumulates in int32
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         if threads:
             so.intra_op_num_threads = threads
             so.inter_op_num_threads = 1

@@ -49,6 +49,9 @@ class Artifact:
     validated_with: str = ""
     #: the float ONNX graph a Q/DQ model was made from (same tensor names), for per-layer error ranking
     float_model: Optional[Path] = None
+    #: a graph (not shipped) that computes what the bundle's device computes where this machine's kernels do not
+    #: (dynamic int8 ops with exact integer sums, on a CPU whose int8 kernels saturate); validation runs it
+    exact_model: Optional[Path] = None
     #: the files that make up the model when it is more than ``files[0]`` (OpenVINO: model.xml + model.bin)
     model_parts: list[str] = field(default_factory=list)
 
@@ -182,7 +185,14 @@ class Target:
         raise NotImplementedError
 
     def load(self, artifact: Artifact, threads: Optional[int] = None) -> Runner:  # pragma: no cover
+        """The Runner that validates the artifact: it computes what the bundle's device computes."""
         raise NotImplementedError
+
+    def load_for_timing(self, artifact: Artifact, threads: Optional[int] = None) -> Optional[Runner]:
+        """A Runner to time instead of :meth:`load`'s, where that one computes the device's results in a way the
+        device would not run them (e.g. int8 Q/DQ pairs run as written on a CPU whose int8 kernels saturate).
+        None: time the validating Runner."""
+        return None
 
     def loader_backend(self) -> Optional[Path]:
         """The device-side backend appended to the loader core in this target's bundles: ``backend.py`` beside the

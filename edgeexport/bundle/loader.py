@@ -408,13 +408,84 @@ def warn_if_older(package, installed, manifest):
               f"upgrade {package}", file=sys.stderr)
 
 
+#: x86 feature flags of int8 dot products that accumulate in int32 (VPDPBUSD and AMX): no int16 intermediate sums
+_INT32_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def cpu_flags():
+    """This CPU's feature flags (from /proc/cpuinfo), or None where they cannot be read. EDGEEXPORT_CPU_FLAGS
+    (space-separated flags) stands in for them: to check how a bundle would behave on another x86 CPU."""
+    forced = os.environ.get("EDGEEXPORT_CPU_FLAGS")
+    if forced is not None:
+        return set(forced.split())
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return None
+
+
+def int8_saturation():
+    """Why this CPU's int8 kernels would saturate with full 8-bit weights, or '' when they do not (or it cannot
+    tell). x86 CPUs with AVX2 or AVX-512 but without VNNI multiply uint8 activations by int8 weights with
+    VPMADDUBSW, which adds each pair of products into int16 with saturation: 255 x 127 x 2 = 64,770 does not fit
+    in 32,767. onnxruntime's and OpenVINO's int8 kernels use it there. VNNI and AMX (x86), ARM64 (SDOT, I8MM) and
+    GPUs accumulate in int32 and compute what the Q/DQ graph says. 7-bit weights (reduce_range) cannot saturate."""
+    import platform
+
+    flags = cpu_flags()
+    if os.environ.get("EDGEEXPORT_CPU_FLAGS") is None and \
+            platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686", "x86"):
+        return ""
+    if not flags or "avx2" not in flags or any(f in flags for f in _INT32_DOT_FLAGS):
+        return ""
+    return ("this x86 CPU has AVX2 but no VNNI (no avx512_vnni or avx_vnni flag): its int8 kernels add pairs of "
+            "uint8 x int8 products into int16 with saturation (VPMADDUBSW), and full 8-bit weights overflow it")
+
+
+INT8_KERNELS = ("auto", "native", "exact")
+
+
+def int8_kernel_choice(manifest, asked=None, fix=""):
+    """(exact, warning): whether to run the bundle's int8 graph as written (float arithmetic on the quantized values:
+    the result of a device that accumulates in int32) instead of with the runtime's int8 kernels on this CPU, and
+    the warning to print ('' for none). ``runtime_config.int8`` says what the bundle's int8 is: ``weight_bits`` (8,
+    or 7 with reduce_range) and ``qdq`` (quantization written in the graph as Q/DQ or FakeQuantize, which can run
+    as written). ``fix`` is the backend's way to build for such a CPU."""
+    asked = asked or "auto"
+    if asked not in INT8_KERNELS:
+        raise BundleError(f"int8_kernels must be one of {', '.join(INT8_KERNELS)}, not {asked!r}")
+    int8 = (manifest.get("runtime_config") or {}).get("int8")
+    if asked == "exact":
+        if not (isinstance(int8, dict) and int8.get("qdq")):
+            raise BundleError("int8_kernels='exact' runs a graph's Q/DQ (FakeQuantize) pairs as written; this "
+                              f"bundle has none (precision {manifest.get('precision')})")
+        return True, ""
+    if asked == "native" or not isinstance(int8, dict) or int8.get("weight_bits") != 8:
+        return False, ""
+    why = int8_saturation()
+    if not why:
+        return False, ""
+    if int8.get("qdq"):
+        return True, (f"warning: {why}; so this bundle's int8 graph runs as written (exact, slower than int8 "
+                      f"kernels){'. For int8 speed on this CPU, ' + fix if fix else ''}; int8_kernels='native' "
+                      "runs the saturating kernels anyway")
+    return False, (f"warning: {why}; this bundle's outputs on this CPU may differ from the ones it was validated "
+                   f"with{'. ' + fix[0].upper() + fix[1:] if fix else ''}")
+
+
 class OnnxSession:
     """The bundle's ONNX on onnxruntime: the ONNX Runtime backend, and any backend's way to run the ONNX it ships
-    exactly as the build validated it (TensorRT's ``runtime='onnxruntime'``)."""
+    exactly as the build validated it (TensorRT's ``runtime='onnxruntime'``). ``exact=True`` runs the Q/DQ pairs
+    as written (float arithmetic on the quantized values, no graph optimization): the int8 result of a device that
+    accumulates in int32, on any CPU, more slowly."""
 
     runtime = "onnxruntime"
 
-    def __init__(self, model_path, manifest, providers=None, threads=None):
+    def __init__(self, model_path, manifest, providers=None, threads=None, exact=False):
         try:
             import onnxruntime as ort
         except ImportError:
@@ -422,7 +493,7 @@ class OnnxSession:
         warn_if_older("onnxruntime", ort.__version__, manifest)
         so = ort.SessionOptions()
         so.log_severity_level = 3
-        if (manifest.get("runtime_config") or {}).get("onnxruntime_fake_quant"):
+        if exact or (manifest.get("runtime_config") or {}).get("onnxruntime_fake_quant"):
             # run Q/DQ pairs as written (float fake-quantization), as the build validated them
             so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         if threads:
@@ -467,6 +538,14 @@ def backend_for(target):
         raise BundleError(f"this loader cannot run {target!r} bundles (it was assembled for "
                           f"{', '.join(sorted(_BACKENDS)) or 'no backend'}): use the loader.py inside that bundle")
     return _BACKENDS[target]
+
+
+def timing_options(manifest, options=None):
+    """The backend options to time a bundle with: its backend's ``timing_options`` (the kernels the device runs,
+    where ``load()``'s default runs something else on this machine), under the ones given."""
+    cls = backend_for(manifest["target"])
+    given = {k: v for k, v in (options or {}).items() if v is not None}
+    return {**{k: v for k, v in getattr(cls, "timing_options", {}).items() if k in cls.options}, **given}
 
 
 class Model:

@@ -5,9 +5,10 @@ the "backend" marker to the loader core (edgeexport/bundle/loader.py) to make th
 it may import only the standard library, numpy and its runtime.
 """
 
-from edgeexport.bundle.loader import BundleError, backend, warn_if_older  # noqa: F401
+from edgeexport.bundle.loader import INT8_KERNELS, BundleError, backend, int8_kernel_choice, warn_if_older  # noqa: F401
 
 # ---- backend: appended to the loader core --------------------------------------------------------------------
+import sys
 import threading
 
 import numpy as np
@@ -21,9 +22,15 @@ class OpenvinoBackend:
     plugin otherwise picks bfloat16 by itself on CPUs that have it, and an fp32 bundle would silently run in bf16."""
 
     runtime = "openvino"
-    options = {"device": ("OpenVINO: the device to compile for: CPU (default), GPU, NPU, AUTO", None)}
+    options = {"device": ("OpenVINO: the device to compile for: CPU (default), GPU, NPU, AUTO", None),
+               "int8_kernels": ("int8 bundles on the CPU: auto (run the FakeQuantize graph exactly where this CPU's "
+                                "int8 kernels would saturate 8-bit weights), native (the plugin's int8 kernels), "
+                                "exact (FakeQuantize in float, slower)", list(INT8_KERNELS))}
+    #: what bench and compare time: the int8 kernels the device runs (see the ONNX Runtime backend)
+    timing_options = {"int8_kernels": "native"}
 
-    def __init__(self, model_path, manifest, root=None, archive=None, providers=None, threads=None, device="CPU"):
+    def __init__(self, model_path, manifest, root=None, archive=None, providers=None, threads=None, device="CPU",
+                 int8_kernels=None):
         if providers:
             raise BundleError("execution providers are an onnxruntime setting; OpenVINO bundles take device= "
                               "(CPU, GPU, NPU, AUTO) and threads")
@@ -42,6 +49,16 @@ class OpenvinoBackend:
             config["INFERENCE_PRECISION_HINT"] = precision
         if threads:
             config["INFERENCE_NUM_THREADS"] = int(threads)
+        exact = False
+        if device.split(".")[0] == "CPU":
+            exact, warning = int8_kernel_choice(manifest, int8_kernels)
+            if warning:
+                print(warning, file=sys.stderr)
+            if exact:  # no low-precision transformations: FakeQuantize runs as written, in float
+                config["LP_TRANSFORMS_MODE"] = "NO"
+        elif int8_kernels == "exact":
+            raise BundleError("int8_kernels='exact' applies to the CPU device")
+        self.int8_kernels = "exact" if exact else "native"
         try:
             self.compiled = core.compile_model(str(model_path), device, config)
         except Exception as e:

@@ -32,6 +32,8 @@ DEVICES: dict[str, tuple[bool, str]] = {
     "x86-vnni": (False, "x86 with AVX-512 VNNI or AVX-VNNI: int32 accumulation, 8-bit weights"),
     "x86-avx2": (True, "x86 without VNNI (AVX2, AVX-512 without VNNI): 7-bit weights, since VPMADDUBSW's int16 "
                        "sums saturate with 8-bit ones"),
+    "host": (False, "the machine that builds the bundle (for bundles built where they run): 7-bit weights if its "
+                    "int8 kernels saturate, 8-bit otherwise"),
 }
 RECIPES = ("auto", "full", "weighted")
 # target_options this target understands, with their defaults and a one-line meaning (shown in errors and docs)
@@ -142,7 +144,15 @@ class OrtTarget(Target):
 
     def options(self, config: "BuildConfig") -> dict[str, Any]:
         opts = {k: config.target_options.get(k, default) for k, (default, _) in OPTIONS.items()}
-        if opts["reduce_range"] is None:
+        if opts["reduce_range"] is None and opts["device"] == "host":
+            from edgeexport.bundle.loader import int8_saturation
+
+            why = int8_saturation()
+            opts["reduce_range"] = bool(why)
+            opts["reduce_range_reason"] = (f"device=host: {why}: 7-bit weights" if why else "device=host: this "
+                                           "machine's int8 kernels accumulate in int32 (or it cannot tell): 8-bit "
+                                           "weights")
+        elif opts["reduce_range"] is None:
             opts["reduce_range"], opts["reduce_range_reason"] = DEVICES[opts["device"]]
         else:
             opts["reduce_range_reason"] = "set by --option reduce_range"
@@ -197,14 +207,61 @@ class OrtTarget(Target):
             artifact.float_model = workdir / "preprocessed.onnx"
         if config.precision in ("int8", "int8-dynamic"):
             record_integer_share(artifact, workdir / "preprocessed.onnx", calibration)
+            artifact.runtime_config["int8"] = {"weight_bits": 7 if opts["reduce_range"] else 8,
+                                               "qdq": config.precision == "int8"}
+            self._int8_kernels_here(artifact, workdir)
         if opts["format"] == "ort":
             artifact.files = to_ort_format(out, notes)
             settings.update(format="ort", ort_optimization_level="basic", onnx_sha256=sha256_file(out))
             out.unlink()
         return artifact
 
+    @staticmethod
+    def _exact_here(artifact: Artifact) -> bool:
+        """Whether this machine runs a static Q/DQ ``artifact`` as written to validate it: its int8 kernels would
+        saturate the 8-bit weights that the bundle's device multiplies exactly (the backend's int8_kernel_choice,
+        which the device's loader runs too)."""
+        from edgeexport.targets.ort.backend import int8_kernel_choice
+
+        return int8_kernel_choice({"runtime_config": artifact.runtime_config, "precision": artifact.precision})[0]
+
+    def _int8_kernels_here(self, artifact: Artifact, workdir: Path) -> None:
+        """Validate what the bundle's device computes when this machine's int8 kernels would not compute it (x86
+        without VNNI, 8-bit weights), and say so: a static Q/DQ graph runs as written, a dynamic one through a copy
+        whose integer MatMuls/Convs sum exactly; this CPU's own kernels are timed for speed."""
+        from edgeexport.bundle.loader import int8_saturation
+        from edgeexport.quantize import exact_integer_graph
+
+        why = int8_saturation() if artifact.runtime_config["int8"]["weight_bits"] == 8 else ""
+        artifact.settings["build_machine_int8"] = why or "this machine's int8 kernels compute the Q/DQ graph exactly"
+        if not why:
+            return
+        device = artifact.settings.get("device")
+        if artifact.precision == "int8":
+            artifact.validated_with = ("onnxruntime with the Q/DQ pairs run as written (the exact int8 arithmetic of "
+                                       "the bundle's device, which accumulates in int32): " + why)
+            on_device = "the loader runs the graph exactly (slower)"
+        else:
+            artifact.exact_model = workdir / "exact_integer.onnx"
+            kept = exact_integer_graph(artifact.model_path, artifact.exact_model)
+            artifact.validated_with = ("onnxruntime with the integer MatMuls summed exactly (as the bundle's device, "
+                                       "which accumulates in int32, sums them): " + why +
+                                       (f"; {', '.join(kept)} ran on this CPU's kernels" if kept else ""))
+            on_device = "outputs there differ from the validated ones (the loader warns)"
+        artifact.notes.append(f"{why}; the bundle's device ({device}) does not, so the build validates what the device "
+                              f"computes and times this CPU's int8 kernels for speed only. On such a CPU {on_device}; "
+                              "--option device=x86-avx2 builds 7-bit weights for it")
+
     def load(self, artifact: Artifact, threads: Optional[int] = None) -> Runner:
-        return OnnxRunner(str(artifact.model_path), threads=threads)
+        if artifact.exact_model is not None:
+            return OnnxRunner(str(artifact.exact_model), threads=threads, exact=True)
+        exact = artifact.precision == "int8" and self._exact_here(artifact)
+        return OnnxRunner(str(artifact.model_path), threads=threads, exact=exact)
+
+    def load_for_timing(self, artifact: Artifact, threads: Optional[int] = None) -> Optional[Runner]:
+        if artifact.exact_model is not None or (artifact.precision == "int8" and self._exact_here(artifact)):
+            return OnnxRunner(str(artifact.model_path), threads=threads)  # this CPU's int8 kernels: speed only
+        return None
 
     def requirements(self, artifact: Artifact) -> list[str]:
         major, minor = artifact.runtime["onnxruntime"].split(".")[:2]

@@ -293,3 +293,32 @@ def test_openvino_int8_says_when_recurrent_layers_stayed_float(cli, rows_npz, tm
     share = json.loads((tmp_path / "ov" / "manifest.json").read_text())["quantization"]["integer_share"]
     assert share["integer_mac_share"] < 0.5 and share["float_weighted_layers"] == 2 and "stayed float" in r.stderr
     assert all(name.startswith("LSTMSequence") for name in share["float_layers_sample"])
+
+
+def test_a_build_machine_whose_int8_kernels_saturate_validates_what_the_device_computes(cli, digits_npz, tmp_path,
+                                                                                        monkeypatch):
+    """On an x86 CPU with AVX2 but no VNNI (simulated through EDGEEXPORT_CPU_FLAGS; real on some build machines),
+    onnxruntime's int8 kernels saturate full 8-bit weights, which the bundle's device (generic: ARM64, VNNI) does
+    not: the build validates the Q/DQ graph as written, says so, and the loader does the same on such a CPU."""
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("EDGEEXPORT_CPU_FLAGS", "fpu sse4_2 avx avx2 fma")
+    out = tmp_path / "generic"
+    r = cli("build", "--model", "edgeexport.models.digits:model", "--calib", digits_npz, "--precision", "int8",
+            "--out", out, "--bench-runs", "5")
+    assert r.exit_code == 0, r.stderr
+    assert "VNNI" in r.stderr and "as written" in r.stderr
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["runtime_config"]["int8"] == {"weight_bits": 8, "qdq": True}
+    assert "as written" in m["validation"]["runtime"] and "VNNI" in m["quantization"]["build_machine_int8"]
+    assert "int8 kernels" in m["benchmark"]["note"]  # timed natively, for speed only
+    selftest = subprocess.run([sys.executable, str(out / "loader.py"), "--selftest"], capture_output=True, text=True)
+    assert selftest.returncode == 0 and "runs as written" in selftest.stderr, selftest.stderr
+    # 7-bit weights (the preset for such CPUs) cannot saturate: their own kernels validate them
+    r = cli("build", "--model", "edgeexport.models.digits:model", "--calib", digits_npz, "--precision", "int8",
+            "--option", "device=x86-avx2", "--out", tmp_path / "avx2", "--no-bench")
+    assert r.exit_code == 0, r.stderr
+    m = json.loads((tmp_path / "avx2" / "manifest.json").read_text())
+    assert m["runtime_config"]["int8"]["weight_bits"] == 7 and "as written" not in m["validation"]["runtime"]
+    assert "exactly" in m["quantization"]["build_machine_int8"]

@@ -17,9 +17,10 @@ DIGITS = "edgeexport.models.digits:model"
 ROWS = "edgeexport.models.digit_rows:model"  # a small transformer (attention) over the digits' rows
 
 
-def _build(tmp_path, model, data, precision="int8", **options):
+def _build(tmp_path, model, data, precision="int8", tolerance=None, **options):
     cfg = make_cfg(target="openvino", precision=precision, model=model, out=str(tmp_path / "b"),
-                   calibration={"path": str(data)}, bench={"enabled": False}, target_options=options)
+                   calibration={"path": str(data)}, bench={"enabled": False}, target_options=options,
+                   **({"tolerance": tolerance} if tolerance else {}))
     return quiet_build(cfg)
 
 
@@ -29,10 +30,15 @@ def test_auto_quantizer_per_family_and_integer_share(tmp_path, digits_npz, rows_
     assert cnn["quantizer_choice"] == "qdq" and cnn["graph_family"] == "cnn" and cnn["weight_rounding"] == "gptq"
     share = cnn["integer_share"]
     assert share["integer_mac_share"] == 1.0 and share["cpu_runtime_integer_layers"] == share["weighted_layers"]
+    # a transformer gets both quantizers, and the one closer to float on calibration samples is kept (on this
+    # small encoder: the Q/DQ recipe, 0.9999 cosine against NNCF's 0.977)
     attn = _build(tmp_path / "attn", ROWS, rows_npz).manifest["quantization"]
-    assert attn["quantizer_choice"] == "nncf" and attn["graph_family"] == "transformer"
-    assert attn["fake_quantize_nodes"] > 0 and attn["activation_ranges"] == "mean_minmax"
-    assert attn["integer_share"]["integer_mac_share"] > 0.5
+    trial = attn["quantizer_trial"]["snr_db"]
+    assert set(trial) == {"nncf", "qdq"} and attn["quantizer_choice"] == max(trial, key=trial.get)
+    assert attn["graph_family"] == "transformer" and attn["integer_share"]["integer_mac_share"] > 0.5
+    nncf = _build(tmp_path / "nncf", ROWS, rows_npz, quantizer="nncf", tolerance={"cosine": 0.9})
+    q = nncf.manifest["quantization"]
+    assert q["quantizer_choice"] == "nncf" and q["fake_quantize_nodes"] > 0 and q["activation_ranges"] == "mean_minmax"
 
 
 @pytest.mark.slow
