@@ -97,6 +97,7 @@ def search(config: BuildConfig, source: Any, calib: Any, onnx_path: Path, output
     wide = list(config.target_options.get("int16_tensors") or [])
     steps: list[dict[str, Any]] = []
     moves: list[tuple[str, Any]] = []  # ("int16", tensor) or ("float", [nodes]) in the order they were made
+    last_round = 0
     best: Optional[dict[str, Any]] = None
     feeds = take(calib.calibration(), RANK_SAMPLES)
     weighted: set[str] = set()
@@ -144,13 +145,19 @@ def search(config: BuildConfig, source: Any, calib: Any, onnx_path: Path, output
                                      f"more than {MAX_FLOAT_SHARE:.0%} of the layers would be float"))
             break
         wide += new_wide
+        last_round = len(moves)  # where this round's moves start
         moves += [("int16", t) for t in new_wide]
         for group in new_float:
             if group:
                 excluded += [n for n in group if n not in excluded]
                 moves.append(("float", group))
     if steps[-1]["met"]:
-        excluded, wide = _give_back(steps, moves, excluded, wide, evaluate, metric, limit, config.budget_steps, log)
+        base_excl = list(config.target_options.get("exclude_nodes") or [])
+        base_wide = list(config.target_options.get("int16_tensors") or [])
+        moves, tries, kept = _trim_last_round(steps, moves, last_round, base_excl, base_wide, evaluate, metric,
+                                              limit, config.budget_steps, log)
+        excluded, wide = _apply(base_excl, base_wide, moves)
+        excluded, wide = _give_back(steps, moves, excluded, wide, kept, evaluate, metric, limit, tries, log)
     result = {"metric": metric, "limit": limit, "relation": relation, "steps": steps,
               "float_nodes": excluded if steps[-1]["met"] else None,
               "int16_tensors": wide if steps[-1]["met"] else None,
@@ -172,13 +179,50 @@ def search(config: BuildConfig, source: Any, calib: Any, onnx_path: Path, output
     return config.model_copy(update={"target_options": options}), result
 
 
-def _give_back(steps: list, moves: list, excluded: list[str], wide: list[str], evaluate: Callable, metric: str,
-               limit: float, tries: int, log: Log) -> tuple[list[str], list[str]]:
-    """With the budget met, try each move back at its lower precision (float -> int16/int8, int16 -> int8), the
-    last made first; keep the ones the budget survives. At most ``tries`` rebuilds."""
+def _apply(excluded: list[str], wide: list[str], moves: list[tuple[str, Any]]) -> tuple[list[str], list[str]]:
+    """The float nodes and int16 tensors after ``moves``, on top of the user's own."""
+    excl, w = list(excluded), list(wide)
+    for kind, what in moves:
+        if kind == "int16":
+            w.append(what)
+        else:
+            excl += [n for n in what if n not in excl]
+    return excl, w
+
+
+def _trim_last_round(steps: list, moves: list, start: int, excluded: list[str], wide: list[str], evaluate: Callable,
+                     metric: str, limit: float, tries: int, log: Log) -> tuple[list, int, Optional[float]]:
+    """The last round moved 2^k layers at once, usually more than the budget needed. Bisect it for the fewest of
+    them, in ranking order, that still meet the budget (about k rebuilds instead of one per move). Returns the
+    moves kept, the rebuilds left for the one-by-one give-back, and the budget value of the moves kept."""
+    lo, hi = start, len(moves)  # moves[:lo] fell short (the previous round), moves[:hi] meet the budget
+    kept = steps[-1]["value"]
+    while hi - lo > 1 and tries > 0:
+        mid = (lo + hi) // 2
+        excl, w = _apply(excluded, wide, moves[:mid])
+        value, _ = evaluate(excl, w, keep=False)
+        tries -= 1
+        ok = met(value, metric, limit)
+        log(f"    give back the last {len(moves) - mid} of this round's {len(moves) - start} move(s) -> {metric} = "
+            f"{'n/a' if value is None else f'{value:.5g}'} ({'kept lower' if ok else 'reverted'})")
+        steps.append({"step": len(steps), "give_back": {"last_moves": len(moves) - mid}, "float_nodes": excl,
+                      "int16_tensors": w, "value": value, "met": ok})
+        if ok:
+            hi, kept = mid, value
+        else:
+            lo = mid
+    return moves[:hi], tries, kept
+
+
+def _give_back(steps: list, moves: list, excluded: list[str], wide: list[str], kept: Optional[float],
+               evaluate: Callable, metric: str, limit: float, tries: int, log: Log) -> tuple[list[str], list[str]]:
+    """With the budget met by ``excluded`` and ``wide`` (value ``kept``), try each move back at its lower precision
+    (float -> int16/int8, int16 -> int8), the last made first; keep the ones the budget survives. At most ``tries``
+    rebuilds."""
     seen = {(tuple(sorted(s["float_nodes"])), tuple(sorted(s["int16_tensors"]))): s["value"] for s in steps}
-    kept = steps[-1]["value"]  # the value of the mix that will be built
-    for kind, what in list(reversed(moves))[:tries]:
+    for kind, what in reversed(moves):
+        if tries <= 0:
+            break
         if kind == "int16":
             trial_excl, trial_wide = excluded, [t for t in wide if t != what]
         else:
@@ -187,6 +231,7 @@ def _give_back(steps: list, moves: list, excluded: list[str], wide: list[str], e
         if key in seen and not met(seen[key], metric, limit):
             continue  # already measured short (e.g. plain int8)
         value, _ = evaluate(trial_excl, trial_wide, keep=False)
+        tries -= 1
         seen[key] = value
         ok = met(value, metric, limit)
         name = what if kind == "int16" else ", ".join(what[:2]) + (" ..." if len(what) > 2 else "")

@@ -331,7 +331,8 @@ def test_entropy_and_percentile_calibration_on_real_digits(digits_npz, tmp_path)
         result = quiet_build(make_cfg(model="edgeexport.models.digits:model", precision="int8",
                                       out=str(tmp_path / method), bench={"enabled": False},
                                       calibration={"path": str(digits_npz), "method": method}))
-        assert result.manifest["quantization"]["calibration_method"] == method and not result.manifest["notes"][1:]
+        assert result.manifest["quantization"]["calibration_method"] == method
+        assert not [n for n in result.manifest["notes"] if "calibration failed" in n]  # no fallback
         assert result.report.task["drop_points"] <= 1.0
 
 
