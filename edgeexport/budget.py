@@ -247,6 +247,19 @@ def _give_back(steps: list, moves: list, excluded: list[str], wide: list[str], k
     return excluded, wide
 
 
+@contextlib.contextmanager
+def _timing_runner(target: Any, artifact: Any, config: BuildConfig, validating: Any) -> Iterator[Any]:
+    """What the build's benchmark times for ``artifact`` (the device's kernels, see Target.load_for_timing), else
+    ``validating`` (or a new validating Runner when None)."""
+    threads = resolve_threads(config.bench.threads)
+    timer = target.load_for_timing(artifact, threads)
+    if timer is None and validating is not None:
+        yield validating
+        return
+    with timer or target.load(artifact, threads) as runner:
+        yield runner
+
+
 def compare_mix(config: BuildConfig, source: Any, calib: Any, onnx_path: Path, target: Any, cand: Any,
                 artifact: Any, budget: dict[str, Any], log: Log) -> dict[str, Any]:
     """Size and latency of the mix the budget chose next to plain int8 and fp32, built from the same ONNX by the
@@ -263,12 +276,13 @@ def compare_mix(config: BuildConfig, source: Any, calib: Any, onnx_path: Path, t
     for name, trial, value in variants:
         with scratch_build(target, source, trial, calib, onnx_path, "budget-") as built:
             size = sum((built.root / f).stat().st_size for f in built.files)
-            with target.load(built, resolve_threads(config.bench.threads)) as runner:
+            with _timing_runner(target, built, config, None) as runner:
                 rows[name] = {"size_bytes": size, "median_ms": bench_runner(runner, feed, **protocol)["median_ms"],
                               budget["metric"]: value}
-    rows["mix"] = {"size_bytes": sum((artifact.root / f).stat().st_size for f in artifact.files),
-                   "median_ms": bench_runner(cand, feed, **protocol)["median_ms"],
-                   budget["metric"]: budget["steps"][-1]["value"]}
+    with _timing_runner(target, artifact, config, cand) as runner:
+        rows["mix"] = {"size_bytes": sum((artifact.root / f).stat().st_size for f in artifact.files),
+                       "median_ms": bench_runner(runner, feed, **protocol)["median_ms"],
+                       budget["metric"]: budget["steps"][-1]["value"]}
     for name, r in rows.items():
         log(f"    {name:<5} {r['size_bytes'] / 1e6:8.3f} MB  {r['median_ms']:8.3f} ms  {budget['metric']} "
             f"{'-' if r[budget['metric']] is None else format(r[budget['metric']], '.5g')}")
