@@ -183,11 +183,12 @@ class OpenvinoTarget(Target):
     def _quantize_both(self, config: "BuildConfig", calibration: "CalibrationSet", onnx_path: Path,
                        settings: dict[str, Any], workdir: Path, notes: list[str], opts: dict[str, Any],
                        graph_family: str) -> Any:
-        """quantizer=auto on a transformer: NNCF's transformer scheme quantizes more (attention too, faster) and the
-        Q/DQ recipe only the weighted layers; which one keeps the model is a property of the model (all-MiniLM-L6-v2:
-        NNCF 0.9979 vs Q/DQ 0.9969 sentence cosine; a small encoder built here: NNCF 0.977 vs Q/DQ 0.9999). Both
-        are built and the one whose outputs are closer to the float model's on calibration samples (never the
-        held-out ones), run exactly (FakeQuantize as written), is kept."""
+        """quantizer=auto on a transformer. NNCF's transformer scheme quantizes more (attention too); the Q/DQ recipe
+        only the weighted layers. Which one keeps the model is a property of the model (all-MiniLM-L6-v2: NNCF 0.9979
+        vs Q/DQ 0.9969 sentence cosine; a small encoder built here: NNCF 0.977, under the gate's 0.98, vs Q/DQ
+        0.9999). Both are built, compared with the float IR as the gate compares (real tokens only for token
+        outputs), FakeQuantize run as written, on calibration samples (never the held-out ones); the one with the
+        higher worst-output SNR is kept."""
         from edgeexport.recipes import take
 
         float_model = _convert(onnx_path, "the ONNX model")
@@ -199,13 +200,13 @@ class OpenvinoTarget(Target):
             model = (self._quantize_nncf(float_model.clone(), config, calibration, s, opts, graph_family)
                      if name == "nncf" else self._quantize_qdq(config, calibration, onnx_path, s, workdir, n, opts))
             built[name] = (model, s, n)
-        snr = {name: _snr_db(float_model, model, feeds) for name, (model, _, _) in built.items()}
-        choice = max(snr, key=lambda k: snr[k])
+        snr = {name: _worst_snr(_gate_on(float_model, model, feeds, config)) for name, (model, _, _) in built.items()}
+        choice = "qdq" if snr["qdq"] > snr["nncf"] else "nncf"
         model, chosen, more = built[choice]
         settings.update(chosen, quantizer_choice=choice,
-                        quantizer_trial={"snr_db": {k: round(v, 2) for k, v in snr.items()},
-                                         "samples": len(feeds), "measured_on": "calibration samples, FakeQuantize "
-                                         "run as written, against the float IR"})
+                        quantizer_trial={"snr_db": {k: round(v, 2) for k, v in snr.items()}, "samples": len(feeds),
+                                         "measured_on": "calibration samples, FakeQuantize run as written, against "
+                                                        "the float IR; worst output, real tokens only"})
         notes.extend(more)
         notes.append(f"quantizer=auto: built both int8 quantizers for this {graph_family}; kept {choice} (output SNR "
                      + ", ".join(f"{k} {v:.1f} dB" for k, v in snr.items()) + f" on {len(feeds)} calibration samples)")
@@ -381,26 +382,37 @@ class OpenvinoRunner(Runner):
         return self.backend.run(dict(feeds))
 
 
-TRIAL_SAMPLES = 16
+TRIAL_SAMPLES = 32
 
 
-def _snr_db(reference: Any, quantized: Any, feeds: list[dict[str, np.ndarray]]) -> float:
-    """Output SNR (dB, worst output) of ``quantized`` against ``reference`` on ``feeds``, both compiled for the CPU in
-    float32 with FakeQuantize run as written (the int8 arithmetic, whatever this CPU's int8 kernels do)."""
-    import openvino as ov
+class _Compiled(Runner):
+    """An OpenVINO model compiled for the CPU in float32 with FakeQuantize run as written (no low-precision
+    transformations): the int8 arithmetic, whatever this CPU's int8 kernels do."""
 
-    core = ov.Core()
-    config = {"INFERENCE_PRECISION_HINT": "f32", "LP_TRANSFORMS_MODE": "NO"}
-    ref, q = core.compile_model(reference, "CPU", config), core.compile_model(quantized, "CPU", config)
-    signal = np.zeros(len(ref.outputs))
-    noise = np.zeros(len(ref.outputs))
-    for feed in feeds:
-        a, b = ref(feed), q(feed)
-        for i, (ra, qb) in enumerate(zip(ref.outputs, q.outputs)):
-            x, y = np.asarray(a[ra], np.float64), np.asarray(b[qb], np.float64)
-            signal[i] += float(np.sum(x * x))
-            noise[i] += float(np.sum((x - y) ** 2))
-    return float(min(10 * np.log10(max(s, 1e-30) / max(n, 1e-30)) for s, n in zip(signal, noise)))
+    def __init__(self, model: Any) -> None:
+        import openvino as ov
+
+        self.compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32",
+                                                               "LP_TRANSFORMS_MODE": "NO"})
+        self.inputs = [_info(p) for p in self.compiled.inputs]
+        self.outputs = [_info(p) for p in self.compiled.outputs]
+
+    def _infer_impl(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        result = self.compiled(dict(feeds))
+        return {o.name: np.asarray(result[p]) for o, p in zip(self.outputs, self.compiled.outputs)}
+
+
+def _worst_snr(report: Any) -> float:
+    """The lowest output SNR of a validation report, over real tokens where the output has them."""
+    return float(min(m.get("snr_db_unpadded", m["snr_db"]) for m in report.outputs.values()))
+
+
+def _gate_on(reference: Any, quantized: Any, feeds: list[dict[str, np.ndarray]], config: "BuildConfig") -> Any:
+    """The gate's comparison (its metrics, masks and limits) of ``quantized`` against ``reference`` on ``feeds``."""
+    from edgeexport.validate import collect, compare
+
+    refs, outs, masks = collect(_Compiled(reference), _Compiled(quantized), feeds)
+    return compare(refs, outs, config.resolved_tolerance(), masks=masks, task=config.task)
 
 
 def _info(port: Any) -> TensorInfo:

@@ -30,12 +30,13 @@ def test_auto_quantizer_per_family_and_integer_share(tmp_path, digits_npz, rows_
     assert cnn["quantizer_choice"] == "qdq" and cnn["graph_family"] == "cnn" and cnn["weight_rounding"] == "gptq"
     share = cnn["integer_share"]
     assert share["integer_mac_share"] == 1.0 and share["cpu_runtime_integer_layers"] == share["weighted_layers"]
-    # a transformer gets both quantizers, and the one closer to float on calibration samples is kept (on this
-    # small encoder: the Q/DQ recipe, 0.9999 cosine against NNCF's 0.977)
+    # a transformer gets both quantizers and keeps the one closer to float on calibration samples: on this small
+    # encoder the Q/DQ recipe (0.9999 cosine; NNCF's scheme 0.977, under the gate's 0.98)
     attn = _build(tmp_path / "attn", ROWS, rows_npz).manifest["quantization"]
     trial = attn["quantizer_trial"]["snr_db"]
-    assert set(trial) == {"nncf", "qdq"} and attn["quantizer_choice"] == max(trial, key=trial.get)
-    assert attn["graph_family"] == "transformer" and attn["integer_share"]["integer_mac_share"] > 0.5
+    assert trial["qdq"] > trial["nncf"] + 10 and attn["quantizer_choice"] == "qdq", trial
+    assert attn["graph_family"] == "transformer"
+    assert attn["integer_share"]["integer_mac_share"] > 0.5
     nncf = _build(tmp_path / "nncf", ROWS, rows_npz, quantizer="nncf", tolerance={"cosine": 0.9})
     q = nncf.manifest["quantization"]
     assert q["quantizer_choice"] == "nncf" and q["fake_quantize_nodes"] > 0 and q["activation_ranges"] == "mean_minmax"
