@@ -18,8 +18,11 @@ $(DEMO_STAMP): pyproject.toml constraints.txt | $(BIN)/python
 	touch $(DEMO_STAMP)
 
 # make test: every extra the suite exercises (TensorFlow, OpenVINO, optimum, ...)
-$(STAMP): pyproject.toml constraints.txt | $(BIN)/python
+# requirements-litert.txt (litert-torch, the TFLite target's second converter) goes in without its declared
+# dependencies: one of them would downgrade typing-extensions below what pydantic needs (see that file)
+$(STAMP): pyproject.toml constraints.txt requirements-litert.txt | $(BIN)/python
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install -q --no-deps -c constraints.txt -r requirements-litert.txt
 	touch $(STAMP) $(DEMO_STAMP)
 
 venv: $(STAMP)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """all-MiniLM-L6-v2 at batch 1, sequence 128: PyTorch eager fp32 vs every ORT precision built by edgeexport (and
-both int8 modes without SmoothQuant), and the same model quantized by optimum's own ORTQuantizer (dynamic, AVX2
-config), measured side by side in one run.
+both int8 modes without SmoothQuant), the TFLite precisions (through litert-torch: onnx2tf cannot convert it), and
+the same model quantized by optimum's own ORTQuantizer (dynamic, AVX2 config), measured side by side in one run.
 
 Each edgeexport build is validated on held-out sentences. A precision the gate refuses is still timed (built again
 with the limits lifted) and marked REFUSED, so the table shows what the gate protects against.
@@ -31,19 +31,30 @@ PLAIN = {"int8-dynamic smoothquant=false": ("int8-dynamic", {"smoothquant": Fals
 LOOSE = {"cosine": -1.0, "snr_db": -100.0}
 HELD_OUT = 200  # sentences: the cosine goals (0.995) need more than 100 to be resolved
 GOALS = {"ort int8": 0.995, "ort int8-dynamic": 0.995}  # mean sentence-embedding cosine (issue 15)
+#: TFLite needs static shapes; under converter=auto onnx2tf fails on MiniLM and litert-torch converts it
+TFLITE = ("fp32", "fp16", "dynamic-range")
+STATIC = ["input_ids:1x128:int64", "attention_mask:1x128:int64"]
 
 
 def build_all(model: str, calib: Path, val: Path, work: Path):
     from edgeexport import pipeline
-    from edgeexport.config import make_config
+    from edgeexport.config import make_config, parse_input_spec
     from edgeexport.errors import ValidationFailed
 
     built = {}
-    variants = {p: (p, {}) for p in PRECISIONS} | PLAIN
-    for name, (precision, options) in variants.items():
-        cfg = {"model": model, "precision": precision, "out": str(work / name.replace(" ", "-")),
+    variants = {p: ("ort", p, {}) for p in PRECISIONS} | {k: ("ort", *v) for k, v in PLAIN.items()}
+    try:
+        import litert_torch  # noqa: F401
+
+        variants |= {f"tflite {p}": ("tflite", p, {}) for p in TFLITE}
+    except ImportError:
+        print("litert-torch is not installed (requirements-litert.txt): no TFLite rows", file=sys.stderr)
+    for name, (target, precision, options) in variants.items():
+        cfg = {"model": model, "target": target, "precision": precision, "out": str(work / name.replace(" ", "-")),
                "bench": {"enabled": False}, "diagnose": False, "target_options": options,
                "calibration": {"path": str(calib), "validation_path": str(val)}}
+        if target == "tflite":
+            cfg["inputs"] = [parse_input_spec(t).model_dump() for t in STATIC]
         try:
             result = pipeline.build(make_config(cfg), log=lambda _m: None)
             gate = "passed"
@@ -53,6 +64,22 @@ def build_all(model: str, calib: Path, val: Path, work: Path):
             gate = "REFUSED"
         built[name] = (result, gate)
     return built
+
+
+class _TfliteRows:
+    """A TFLite bundle's backend (what its loader runs), called like the ORT runners here."""
+
+    def __init__(self, out: Path, threads: int) -> None:
+        from edgeexport.targets.tflite.backend import TfliteBackend
+
+        manifest = json.loads((out / "manifest.json").read_text())
+        self.backend = TfliteBackend(out / manifest["model_file"], manifest, threads=threads)
+
+    def _infer_impl(self, feed):
+        return self.backend.run(dict(feed))
+
+    def infer(self, feed):
+        return self._infer_impl(feed)
 
 
 def optimum_dynamic(unfused_dir: Path, hf_dir: Path, work: Path) -> tuple[Path, str]:
@@ -111,7 +138,11 @@ def main() -> int:
               "fusion ...", file=sys.stderr)
         built = build_all(model, calib, val, work)
         fp32_result = built["fp32"][0]
-        runners = {f"ort {p}": OnnxRunner(str(r.out / "model.onnx"), threads=args.threads) for p, (r, _) in built.items()}
+        runners = {f"ort {p}": OnnxRunner(str(r.out / "model.onnx"), threads=args.threads)
+                   for p, (r, _) in built.items() if not p.startswith("tflite")}
+        for name, (r, _) in built.items():
+            if name.startswith("tflite"):
+                runners[name] = _TfliteRows(r.out, args.threads)
         try:
             path, how = optimum_dynamic(built["fp32 fusion=none"][0].out, Path(minilm_path()), work)
             runners["optimum int8-dynamic"] = OnnxRunner(str(path), threads=args.threads)
@@ -138,8 +169,9 @@ def main() -> int:
             for name, runner in runners.items():
                 timings[name].append(time_calls(lambda r=runner: r._infer_impl(feed), warmup=5, runs=args.runs)["median_ms"])
         eager = float(np.median(timings["pytorch eager fp32"]))
-        gates = {f"ort {p}": g for p, (_, g) in built.items()}
-        sizes = {f"ort {p}": (r.out / "model.onnx").stat().st_size for p, (r, _) in built.items()}
+        gates = {(p if p.startswith("tflite") else f"ort {p}"): g for p, (_, g) in built.items()}
+        sizes = {(p if p.startswith("tflite") else f"ort {p}"): (r.out / r.manifest["model_file"]).stat().st_size
+                 for p, (r, _) in built.items()}
         for name in timings:
             ms = float(np.median(timings[name]))
             m = metrics.get(name, {})

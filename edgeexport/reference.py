@@ -30,6 +30,31 @@ def flatten_outputs(out: Any, names: list[str] | None = None) -> list[Any]:
                          "return tensors only (drop or convert the other values, e.g. in a wrapper module)")
 
 
+def positional_module(module: Any, input_names: list[str], output_names: list[str], call: str = "positional") -> Any:
+    """``module`` behind the calling convention the converters that start from PyTorch need: inputs positional,
+    outputs a tuple in ``output_names`` order. ``call``: how ``module`` takes its inputs: ``positional``,
+    ``kwargs`` (Hugging Face transformers) or ``dict`` (sentence-transformers)."""
+    import torch
+
+    class Positional(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = module
+
+        def forward(self, *args: Any) -> tuple:
+            if call == "dict":
+                out = self.inner(dict(zip(input_names, args)))
+            elif call == "kwargs":
+                out = self.inner(**dict(zip(input_names, args)))
+            else:
+                out = self.inner(*args)
+            if isinstance(out, dict) or hasattr(out, "items") and hasattr(out, "keys"):
+                return tuple(out[n] for n in output_names)
+            return tuple(flatten_outputs(out))
+
+    return Positional().eval()
+
+
 def output_names_for(out: Any) -> list[str]:
     import torch
 

@@ -135,6 +135,11 @@ class TorchModelSource(ModelSource):
     def _exportable(self) -> Any:
         return self.module
 
+    def torch_module(self, specs: list[InputSpec], output_names: list[str]) -> Any:
+        from edgeexport.reference import positional_module
+
+        return positional_module(self.module, [s.name for s in specs], output_names)
+
     def _export_options(self, specs: list[InputSpec]) -> dict[str, Any]:
         """torch.onnx.export options: the dynamo exporter, weights inside the file, the declared dynamic dims."""
         dynamic = tuple(spec.dynamic_dims or None for spec in specs)

@@ -46,6 +46,12 @@ class ModelSource:
     def reference(self, specs: list[InputSpec], output_names: list[str]) -> Runner:  # pragma: no cover
         raise NotImplementedError
 
+    def torch_module(self, specs: list[InputSpec], output_names: list[str]) -> Any:
+        """The model as a ``torch.nn.Module`` that takes the inputs positionally (in ``specs`` order) and returns a
+        tuple of the outputs in ``output_names`` order, for converters that start from PyTorch (litert-torch).
+        None where the source holds no PyTorch model (an ONNX file)."""
+        return None
+
 
 def _short(e: BaseException, limit: int = 600) -> str:
     text = strip_ansi(str(e)).strip() or type(e).__name__

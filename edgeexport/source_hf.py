@@ -37,8 +37,9 @@ class HFModelSource(ModelSource):
                                  "point hf: at a folder saved with save_pretrained()")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub at build time
         try:
-            import optimum.exporters.onnx.model_configs  # noqa: F401  (registers the ONNX export configs)
-            from optimum.exporters.tasks import TasksManager
+            with quiet():  # transformers imports torchao where it is installed (litert-torch brings it): it logs
+                import optimum.exporters.onnx.model_configs  # noqa: F401  (registers the ONNX export configs)
+                from optimum.exporters.tasks import TasksManager
         except ImportError:
             raise missing_extra("optimum-onnx", "hf", "exporting Hugging Face models") from None
         try:
@@ -97,6 +98,12 @@ class HFModelSource(ModelSource):
 
         model = onnx.load(str(path))
         return [o.name for o in model.graph.output]
+
+    def torch_module(self, specs: list[InputSpec], output_names: list[str]) -> Any:
+        from edgeexport.reference import positional_module
+
+        call = "dict" if self.library == "sentence_transformers" else "kwargs"
+        return positional_module(self.module, [s.name for s in specs], output_names, call)
 
     def reference(self, specs: list[InputSpec], output_names: list[str]) -> Runner:
         return HFRunner(self.module, self.library, [TensorInfo(s.name, s.shape, s.dtype) for s in specs], output_names)

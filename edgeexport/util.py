@@ -17,7 +17,8 @@ from typing import Iterable, Iterator, Optional, TypeVar
 T = TypeVar("T")
 
 _CHATTY_LOGGERS = ("torch.onnx", "torch.export", "torch._dynamo", "torch.fx", "onnxscript", "root", "onnxruntime",
-                   "optimum", "transformers", "sentence_transformers")
+                   "optimum", "transformers", "sentence_transformers", "torchao",
+                   "torch.utils._pytree")
 
 
 @contextlib.contextmanager

@@ -56,6 +56,9 @@ class TfliteBackend:
         self.out_perm = {} if layout == "native" else cfg.get("output_perm", {})
         self.lock = threading.Lock()
         self.io = (cfg["native_inputs"], cfg["native_outputs"]) if layout == "native" else None
+        # files from litert-torch name their signature args_0../output_0..: the manifest maps the model's names
+        sig = cfg.get("signature") or {}
+        self.sig_in, self.sig_out = sig.get("inputs") or {}, {v: k for k, v in (sig.get("outputs") or {}).items()}
 
     @staticmethod
     def _quantize(x, d):
@@ -68,15 +71,23 @@ class TfliteBackend:
         for name, x in feeds.items():
             if name in self.in_perm:
                 x = np.transpose(x, self.in_perm[name])
-            d = self.in_details[name]
+            key = self.sig_in.get(name, name)
+            d = self.in_details[key]
             if d["dtype"] in (np.int8, np.uint8) and x.dtype.kind == "f":
                 x = self._quantize(x, d)
-            args[name] = np.ascontiguousarray(x)
+            elif x.dtype.kind in "iu" and x.dtype != d["dtype"]:  # e.g. token ids: int64 in, int32 in the file
+                info = np.iinfo(d["dtype"])
+                if x.size and (x.min() < info.min or x.max() > info.max):
+                    raise BundleError(f"input {name!r} holds values outside {np.dtype(d['dtype']).name}, the "
+                                      "dtype the .tflite takes")
+                x = x.astype(d["dtype"])
+            args[key] = np.ascontiguousarray(x)
         with self.lock:
             out = self.runner(**args)
         result = {}
-        for name, y in out.items():
-            d = self.out_details[name]
+        for key, y in out.items():
+            name = self.sig_out.get(key, key)
+            d = self.out_details[key]
             if d["dtype"] in (np.int8, np.uint8):
                 scale, zero = d["quantization"]
                 y = ((y.astype(np.float32) - zero) * scale).astype(np.float32)

@@ -21,6 +21,7 @@ import numpy as np
 from edgeexport.errors import MissingOpsError, TargetError
 from edgeexport.targets.base import (Artifact, CliOption, Problem, Runner, Target, TensorInfo, one_of,
                                      require_modules)
+from edgeexport.targets.tflite import litert
 from edgeexport.util import progress, quiet, strip_ansi, verbose
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -55,7 +56,10 @@ class TfliteTarget(Target):
                                               "Conv/Gemm bias (before conversion)"),
                     "weight_rounding": ("gptq", "int8: gptq (round weights column by column, each error compensated "
                                                 "by the columns not yet rounded, from calibration inputs; the "
-                                                "converter finds the same integers) or nearest")}
+                                                "converter finds the same integers) or nearest"),
+                    "converter": ("auto", "onnx2tf (ONNX -> SavedModel -> TFLiteConverter), litert-torch (PyTorch -> "
+                                          "torch.export -> .tflite; fp32, fp16, dynamic-range) or auto (onnx2tf, "
+                                          "then litert-torch where onnx2tf cannot convert the graph)")}
 
     def check(self, config: "BuildConfig") -> list[Problem]:
         problems = super().check(config)
@@ -72,6 +76,19 @@ class TfliteTarget(Target):
         elif "weight_rounding" in config.target_options and config.precision != "int8":
             problems.append(Problem("target_options.weight_rounding", "weight_rounding applies to --precision int8",
                                     "drop it or use --precision int8"))
+        converter = config.target_options.get("converter", "auto")
+        if not one_of(converter, ("auto", "onnx2tf", "litert-torch")):
+            problems.append(Problem("target_options.converter", "converter must be auto, onnx2tf or litert-torch", ""))
+        elif converter == "litert-torch":
+            if config.precision in litert.REFUSED:
+                problems.append(Problem("target_options.converter", litert.REFUSED[config.precision],
+                                        "use --option converter=onnx2tf for full-integer int8, or "
+                                        "--precision dynamic-range with litert-torch"))
+            onnx2tf_only = [k for k in ("io_dtype", "bias_correction", "weight_rounding")
+                            if k in config.target_options]
+            if onnx2tf_only:
+                problems.append(Problem("target_options", f"{', '.join(onnx2tf_only)} apply to the onnx2tf converter",
+                                        "drop them, or use --option converter=onnx2tf"))
         if io not in ("float32", "int8", "uint8"):
             problems.append(Problem("target_options.io_dtype", f"io_dtype must be float32, int8 or uint8, not {io!r}", ""))
         elif io != "float32" and config.precision != "int8":
@@ -92,6 +109,58 @@ class TfliteTarget(Target):
     def build(self, source: "ModelSource", config: "BuildConfig", calibration: "CalibrationSet", workdir: Path,
               onnx_path: Path) -> Artifact:
         _require()
+        converter = config.target_options.get("converter", "auto")
+        if converter == "litert-torch":
+            return self._build_litert(source, config, calibration, workdir, onnx_path, [])
+        try:
+            return self._build_onnx2tf(config, calibration, workdir, onnx_path)
+        except MissingOpsError:
+            raise
+        except TargetError as e:
+            if converter != "auto" or not e.what.startswith("onnx2tf"):
+                raise
+            module = source.torch_module(config.inputs, _output_names(onnx_path))
+            why = litert.unavailable(config.precision, module)
+            if why:
+                raise TargetError(e.what, e.why, f"{e.fix}; the other converter, litert-torch, cannot: {why}") from None
+            note = (f"onnx2tf could not convert the graph ({e.what}: {e.why[:200]}); converted with litert-torch "
+                    "instead (--option converter=litert-torch says so up front)")
+            return self._build_litert(source, config, calibration, workdir, onnx_path, [note], module)
+
+    def _build_litert(self, source: "ModelSource", config: "BuildConfig", calibration: "CalibrationSet",
+                      workdir: Path, onnx_path: Path, notes: list[str], module: Any = None) -> Artifact:
+        names = _output_names(onnx_path)
+        module = module if module is not None else source.torch_module(config.inputs, names)
+        why = litert.unavailable(config.precision, module)
+        if why:
+            raise TargetError(f"--target tflite cannot use litert-torch for {config.precision}", why,
+                              "use --option converter=onnx2tf, or install it" if "not installed" in why
+                              else "use --option converter=onnx2tf, or --target ort")
+        out_dir = workdir / "tflite-litert"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        name = f"model_{config.precision}.tflite"
+        settings: dict[str, Any] = {"format": "tflite"}
+        settings.update(litert.convert(module, config.inputs, names, calibration, config.precision, out_dir / name))
+        signature = settings.pop("signature")
+        settings.update(inspect_tflite(out_dir / name, config.precision))
+        runner = _signature_details(out_dir / name)
+        # the loader takes the model's dtypes and casts to the file's (litert-torch narrows int64 inputs to int32)
+        native_in = [{"name": s.name, "shape": [int(d) for d in runner[0][signature["inputs"][s.name]]["shape"]],
+                      "dtype": s.dtype} for s in config.inputs]
+        native_out = [{"name": n, "shape": [int(d) for d in runner[1][signature["outputs"][n]]["shape"]],
+                       "dtype": "float32"} for n in names]
+        narrowed = {s.name: np.dtype(runner[0][signature["inputs"][s.name]]["dtype"]).name for s in config.inputs
+                    if np.dtype(runner[0][signature["inputs"][s.name]]["dtype"]).name != s.dtype}
+        if narrowed:
+            notes.append("the .tflite takes " + ", ".join(f"{k} as {v}" for k, v in narrowed.items())
+                         + " (litert-torch narrows int64); the loader casts, and refuses values that do not fit")
+        runtime_config = {"input_perm": {}, "output_perm": {}, "native_inputs": native_in,
+                          "native_outputs": native_out, "signature": signature}
+        return Artifact("tflite", config.precision, out_dir, [name], settings,
+                        {"ai-edge-litert": _version("ai-edge-litert")}, notes, runtime_config)
+
+    def _build_onnx2tf(self, config: "BuildConfig", calibration: "CalibrationSet", workdir: Path,
+                       onnx_path: Path) -> Artifact:
         out_dir = workdir / "tflite"
         io = config.target_options.get("io_dtype", "float32")
         name = f"model_{config.precision}.tflite"
@@ -190,6 +259,19 @@ def _convert_once(onnx_path: Path, config: "BuildConfig", calibration: "Calibrat
     return convert(saved_model, config, calibration, in_perm, io, record), in_perm, out_perm, native_in, native_out
 
 
+def _output_names(onnx_path: Path) -> list[str]:
+    import onnx
+
+    return [o.name for o in onnx.load(str(onnx_path), load_external_data=False).graph.output]
+
+
+def _signature_details(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    from ai_edge_litert.interpreter import Interpreter
+
+    runner = Interpreter(model_path=str(path)).get_signature_runner()
+    return runner.get_input_details(), runner.get_output_details()
+
+
 def _version(pkg: str) -> str:
     try:
         return importlib.metadata.version(pkg)
@@ -224,7 +306,8 @@ def to_saved_model(onnx_path: Path, specs: list["InputSpec"], out_dir: Path, cal
                 where = f"at ONNX op {m.group(1)} (node {m.group(2)}): " if m else ""
             raise TargetError("onnx2tf could not convert the model to TensorFlow",
                               where + f"{type(e).__name__}: {' '.join(str(e).split())[:300]}",
-                              "try another --opset or simplify that part of the model; --target ort runs it") from None
+                              "try --option converter=litert-torch (PyTorch models), another --opset, or simplify "
+                              "that part of the model; --target ort runs it") from None
     if not (saved_model / "saved_model.pb").is_file():
         raise TargetError("onnx2tf did not write a SavedModel", log.getvalue()[-300:], "use --target ort")
     return saved_model
