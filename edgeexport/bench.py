@@ -189,14 +189,19 @@ def batched_feed(inputs: list[dict], golden: Mapping[str, np.ndarray], batch: in
     feed = {}
     for spec in inputs:
         x = golden[spec["name"]]
-        first = spec["shape"][0] if spec["shape"] else None
-        if batch != 1 and not isinstance(first, str) and first != batch:
-            raise UsageError(f"--batch {batch}: input {spec['name']!r} has a fixed batch dimension "
-                             f"(shape {spec['shape']})", "the bundle was built for that shape only",
-                             "benchmark it with --batch 1, or rebuild with a named batch dimension "
-                             f"(e.g. --input {spec['name']}:batchx...)")
+        fixed_batch(spec, batch)
         feed[spec["name"]] = np.ascontiguousarray(np.repeat(x[:1], batch, axis=0)) if batch != 1 else x
     return feed
+
+
+def fixed_batch(spec: Mapping[str, Any], batch: int) -> None:
+    """Refuse ``batch`` rows for an input whose batch dimension was fixed at build time."""
+    first = spec["shape"][0] if spec["shape"] else None
+    if batch != 1 and not isinstance(first, str) and first != batch:
+        raise UsageError(f"--batch {batch}: input {spec['name']!r} has a fixed batch dimension "
+                         f"(shape {spec['shape']})", "the bundle was built for that shape only",
+                         "benchmark it with --batch 1, or rebuild with a named batch dimension "
+                         f"(e.g. --input {spec['name']}:batchx...)")
 
 
 # Runs in a fresh interpreter: imports only the loader file (numpy + the runtime, as on a device), loads the bundle,
@@ -327,6 +332,45 @@ def bench_bundle(bundle: Path, warmup: int = 10, runs: Optional[int] = 100, dura
         result["fresh_process"] = {k: float(np.median([c[k] for c in colds])) for k in colds[0]}
         result["fresh_process"]["cold_start_ms_all"] = [c["cold_start_ms"] for c in colds]
     return result
+
+
+def bench_grid(bundle: Path, batches: list[int], threads: list[Optional[int]], cold_runs: int = 3,
+               log: Callable[[str], None] = lambda _m: None, **kw: Any) -> dict[str, Any]:
+    """``bench_bundle`` at every threads x batch combination, so what batching and threads buy on this device shows
+    in one table. Every fixed batch dimension is refused before anything is timed; cold start and peak memory
+    are measured once (at the first combination)."""
+    from edgeexport.bundle import loader
+
+    try:
+        inputs = loader.read_manifest(loader.extract_archive(bundle) if loader.is_archive(bundle) else bundle)["inputs"]
+    except (loader.BundleError, OSError):
+        inputs = []  # bench_bundle below says what is wrong with the bundle
+    for spec in inputs:
+        for b in batches:
+            fixed_batch(spec, b)
+    rows = []
+    for i, t in enumerate(threads):
+        for j, b in enumerate(batches):
+            log(f"==> threads {t or 'default'}, batch {b}")
+            rows.append(bench_bundle(bundle, threads=t, batch=b, cold_runs=cold_runs if i == j == 0 else 0, log=log,
+                                     **kw))
+    return {"bundle": str(bundle), "grid": rows}
+
+
+def render_grid(g: dict[str, Any]) -> str:
+    """The grid as a table: latency per call and per sample, throughput at the median and at the p90 latency (the
+    pair is the spread a comparison between rows has to clear)."""
+    first = g["grid"][0]
+    lines = [render_bench(first), "", "threads x batch (throughput = batch / latency; the p90 column is what a "
+             "slow call gives: read a difference between rows only where it exceeds both columns' gap)", "",
+             f"{'threads':>7}  {'batch':>5}  {'p50 ms':>9}  {'p90 ms':>9}  {'ms/sample':>9}  "
+             f"{'samples/s':>10}  {'at p90':>10}  note"]
+    for r in g["grid"]:
+        lat, p = r["latency"], r["protocol"]
+        lines.append(f"{str(p['threads'] or 'default'):>7}  {p['batch']:>5}  {lat['p50_ms']:>9.4g}  {lat['p90_ms']:>9.4g}  "
+                     f"{lat['p50_ms'] / p['batch']:>9.4g}  {p['batch'] * 1e3 / lat['p50_ms']:>10.1f}  "
+                     f"{p['batch'] * 1e3 / lat['p90_ms']:>10.1f}  {'noisy' if lat.get('noisy') else ''}")
+    return "\n".join(lines)
 
 
 def render_bench(r: dict[str, Any]) -> str:

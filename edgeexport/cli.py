@@ -375,25 +375,37 @@ def inspect(bundle: str, as_json: bool) -> None:
 @click.option("--runs", type=click.IntRange(min=1), default=100, show_default=True, help="Timed runs after the warm-up.")
 @click.option("--duration", type=click.FloatRange(min=0, min_open=True, max=86400), help="Time budget in seconds instead of a number of runs.")
 @click.option("--warmup", type=click.IntRange(min=0), default=10, show_default=True, help="Untimed calls before timing.")
-@click.option("--threads", type=click.IntRange(min=1), help="Runtime threads [default: the runtime's own].")
-@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Rows per call (needs a named batch dim).")
+@click.option("--threads", type=click.IntRange(min=1), multiple=True,
+              help="Runtime threads [default: the runtime's own]; repeat it (--threads 1 --threads 2) for a table.")
+@click.option("--batch", type=click.IntRange(min=1), multiple=True,
+              help="Rows per call (needs a named batch dim) [default: 1]; repeat it (--batch 1 --batch 8 "
+              "--batch 32) for a table of throughput by batch size.")
 @click.option("--cold-runs", type=click.IntRange(min=0), default=3, show_default=True,
               help="Fresh processes for cold start and peak memory (0 skips them).")
 @click.option("--runtime", type=click.Choice(["onnxruntime"]), help=_RUNTIME_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print the results and protocol as JSON.")
 @_no_traceback
-def bench(bundle: str, runs: int, duration: Optional[float], warmup: int, threads: Optional[int], batch: int,
-          cold_runs: int, runtime: Optional[str], as_json: bool) -> None:
-    """Measure BUNDLE through its own loader: latency percentiles, throughput, cold start, peak memory, size."""
-    from edgeexport.bench import bench_bundle, render_bench
+def bench(bundle: str, runs: int, duration: Optional[float], warmup: int, threads: tuple[int, ...],
+          batch: tuple[int, ...], cold_runs: int, runtime: Optional[str], as_json: bool) -> None:
+    """Measure BUNDLE through its own loader: latency percentiles, throughput, cold start, peak memory, size.
+
+    Several --batch or --threads values measure every combination and print one table."""
+    from edgeexport.bench import bench_bundle, bench_grid, render_bench, render_grid
     from pathlib import Path
 
+    batches, thread_list = list(dict.fromkeys(batch or (1,))), list(dict.fromkeys(threads or (None,)))
+    log = lambda m: click.echo(m, err=True)  # noqa: E731
     try:
-        result = bench_bundle(Path(bundle), warmup=warmup, runs=runs, duration_s=duration, threads=threads,
-                              batch=batch, cold_runs=cold_runs, log=lambda m: click.echo(m, err=True), runtime=runtime)
+        if len(batches) == 1 and len(thread_list) == 1:
+            result = bench_bundle(Path(bundle), warmup=warmup, runs=runs, duration_s=duration, threads=thread_list[0],
+                                  batch=batches[0], cold_runs=cold_runs, log=log, runtime=runtime)
+        else:
+            result = bench_grid(Path(bundle), batches, thread_list, cold_runs=cold_runs, log=log, warmup=warmup,
+                                runs=runs, duration_s=duration, runtime=runtime)
     except EdgeExportError as e:
         _fail(e, as_json)
-    click.echo(json.dumps(result, indent=2) if as_json else render_bench(result))
+    text = render_bench(result) if "grid" not in result else render_grid(result)
+    click.echo(json.dumps(result, indent=2) if as_json else text)
 
 
 def _reproduce(ctx: click.Context) -> str:

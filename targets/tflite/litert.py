@@ -10,7 +10,7 @@ all-MiniLM-L6-v2's first feed-forward Add), or when asked for (``converter=liter
 - dynamic-range: int8 weights per channel, float activations, int8 kernels where TFLite has them
   (ai-edge-quantizer's ``dynamic_wi8_afp32``);
 - int8 (full-integer): refused. ai-edge-quantizer's ``static_wi8_ai8`` on all-MiniLM-L6-v2 kept float tensors and
-  gave a sentence-embedding cosine of 0.63 to the fp32 file (measured here); litert-torch's PT2E path is what
+  gave a sentence-embedding cosine of 0.63 to the fp32 file (a probe here, calibrated on 16 random-token inputs); litert-torch's PT2E path is what
   Google documents for it and was measured at 0.9465 in an earlier probe. Neither passes the gate.
 
 The .tflite it writes takes its inputs as ``args_0..`` and returns ``output_0..`` with int64 inputs narrowed to
@@ -36,7 +36,7 @@ if TYPE_CHECKING:  # pragma: no cover
 #: what the litert-torch path builds, and why not the rest
 PRECISIONS = ("fp32", "fp16", "dynamic-range")
 REFUSED = {"int8": "full-integer int8 is not built through litert-torch: ai-edge-quantizer's static_wi8_ai8 kept "
-                   "float tensors and measured a sentence-embedding cosine of 0.63 on all-MiniLM-L6-v2 here"}
+                   "float tensors and gave a sentence-embedding cosine of 0.63 on all-MiniLM-L6-v2 in a probe here"}
 INSTALL = "pip install --no-deps -c constraints.txt -r requirements-litert.txt (in the edgeexport checkout)"
 
 

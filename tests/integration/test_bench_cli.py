@@ -86,3 +86,25 @@ def test_bench_refuses_tampered_bundles_and_fixed_batches(cli, digits_npz, rows_
                                  calibration={"path": str(digits_npz)}, bench={"enabled": False})).out
     r = cli("bench", fixed, "--batch", "8", "--cold-runs", "0")
     assert r.exit_code == 2 and "fixed batch dimension" in r.stderr and "--batch 1" in r.stderr
+    r = cli("bench", fixed, "--batch", "1", "--batch", "8", "--cold-runs", "0")  # refused before any timing
+    assert r.exit_code == 2 and "fixed batch dimension" in r.stderr and "==> latency" not in r.stderr
+
+
+def test_bench_table_over_batch_sizes_and_threads(cli, rows_bundle):
+    args = ("bench", rows_bundle, "--runs", "20", "--warmup", "2", "--batch", "1", "--batch", "8", "--threads", "1",
+            "--threads", "2", "--cold-runs", "1")
+    r = cli(*args, "--json")
+    assert r.exit_code == 0, r.stderr
+    grid = json.loads(r.stdout)["grid"]
+    combos = [(g["protocol"]["threads"], g["protocol"]["batch"]) for g in grid]
+    assert combos == [(1, 1), (1, 8), (2, 1), (2, 8)]
+    for g in grid:
+        b = g["protocol"]["batch"]
+        assert g["protocol"]["feed_shapes"]["rows"][0] == b
+        assert g["throughput_per_s"] == pytest.approx(b * 1e3 / g["latency"]["mean_ms"])
+    assert "fresh_process" in grid[0] and all("fresh_process" not in g for g in grid[1:])  # cold start once
+    r = cli(*args[:-1], "0")
+    assert r.exit_code == 0, r.stderr
+    table = r.stdout.split("threads x batch", 1)[1].splitlines()
+    rows = [ln.split() for ln in table if ln.strip() and ln.split()[0] in ("1", "2")]
+    assert [(int(x[0]), int(x[1])) for x in rows] == combos

@@ -130,3 +130,11 @@ def test_an_onnx_file_cannot_go_through_litert_torch(cli, digits_npz, tmp_path):
             "--option", "converter=litert-torch", "--out", out, "--no-bench")
     assert r.exit_code == 1 and "starts from PyTorch" in r.stderr and "converter=onnx2tf" in r.stderr
     assert not out.exists()
+
+
+def test_int8_of_a_model_onnx2tf_cannot_convert_names_both_converters(cli, tiny_bert, sentences, tmp_path):
+    out = tmp_path / "int8"
+    r = _bert(cli, tiny_bert, sentences, out, "--precision", "int8")
+    assert r.exit_code == 1 and "onnx2tf could not convert the model" in r.stderr
+    assert "the other converter, litert-torch, cannot: full-integer int8" in r.stderr
+    assert not out.exists()
