@@ -28,6 +28,25 @@ def rows_npz(tmp_path_factory) -> Path:
     return write_calibration(tmp_path_factory.mktemp("data") / "rows.npz")
 
 
+def save_tiny_bert(out: Path, layers: int, intermediate: int, seed: int = 0) -> Path:
+    """A small BERT (hidden 64, 4 heads, random weights) saved with save_pretrained into ``out``, with MiniLM's
+    tokenizer: a transformer of the shape real encoders have, built here rather than the one things were tuned on."""
+    import shutil
+
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from edgeexport.models.sentences import minilm_path
+
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=layers, num_attention_heads=4,
+                        intermediate_size=intermediate, max_position_embeddings=64)
+    BertModel(config).eval().save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+        shutil.copy(Path(minilm_path()) / name, out / name)
+    return out
+
+
 def make_cfg(**kw: Any):
     from edgeexport.config import make_config
 

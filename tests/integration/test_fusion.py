@@ -2,8 +2,6 @@
 MiniLM it was measured on), a hand-written encoder the optimizer may not know, a CNN, and the options' errors."""
 
 import json
-import shutil
-from pathlib import Path
 
 import onnx
 import pytest
@@ -15,20 +13,10 @@ LAYERS = 3
 
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory):
-    """A 3-layer BERT (hidden 64, 4 heads, intermediate 96) saved with save_pretrained, with MiniLM's tokenizer."""
-    import torch
-    from transformers import BertConfig, BertModel
+    """A 3-layer BERT (hidden 64, 4 heads, intermediate 96) with MiniLM's tokenizer."""
+    from tests.conftest import save_tiny_bert
 
-    from edgeexport.models.sentences import minilm_path
-
-    out = tmp_path_factory.mktemp("models") / "tiny-bert"
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=LAYERS, num_attention_heads=4,
-                        intermediate_size=96, max_position_embeddings=64)
-    BertModel(config).eval().save_pretrained(out)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
-        shutil.copy(Path(minilm_path()) / name, out / name)
-    return out
+    return save_tiny_bert(tmp_path_factory.mktemp("models") / "tiny-bert", LAYERS, 96)
 
 
 @pytest.fixture(scope="module")

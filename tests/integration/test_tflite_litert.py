@@ -3,8 +3,6 @@ onnx2tf cannot convert a BERT (built here from a config with random weights, not
 asked for on a CNN, and refused where it cannot do what was asked."""
 
 import json
-import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,20 +20,10 @@ BERT_INPUTS = ("--input", f"input_ids:1x{SEQ}:int64", "--input", f"attention_mas
 
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory):
-    """A 2-layer BERT (hidden 64, 4 heads, intermediate 128) saved with save_pretrained, with MiniLM's tokenizer."""
-    import torch
-    from transformers import BertConfig, BertModel
+    """A 2-layer BERT (hidden 64, 4 heads, intermediate 128) with MiniLM's tokenizer."""
+    from tests.conftest import save_tiny_bert
 
-    from edgeexport.models.sentences import minilm_path
-
-    out = tmp_path_factory.mktemp("models") / "tiny-bert"
-    torch.manual_seed(1)
-    config = BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=128, max_position_embeddings=64)
-    BertModel(config).eval().save_pretrained(out)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
-        shutil.copy(Path(minilm_path()) / name, out / name)
-    return out
+    return save_tiny_bert(tmp_path_factory.mktemp("models") / "tiny-bert", 2, 128, seed=1)
 
 
 @pytest.fixture(scope="module")

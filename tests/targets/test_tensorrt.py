@@ -149,6 +149,40 @@ def test_dynamic_batch_profile_reaches_the_builder_settings_and_script(rows_npz,
     assert [i.type.tensor_type.elem_type for i in graph.input] == [onnx.TensorProto.FLOAT]  # I/O kept as declared
 
 
+@pytest.mark.slow
+def test_a_bert_builds_for_tensorrt_with_q_dq_on_its_weighted_matmuls_only(tmp_path):
+    """A BERT built here from a config (not MiniLM), at int8: Q/DQ where TensorRT fuses (the weighted MatMuls), not
+    on LayerNorm, Softmax or the mask's Add; batch and sequence profiles in the manifest and in build_engine.sh."""
+    import onnx
+
+    from edgeexport.models.sentences import write_sentences
+    from edgeexport.targets.trt.target import qdq_violations
+    from tests.conftest import save_tiny_bert
+
+    model = save_tiny_bert(tmp_path / "tiny-bert", 2, 128, seed=2)
+    calib = write_sentences(tmp_path / "calib.txt", 64)
+    val = write_sentences(tmp_path / "val.txt", 24, skip=64)
+    cfg = make_cfg(target="trt", precision="int8", model=f"hf:{model}", out=str(tmp_path / "b"),
+                   calibration={"path": str(calib), "validation_path": str(val), "max_length": 32},
+                   bench={"enabled": False},
+                   target_options={"profiles": {"batch": [1, 1, 4], "sequence": [1, 32, 32]}})
+    result = quiet_build(cfg)
+    assert result.report.passed
+    graph = onnx.load(str(result.out / "model.onnx")).graph
+    assert qdq_violations(onnx.load(str(result.out / "model.onnx"))) == []
+    producer = {o: n for n in graph.node for o in n.output}
+    fed = {n.op_type for n in graph.node for i in n.input
+           if i in producer and producer[i].op_type == "DequantizeLinear"}
+    assert "MatMul" in fed and not fed & {"LayerNormalization", "Softmax", "Where"}
+    weighted = [n for n in graph.node if n.op_type == "MatMul" and producer.get(n.input[1]) is not None
+                and producer[n.input[1]].op_type == "DequantizeLinear"]
+    assert len(weighted) == 2 * 6  # Q, K, V, attention output, FFN in, FFN out in each of 2 layers
+    profiles = result.manifest["runtime_config"]["trt"]["builder"]["profiles"]
+    assert profiles["input_ids"] == {"min": [1, 1], "opt": [1, 32], "max": [4, 32]}
+    script = (result.out / "build_engine.sh").read_text()
+    assert "--minShapes=input_ids:1x1,attention_mask:1x1" in script and "--maxShapes=input_ids:4x32," in script
+
+
 def _fake_trtexec(tmp_path):
     log = tmp_path / "trtexec.args"
     exe = tmp_path / "trtexec"
