@@ -129,7 +129,7 @@ def plan(targets: list[str], precisions: Optional[list[str]]) -> list[Row]:
 
 
 def _problems(target: Any, config: BuildConfig) -> str:
-    problems = target.check(config) + target.check_inputs(config.inputs)
+    problems = target.check(config) + target.check_inputs(config.inputs, config.calibration.max_length)
     return "; ".join(f"{p.field}: {p.message}" + (f" ({p.fix})" if p.fix else "") for p in problems)
 
 

@@ -75,7 +75,7 @@ def resolve(config: BuildConfig, log: Log = _stderr) -> tuple[BuildConfig, Model
         source = load_source(config.model, config.task)
     specs = resolve_inputs(config, source)
     log(f"    inputs: {', '.join(s.describe() for s in specs)}")
-    _refuse(target.check_inputs(specs), f"target {config.target!r} cannot take these inputs",
+    _refuse(target.check_inputs(specs, config.calibration.max_length), f"target {config.target!r} cannot take these inputs",
             "declare the inputs with --input")
     calib = load_calibration(config.calibration, specs, source.tokenizer_file)
     summary = calib.summary()

@@ -173,8 +173,9 @@ class Target:
         """'' when this target can rank layers and keep some in float for ``config``; else why it cannot."""
         return f"target {self.name!r} has no per-layer ranking or float fallback"
 
-    def check_inputs(self, specs: list) -> list[Problem]:
-        """Rules about the resolved input specs (e.g. static shapes). Called once inputs are known."""
+    def check_inputs(self, specs: list, max_length: int = 128) -> list[Problem]:
+        """Rules about the resolved input specs (e.g. static shapes). Called once inputs are known; ``max_length``
+        is the token length text inputs are padded to (for fixes that name a shape)."""
         return []
 
     def build(

@@ -101,9 +101,16 @@ class TfliteTarget(Target):
                 "per-node float fallback that this tool can drive and validate; use --target ort or trt for a "
                 "per-layer int8/float mix, or --precision dynamic-range (float activations) for TFLite")
 
-    def check_inputs(self, specs: list["InputSpec"]) -> list[Problem]:
+    def check_inputs(self, specs: list["InputSpec"], max_length: int = 128) -> list[Problem]:
+        def fixed(spec: "InputSpec", i: int, d: Any) -> int:
+            if isinstance(d, int):
+                return d
+            # token ids and masks: the length the text is padded to (--max-length), not 1; batch and the rest: 1
+            return max_length if spec.dtype.startswith("int") and i > 0 and not d.startswith("batch") else 1
+
         return [Problem(f"inputs.{s.name}", f"TFLite needs static shapes; {s.describe()} has dynamic dims",
-                        f"fix them with --input {s.name}:{'x'.join(str(d if isinstance(d, int) else 1) for d in s.shape)}:{s.dtype}")
+                        f"fix them with --input {s.name}:{'x'.join(str(fixed(s, i, d)) for i, d in enumerate(s.shape))}"
+                        f":{s.dtype}")
                 for s in specs if s.dynamic_dims]
 
     def build(self, source: "ModelSource", config: "BuildConfig", calibration: "CalibrationSet", workdir: Path,

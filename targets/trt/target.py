@@ -124,7 +124,7 @@ class TrtTarget(Target):
     def options(self, config: "BuildConfig") -> dict[str, Any]:
         return {k: config.target_options.get(k, default) for k, (default, _) in OPTIONS.items()}
 
-    def check_inputs(self, specs: list) -> list[Problem]:
+    def check_inputs(self, specs: list, max_length: int = 128) -> list[Problem]:
         bad = [s.name for s in specs if any(ch in s.name for ch in ",:'\"\n")]
         return [Problem("inputs", f"input name(s) {bad} hold characters trtexec shape lists cannot carry",
                         "rename the inputs (--input)")] if bad else []

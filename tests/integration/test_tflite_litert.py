@@ -126,3 +126,11 @@ def test_int8_of_a_model_onnx2tf_cannot_convert_names_both_converters(cli, tiny_
     assert r.exit_code == 1 and "onnx2tf could not convert the model" in r.stderr
     assert "the other converter, litert-torch, cannot: full-integer int8" in r.stderr
     assert not out.exists()
+
+
+def test_a_dynamic_text_model_is_told_the_static_shape_that_fits_its_data(cli, tiny_bert, sentences, tmp_path):
+    calib, _ = sentences
+    r = cli("build", "--target", "tflite", "--model", f"hf:{tiny_bert}", "--calib", calib, "--max-length", "24",
+            "--precision", "fp32", "--out", tmp_path / "b")
+    assert r.exit_code == 2 and "static shapes" in r.stderr
+    assert "--input input_ids:1x24:int64" in r.stderr and "--input attention_mask:1x24:int64" in r.stderr
