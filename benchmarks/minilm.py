@@ -66,6 +66,16 @@ def build_all(model: str, calib: Path, val: Path, work: Path):
     return built
 
 
+def _exact_runner(path: Path, dst: Path, threads: int):
+    """``path`` with its int8 arithmetic done exactly (Q/DQ as written, MatMulInteger/ConvInteger in float on the
+    same integers), for a CPU whose int8 kernels saturate: the accuracy of the device, not of this CPU."""
+    from edgeexport.quantize import exact_integer_graph
+    from edgeexport.reference import OnnxRunner
+
+    exact_integer_graph(path, dst)
+    return OnnxRunner(str(dst), threads=threads, exact=True)
+
+
 class _TfliteRows:
     """A TFLite bundle's backend (what its loader runs), called like the ORT runners here."""
 
@@ -138,14 +148,15 @@ def main() -> int:
               "fusion ...", file=sys.stderr)
         built = build_all(model, calib, val, work)
         fp32_result = built["fp32"][0]
-        runners = {f"ort {p}": OnnxRunner(str(r.out / "model.onnx"), threads=args.threads)
-                   for p, (r, _) in built.items() if not p.startswith("tflite")}
+        onnx_files = {f"ort {p}": r.out / "model.onnx" for p, (r, _) in built.items() if not p.startswith("tflite")}
+        runners = {name: OnnxRunner(str(path), threads=args.threads) for name, path in onnx_files.items()}
         for name, (r, _) in built.items():
             if name.startswith("tflite"):
                 runners[name] = _TfliteRows(r.out, args.threads)
         try:
             path, how = optimum_dynamic(built["fp32 fusion=none"][0].out, Path(minilm_path()), work)
             runners["optimum int8-dynamic"] = OnnxRunner(str(path), threads=args.threads)
+            onnx_files["optimum int8-dynamic"] = path
             optimum_note = f"optimum (optimum-onnx, installed beside edgeexport): {how}"
         except Exception as e:  # reported, not hidden
             optimum_note = f"optimum ORTQuantizer unavailable: {type(e).__name__}: {e}"
@@ -155,19 +166,29 @@ def main() -> int:
         data = load_calibration(CalibrationConfig(path=str(calib), validation_path=str(val)), specs,
                                 source.tokenizer_file)
         reference = source.reference(specs, output_names)
+        from edgeexport.bundle.loader import int8_saturation
+
+        saturating = int8_saturation()
         metrics = {}
         for name, runner in runners.items():
+            if saturating and name in onnx_files:  # accuracy as a device that accumulates in int32
+                runner = _exact_runner(onnx_files[name], work / f"{name.replace(' ', '-')}-exact.onnx", args.threads)
             refs, outs, masks = collect(reference, runner, data.holdout())
             report = compare(refs, outs, {}, masks=masks, task="feature-extraction")
             metrics[name] = report.outputs["sentence_embedding"]
         feed = next(data.holdout())
         torch.set_num_threads(args.threads)
+        from edgeexport.flops import matmul_peak
+
+        peaks = [matmul_peak(args.threads)["gflops_per_s"]]
         timings = {name: [] for name in ["pytorch eager fp32", *runners]}
         for _ in range(args.rounds):  # interleaved rounds: drift hits every variant alike
             timings["pytorch eager fp32"].append(
                 time_calls(lambda: reference._infer_impl(feed), warmup=5, runs=args.runs)["median_ms"])
             for name, runner in runners.items():
                 timings[name].append(time_calls(lambda r=runner: r._infer_impl(feed), warmup=5, runs=args.runs)["median_ms"])
+        peaks.append(matmul_peak(args.threads)["gflops_per_s"])
+        flops = (fp32_result.manifest.get("model_stats") or {}).get("flops_per_sample")
         eager = float(np.median(timings["pytorch eager fp32"]))
         gates = {(p if p.startswith("tflite") else f"ort {p}"): g for p, (_, g) in built.items()}
         sizes = {(p if p.startswith("tflite") else f"ort {p}"): (r.out / r.manifest["model_file"]).stat().st_size
@@ -181,26 +202,37 @@ def main() -> int:
                          "speedup_range": [min(timings["pytorch eager fp32"]) / max(rounds),
                                            max(timings["pytorch eager fp32"]) / min(rounds)],
                          "size_bytes": sizes.get(name), "gate": gates.get(name, "-"),
+                         "gflops_per_s": flops / (ms * 1e6) if flops else None,
                          "cosine": m.get("cosine"), "cosine_min": m.get("cosine_min")})
     meta = {"model": "all-MiniLM-L6-v2", "batch": 1, "sequence": 128, "threads": args.threads, "rounds": args.rounds,
             "runs": args.runs, "held_out_sentences": HELD_OUT, "optimum": optimum_note, "machine": machine(),
+            "int8_saturation": saturating, "flops_per_sample": flops, "matmul_peak_gflops_per_s": max(peaks), "matmul_peak_runs": peaks,
             "versions": versions()}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "minilm.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     lines = [f"# all-MiniLM-L6-v2, batch 1, seq 128, {args.threads} threads (median of {args.rounds} rounds x "
              f"{args.runs} runs)", "", f"Machine: {meta['machine'].get('cpu', '?')}. {optimum_note}. Accuracy: "
-             f"sentence-embedding cosine vs PyTorch on {HELD_OUT} held-out sentences. The speed-up range pairs the "
-             "slowest round of one side with the fastest of the other.", "",
+             f"sentence-embedding cosine vs PyTorch on {HELD_OUT} held-out sentences"
+             + (" (this CPU's int8 kernels saturate (AVX2 without VNNI), so every ONNX row's accuracy is computed as a "
+                "device that accumulates in int32 computes it, optimum's too; the timings are this CPU's int8 "
+                "kernels)" if meta["int8_saturation"] else "") + ". The speed-up range pairs the "
+             "slowest round of one side with the fastest of the other. GFLOP/s: the model's float FLOPs "
+             f"({(flops or 0) / 1e9:.2f} GFLOP per sentence, Conv/MatMul/Gemm from the ONNX graph) / median latency, "
+             f"against the float32 matmul peak measured in this run ({max(peaks):.1f} GFLOP/s; "
+             f"{', '.join(f'{p:.1f}' for p in peaks)} before/after, best of numpy and torch); int8 variants do the "
+             "same arithmetic in fewer bits, so their share of the float peak can exceed what float kernels reach.", "",
              "| variant | median ms | speed-up vs eager | range over rounds | size MiB | edgeexport gate | mean cosine "
-             "| min cosine |", "|---|---|---|---|---|---|---|---|"]
+             "| min cosine | GFLOP/s | % of matmul peak |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         size = "-" if r["size_bytes"] is None else f"{r['size_bytes'] / 2**20:.1f}"
         cos = "-" if r["cosine"] is None else f"{r['cosine']:.4f}"
         cmin = "-" if r["cosine_min"] is None else f"{r['cosine_min']:.4f}"
         lo, hi = r["speedup_range"]
+        gf = r["gflops_per_s"]
+        perf = "- | -" if gf is None else f"{gf:.1f} | {100 * gf / max(peaks):.0f}%"
         lines.append(f"| {r['variant']} | {r['median_ms']:.2f} | {r['speedup']:.2f}x | {lo:.2f}-{hi:.2f}x | {size} | "
-                     f"{r['gate']} | {cos} | {cmin} |")
+                     f"{r['gate']} | {cos} | {cmin} | {perf} |")
     lines += ["", "Goals for int8 (issue 15):", "", "| variant | gate | goal (mean cosine) | measured | met |",
               "|---|---|---|---|---|"]
     for r in rows:

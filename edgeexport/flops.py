@@ -1,8 +1,10 @@
 """Count a model's floating-point work from its ONNX graph, and measure the machine's matmul peak to compare with.
 
-FLOPs are 2 x the multiply-adds of Conv, ConvTranspose, MatMul and Gemm, the ops that dominate the work of CNNs
-and transformers; elementwise ops, norms and softmax are not counted. Shapes come from running the float graph once
-on a real input with onnxruntime, so dynamic dims (batch, sequence) take the values of that input.
+FLOPs are 2 x the multiply-adds of Conv, ConvTranspose, MatMul and Gemm, and of the recurrent layers' input and
+recurrent matrix products (LSTM, GRU, RNN: every time step, every direction, every gate), the ops that dominate
+the work of CNNs, transformers and recurrent models; elementwise ops, gate nonlinearities, norms and softmax are not
+counted. Shapes come from running the float graph once on a real input with onnxruntime, so dynamic dims (batch,
+sequence) take the values of that input.
 """
 
 from __future__ import annotations
@@ -17,11 +19,19 @@ import numpy as np
 from edgeexport.onnxgraph import attr as _attr
 
 COUNTED_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
+#: ONNX's recurrent layers: inputs X, W [directions, gates x hidden, input], R [directions, gates x hidden, hidden]
+RECURRENT_OPS = ("LSTM", "GRU", "RNN")
 
 
 def _node_flops(node: Any, shape: dict[str, list[int]]) -> int:
     ins = [shape.get(n) for n in node.input]
     out = shape.get(node.output[0])
+    if node.op_type in RECURRENT_OPS:
+        x, w, r = (ins + [None, None, None])[:3]
+        if not x or not w or not r:
+            return 0
+        steps_x_batch = x[0] * x[1]  # seq x batch (or batch x seq with layout=1): the same product
+        return 2 * steps_x_batch * w[0] * w[1] * (w[2] + r[2])  # directions x (gates x hidden) x (input + hidden)
     if node.op_type == "MatMul":
         a, b = ins[0], ins[1]
         if a is None or b is None or out is None:
@@ -53,7 +63,8 @@ def tensor_shapes(model: Any, nodes: list[Any], feed: Mapping[str, np.ndarray]) 
     from edgeexport.onnxgraph import exposing_session
 
     shape: dict[str, list[int]] = {i.name: list(i.dims) for i in model.graph.initializer}
-    wanted = {name for n in nodes for name in (*n.input[:2], n.output[0]) if name and name not in shape}
+    wanted = {name for n in nodes for name in (*n.input[:3 if n.op_type in RECURRENT_OPS else 2], n.output[0])
+              if name and name not in shape}
     sess, names = exposing_session(model, sorted(wanted))
     for name, value in zip(names, sess.run(names, {i.name: feed[i.name] for i in sess.get_inputs()})):
         shape[name] = list(np.shape(value))
@@ -66,7 +77,7 @@ def count_flops(onnx_path: Path, feed: Mapping[str, np.ndarray]) -> dict[str, An
 
     model = onnx.load(str(onnx_path))
     graph = model.graph
-    counted = [n for n in graph.node if n.op_type in COUNTED_OPS]
+    counted = [n for n in graph.node if n.op_type in COUNTED_OPS + RECURRENT_OPS]
     shape = tensor_shapes(model, counted, feed)
     by_op: dict[str, int] = {}
     for node in counted:
@@ -74,7 +85,7 @@ def count_flops(onnx_path: Path, feed: Mapping[str, np.ndarray]) -> dict[str, An
     params = sum(prod(i.dims) for i in graph.initializer if i.data_type in (1, 10, 11, 16))  # float types
     return {"flops": int(sum(by_op.values())), "by_op": by_op, "params": int(params),
             "feed_shapes": {k: list(np.shape(v)) for k, v in feed.items()},
-            "counted": "2 x multiply-adds of " + ", ".join(COUNTED_OPS)}
+            "counted": "2 x multiply-adds of " + ", ".join(COUNTED_OPS + RECURRENT_OPS)}
 
 
 def matmul_peak(threads: Optional[int] = None, n: int = 1024, seconds: float = 1.0) -> dict[str, Any]:

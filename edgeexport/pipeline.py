@@ -246,7 +246,9 @@ def model_stats(onnx_path: Path, calib: CalibrationSet, log: Log) -> Optional[di
         return None
     batch = max(1, next(iter(feed.values())).shape[0] if feed else 1)
     stats["flops_per_sample"] = stats["flops"] / batch
-    log(f"    model: {stats['params'] / 1e6:.3g} M parameters, {stats['flops_per_sample'] / 1e9:.3g} GFLOP per sample")
+    found = ", ".join(op for op, n in stats["by_op"].items() if n) or "none of " + stats["counted"].split(" of ")[-1]
+    log(f"    model: {stats['params'] / 1e6:.3g} M parameters, {stats['flops_per_sample'] / 1e9:.3g} GFLOP per sample "
+        f"(multiply-adds of {found})")
     return stats
 
 

@@ -375,11 +375,11 @@ def integer_share(qdq_path: Path, float_path: Path, feed: dict[str, np.ndarray])
     bytes also count embedding tables (Gather from a large constant), which an int8 graph may leave float."""
     import onnx
 
-    from edgeexport.flops import _node_flops, tensor_shapes
+    from edgeexport.flops import RECURRENT_OPS, _node_flops, tensor_shapes
 
     fmodel = onnx.load(str(float_path))
     integer_nodes = _integer_nodes(onnx.load(str(qdq_path)))
-    counted = [n for n in fmodel.graph.node if n.op_type in WEIGHTED_OPS + ("LSTM", "GRU", "RNN")]
+    counted = [n for n in fmodel.graph.node if n.op_type in WEIGHTED_OPS + RECURRENT_OPS]
     shape = tensor_shapes(fmodel, counted, feed)
     weights = {t.name: prod(t.dims) for t in fmodel.graph.initializer}
     # embedding tables (a Gather from a large constant): no multiply-adds, but often most of the weight bytes
@@ -389,7 +389,7 @@ def integer_share(qdq_path: Path, float_path: Path, feed: dict[str, np.ndarray])
     wbytes = {"int": 0, "all": 0}
     float_layers = []
     for n in counted:
-        flops = _node_flops(n, shape) if n.op_type in WEIGHTED_OPS else _recurrent_flops(n, shape)
+        flops = _node_flops(n, shape)
         wsize = sum(weights.get(i, 0) for i in n.input[1:3] if i) * 4
         macs["all"] += flops // 2
         wbytes["all"] += wsize
@@ -412,13 +412,6 @@ def integer_share(qdq_path: Path, float_path: Path, feed: dict[str, np.ndarray])
             "float_weighted_layers": len(float_layers), "float_layers_sample": float_layers[:10],
             "embedding_tables": len(tables), "float_embedding_tables": float_tables,
             "macs_per_sample": macs["all"]}
-
-
-def _recurrent_flops(node: Any, shape: dict[str, list[int]]) -> int:
-    x, w, r = (shape.get(i) for i in node.input[:3])
-    if not x or not w or not r:
-        return 0
-    return 2 * x[0] * x[1] * (prod(w) // max(w[0], 1) + prod(r) // max(r[0], 1)) * w[0]  # seq x batch x gates
 
 
 #: a Gather from a constant of at least this many elements is an embedding table (counted in the weight bytes)

@@ -166,8 +166,9 @@ def inspect_text(manifest: dict[str, Any]) -> str:
     ]
     stats = manifest.get("model_stats") or {}
     if stats.get("flops_per_sample"):
+        found = "/".join(op for op, n in (stats.get("by_op") or {}).items() if n) or "Conv/MatMul/Gemm"
         lines.append(f"model:      {stats['params'] / 1e6:.3g} M parameters, {stats['flops_per_sample'] / 1e9:.3g} GFLOP "
-                     "per sample (Conv/MatMul/Gemm)")
+                     f"per sample ({found})")
     if manifest.get("pruning"):
         lines.append(f"pruning:    {manifest['pruning']['summary']}")
     cal = manifest.get("calibration", {})
