@@ -38,11 +38,47 @@ def _spec_from_tensor(name: str, t: Any) -> InputSpec:
     return InputSpec(name=name, shape=list(t.shape), dtype=dtype)
 
 
+def sniff_model_file(path: Path) -> Optional[str]:
+    """What a model file holds, from its content, not its name: 'torchscript', 'exported_program', 'torch_pickle'
+    (torch.save of a state_dict or module), 'onnx', or None (unknown). Reads zip member names and a few bytes."""
+    import zipfile
+
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as zf:
+                parts = {n.split("/")[1] for n in zf.namelist() if n.count("/") >= 1}
+            if "archive_format" in parts or "models" in parts:
+                return "exported_program"
+            if "code" in parts or "constants.pkl" in parts:
+                return "torchscript"
+            return "torch_pickle" if "data.pkl" in parts else None
+        with open(path, "rb") as f:
+            head = f.read(2)
+    except OSError:
+        return None
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):  # a pickle (torch.save, legacy)
+        return "torch_pickle"
+    if head[:1] == b"\x08":  # an ONNX ModelProto starts with its ir_version (field 1, varint)
+        return "onnx"
+    return None
+
+
 def load_source(spec: str, task: Optional[str] = None) -> ModelSource:
     if spec.startswith("hf:"):
         from edgeexport.source_hf import HFModelSource
 
         return HFModelSource(spec, task)
+    if Path(spec).is_file():  # a file is what it holds, whatever its name (.jit, .bin, a .pt that is a .pt2)
+        kind = sniff_model_file(Path(spec))
+        if kind == "torch_pickle":
+            raise ModelLoadError(f"{spec!r} is a torch.save pickle (a state_dict or a whole pickled module)",
+                                 "edgeexport never unpickles a model file: unpickling runs whatever code it names",
+                                 "save the model with torch.jit.save or torch.export.save, or write a factory "
+                                 "(file.py:make_model) that builds the module and loads the state_dict into it")
+        by_content = {"onnx": OnnxModelSource, "torchscript": TorchScriptSource,
+                      "exported_program": ExportedProgramSource}
+        if kind in by_content:
+            return by_content[kind](spec)
     if spec.endswith(".onnx"):
         return OnnxModelSource(spec)
     if spec.endswith((".pt", ".pth", ".torchscript")):
@@ -302,7 +338,14 @@ class TorchScriptSource(TorchModelSource):
             args = self.module.forward.schema.arguments[1:]
             self.input_names = [a.name for a in args]
         except Exception:  # pragma: no cover - scripted modules always carry a schema
-            self.input_names = None
+            self.input_names, args = None, []
+        other = [f"{a.name}: {a.type}" for a in args if str(a.type) not in ("Tensor", "Optional[Tensor]")]
+        if other:  # e.g. a voice detector's forward(x, sr: int): the export would fail deep inside TorchScript
+            raise ModelLoadError(
+                f"the TorchScript model's forward takes non-tensor argument(s) {', '.join(other)}",
+                "edgeexport feeds tensors, as every runtime does; a Python value is fixed when the graph is exported",
+                "write a factory (file.py:make_model) that loads the archive and returns a wrapper whose "
+                "forward takes the tensors only and passes the value, e.g. forward(self, x): return self.m(x, 16000)")
 
     def _export_options(self, specs: list[InputSpec]) -> dict[str, Any]:
         """TorchScript needs the TorchScript-based exporter (the dynamo one cannot trace a ScriptModule)."""
@@ -319,8 +362,8 @@ class ExportedProgramSource(TorchModelSource):
         self.spec = spec
         _existing_file(spec)
         try:
-            with torch_quiet():
-                self.program = torch.export.load(spec)
+            with torch_quiet(), open(spec, "rb") as f:  # a file object: the name need not end in .pt2
+                self.program = torch.export.load(f)
         except Exception as e:
             raise ModelLoadError(f"{spec!r} is not a torch.export archive", _short(e, 200),
                                  "save it with torch.export.save(torch.export.export(model, args), path)") from None

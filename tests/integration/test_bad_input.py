@@ -106,6 +106,8 @@ CATALOGUE = [
     ("keyword-only forward", 1, "forward() takes keyword-only argument(s) x"),
     ("forward returns a string", 1, "the model's forward returned str, which is not a tensor"),
     ("folder of array files", 1, "is a folder of array files (a.npz, b.npz), not of images"),
+    ("a torch.save pickle for a model", 1, "is a torch.save pickle (a state_dict or a whole pickled module)"),
+    ("a TorchScript forward with a Python argument", 1, "forward takes non-tensor argument(s) sr: int"),
 ]
 
 
@@ -132,6 +134,13 @@ def cases(tmp_path_factory, tiny_model, tiny_npz):
     import torch
 
     torch.jit.save(torch.jit.trace(torch.nn.Linear(6, 4).eval(), torch.zeros(1, 6)), str(d / "linear.pt"))
+    torch.save(torch.nn.Linear(6, 4).state_dict(), str(d / "weights.pth"))
+
+    class Detector(torch.nn.Module):  # a voice detector's signature: audio and a sample rate
+        def forward(self, x: torch.Tensor, sr: int) -> torch.Tensor:
+            return x * (sr / 16000.0)
+
+    torch.jit.script(Detector()).save(str(d / "vad.jit"))
     t = str(tiny_model)
     good = str(tiny_npz)
     img = ["--input", "x:1x3x16x16:float32"]
@@ -189,6 +198,8 @@ def cases(tmp_path_factory, tiny_model, tiny_npz):
         "unknown accuracy budget": ["--model", t + ":build", "--calib", good, "--accuracy-budget", "f1=0.9"],
         "bad prune spec": ["--model", t + ":build", "--calib", good, "--prune", "half"],
         "recovery without pruning": ["--model", t + ":build", "--calib", good, "--finetune-steps", "10"],
+        "a torch.save pickle for a model": ["--model", str(d / "weights.pth"), "--calib", good],
+        "a TorchScript forward with a Python argument": ["--model", str(d / "vad.jit"), "--calib", good],
         "pruning a TorchScript model": ["--model", str(d / "linear.pt"), "--calib", good, "--input", "x:1x6:float32",
                                         "--prune", "magnitude:0.5"],
         "unknown device": ["--model", t + ":build", "--calib", good, "--option", "device=riscv"],

@@ -67,6 +67,39 @@ def test_exported_program(tiny_npz, tmp_path):
     assert _check(tmp_path / "b", tiny_npz)["source"]["kind"] == "exported_program"
 
 
+def test_model_files_are_what_they_hold_not_what_they_are_named(cli, tiny_npz, tmp_path):
+    import onnx
+
+    script, program, graph = tmp_path / "encoder.jit", tmp_path / "program.bin", tmp_path / "graph.model"
+    torch.jit.script(_net()).save(str(script))
+    torch.export.save(torch.export.export(_net(), (torch.zeros(1, 6),)), str(program))
+    torch.onnx.export(_net(), (torch.zeros(1, 6),), str(graph), input_names=["x"], output_names=["y"], dynamo=True,
+                      external_data=False)
+    assert onnx.load(str(graph)).graph.node
+    for path, kind in ((script, "torchscript"), (program, "exported_program"), (graph, "onnx")):
+        out = tmp_path / f"b-{kind}"
+        quiet_build(make_cfg(model=str(path), calibration={"path": str(tiny_npz)}, out=str(out),
+                             bench={"enabled": False}))
+        assert _check(out, tiny_npz)["source"]["kind"] == kind
+    weights = tmp_path / "weights.pt"
+    torch.save(_net().state_dict(), str(weights))
+    r = cli("build", "--model", weights, "--calib", tiny_npz, "--out", tmp_path / "c")
+    assert r.exit_code == 1 and "torch.save pickle" in r.stderr and "never unpickles" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "c").exists()
+
+
+def test_a_torchscript_forward_with_a_python_argument_is_named(cli, tiny_npz, tmp_path):
+    class Detector(torch.nn.Module):
+        def forward(self, x: torch.Tensor, sr: int) -> torch.Tensor:
+            return x * (sr / 16000.0)
+
+    path = tmp_path / "vad.jit"
+    torch.jit.script(Detector()).save(str(path))
+    r = cli("build", "--model", path, "--calib", tiny_npz, "--out", tmp_path / "b")
+    assert r.exit_code == 1 and "non-tensor argument(s) sr: int" in r.stderr and "wrapper" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "b").exists()
+
+
 def test_exported_program_with_dynamic_dim_gets_user_name(tiny_npz, tmp_path):
     path = tmp_path / "m.pt2"
     ep = torch.export.export(_net(), (torch.zeros(2, 6),), dynamic_shapes=({0: torch.export.Dim("b")},))
