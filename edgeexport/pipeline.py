@@ -368,7 +368,7 @@ class _Step:
             # saturate on this CPU: the Q/DQ graph was validated as written, the kernels give the speed)
             timer = self.target.load_for_timing(artifact, resolve_threads(config.bench.threads))
             with timer or contextlib.nullcontext(cand) as timed:
-                self.bench = benchmark(config, ref, timed, self.calib)
+                self.bench = benchmark(config, ref, timed, self.calib, self.source.reference_kind)
             if timer is not None:
                 self.bench["note"] += ("; timed with this CPU's own int8 kernels, whose outputs differ from the "
                                        f"validated ones here ({artifact.validated_with})")
@@ -458,7 +458,8 @@ def explain(artifact, calib: CalibrationSet, workdir: Path, log: Log) -> Optiona
     return {"record": record, "plot": plot}
 
 
-def benchmark(config: BuildConfig, ref, cand, calib: CalibrationSet) -> dict[str, Any]:
+def benchmark(config: BuildConfig, ref, cand, calib: CalibrationSet,
+              reference_kind: str = "PyTorch eager") -> dict[str, Any]:
     from edgeexport.bench import BUILD_ROUNDS, interleaved, machine, set_torch_threads, speedup
 
     feed = next(calib.holdout())
@@ -474,9 +475,8 @@ def benchmark(config: BuildConfig, ref, cand, calib: CalibrationSet) -> dict[str
             "noise": ratio["noise"], "speedup_range": ratio["range"], "rounds": BUILD_ROUNDS, "runs_per_round": config.bench.runs,
             "warmup": config.bench.warmup, "feed_shapes": {k: list(v.shape) for k, v in feed.items()},
             "threads": threads, "threads_note": "the reference and the built model ran with the same thread count",
-            "machine": machine(),
-            "note": "reference = the source model in its own framework (PyTorch eager unless the source is ONNX); "
-                    "the two are timed in interleaved rounds"}
+            "machine": machine(), "reference_kind": reference_kind,
+            "note": f"reference = {reference_kind}; the two are timed in interleaved rounds"}
 
 
 def make_manifest(config: BuildConfig, source: ModelSource, calib: CalibrationSet, artifact, report: ValidationReport,

@@ -57,6 +57,7 @@ def render_markdown(manifest: dict[str, Any]) -> str:
                   "| model | median ms | p90 ms |", "|---|---|---|",
                   f"| reference | {_f(bench['reference']['median_ms'])} | {_f(bench['reference']['p90_ms'])} |",
                   f"| built | {_f(bench['built']['median_ms'])} | {_f(bench['built']['p90_ms'])} |",
+                  "", f"Reference: {bench.get('reference_kind', 'the source model in its own framework')}.",
                   "", f"Speed-up vs reference: {speedup_text(bench)} "
                   f"({bench['machine'].get('cpu', bench['machine'].get('machine'))}, threads {bench.get('threads') or 'default'}"
                   " for both)."]
@@ -179,6 +180,8 @@ def inspect_text(manifest: dict[str, Any]) -> str:
     if bench and not bench.get("skipped"):
         lines.append(f"latency:    built {bench['built']['median_ms']:.3f} ms vs reference "
                      f"{bench['reference']['median_ms']:.3f} ms ({speedup_text(bench)})")
+        if bench.get("reference_kind"):
+            lines.append(f"reference:  {bench['reference_kind']}")
     lines.append(f"files:      {len(files)} with sha256")
     return "\n".join(lines)
 

@@ -321,6 +321,7 @@ def _resolve_callable(target: str, attr: str, spec: str):
 
 class TorchScriptSource(TorchModelSource):
     kind = "torchscript"
+    reference_kind = "TorchScript (the archive as given, run by PyTorch)"
 
     def __init__(self, spec: str) -> None:
         import torch
@@ -355,6 +356,8 @@ class TorchScriptSource(TorchModelSource):
 
 class ExportedProgramSource(TorchModelSource):
     kind = "exported_program"
+    reference_kind = ("the torch.export program's module() (the .pt2 as given; it can run slower than the nn.Module "
+                      "it was exported from, which makes speed-ups against it larger)")
 
     def __init__(self, spec: str) -> None:
         import torch
@@ -383,6 +386,7 @@ class ExportedProgramSource(TorchModelSource):
 
 class OnnxModelSource(ModelSource):
     kind = "onnx"
+    reference_kind = "onnxruntime running the ONNX as given (float, default graph optimizations)"
 
     def __init__(self, spec: str) -> None:
         import onnx

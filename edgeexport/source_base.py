@@ -21,6 +21,8 @@ class ModelSource:
     input_names: Optional[list[str]] = None
     #: the task the source implies (e.g. a Hugging Face head); None = the user's --task or none
     task: Optional[str] = None
+    #: what the reference the build validates and times against is (the manifest's benchmark says it)
+    reference_kind: str = "PyTorch eager (the nn.Module the factory returned)"
 
     @property
     def tokenizer_file(self) -> Optional[Path]:

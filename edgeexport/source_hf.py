@@ -27,6 +27,7 @@ _DIM_NAMES = {"batch_size": "batch", "sequence_length": "sequence"}
 
 class HFModelSource(ModelSource):
     kind = "hf"
+    reference_kind = "PyTorch eager (the Hugging Face model)"
 
     def __init__(self, spec: str, task: str | None) -> None:
         self.spec = spec
