@@ -10,8 +10,9 @@ all-MiniLM-L6-v2's first feed-forward Add), or when asked for (``converter=liter
 - dynamic-range: int8 weights per channel, float activations, int8 kernels where TFLite has them
   (ai-edge-quantizer's ``dynamic_wi8_afp32``);
 - int8 (full-integer): refused. ai-edge-quantizer's ``static_wi8_ai8`` on all-MiniLM-L6-v2 kept float tensors and
-  gave a sentence-embedding cosine of 0.63 to the fp32 file (a probe here, calibrated on 16 random-token inputs); litert-torch's PT2E path is what
-  Google documents for it and was measured at 0.9465 in an earlier probe. Neither passes the gate.
+  gave a sentence-embedding cosine of 0.63 to the fp32 file (a probe here, calibrated on 16 random-token
+  inputs); litert-torch's PT2E path is what Google documents for it and was measured at 0.9465 in an earlier
+  probe. Neither passes the gate.
 
 The .tflite it writes takes its inputs as ``args_0..`` and returns ``output_0..`` with int64 inputs narrowed to
 int32; the manifest maps the model's names onto them (``runtime_config.signature``) and the loader casts.
@@ -33,8 +34,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from edgeexport.calibration import CalibrationSet
     from edgeexport.config import InputSpec
 
-#: what the litert-torch path builds, and why not the rest
-PRECISIONS = ("fp32", "fp16", "dynamic-range")
+#: what the litert-torch path does not build (it builds fp32, fp16 and dynamic-range), and why
 REFUSED = {"int8": "full-integer int8 is not built through litert-torch: ai-edge-quantizer's static_wi8_ai8 kept "
                    "float tensors and gave a sentence-embedding cosine of 0.63 on all-MiniLM-L6-v2 in a probe here"}
 INSTALL = "pip install --no-deps -c constraints.txt -r requirements-litert.txt (in the edgeexport checkout)"
@@ -60,9 +60,10 @@ def unavailable(precision: str, module: Any) -> Optional[str]:
 
 
 def convert(module: Any, specs: list["InputSpec"], output_names: list[str], calibration: "CalibrationSet",
-            precision: str, out_file: Path) -> dict[str, Any]:
-    """Write ``out_file`` from ``module``; return the settings for the manifest, with ``signature`` (model names ->
-    the file's signature names) for the runtime config."""
+            precision: str, out_file: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Write ``out_file`` from ``module``; return the settings for the manifest and the file's I/O for the runtime
+    config (``signature``: model names -> the file's names, ``native_inputs``/``native_outputs``, and ``narrowed``:
+    the inputs the file takes in a narrower integer type)."""
     with quiet():
         import litert_torch
         import torch
@@ -84,8 +85,7 @@ def convert(module: Any, specs: list["InputSpec"], output_names: list[str], cali
         settings["quantizer"] = f"ai-edge-quantizer {importlib.metadata.version('ai-edge-quantizer')}"
         settings["recipe"] = _quantize(float_file, out_file, precision)
         float_file.unlink()
-    settings["signature"] = _signature(out_file, specs, output_names)
-    return settings
+    return settings, _io(out_file, specs, output_names)
 
 
 def _say(line: str) -> None:
@@ -124,16 +124,24 @@ def _quantize(float_file: Path, out_file: Path, precision: str) -> str:
     return name
 
 
-def _signature(path: Path, specs: list["InputSpec"], output_names: list[str]) -> dict[str, Any]:
-    """litert-torch names the file's inputs args_0.. (positional order) and outputs output_0.. (tuple order)."""
+def _io(path: Path, specs: list["InputSpec"], output_names: list[str]) -> dict[str, Any]:
+    """litert-torch names the file's inputs args_0.. (positional order) and outputs output_0.. (tuple order). The
+    native I/O keeps the model's dtypes: the loader casts to the file's (int64 ids narrowed to int32)."""
     from ai_edge_litert.interpreter import Interpreter
 
     runner = Interpreter(model_path=str(path)).get_signature_runner()
-    ins, outs = list(runner.get_input_details()), list(runner.get_output_details())
+    ins, outs = runner.get_input_details(), runner.get_output_details()
     want_in, want_out = [f"args_{i}" for i in range(len(specs))], [f"output_{i}" for i in range(len(output_names))]
     if sorted(ins) != sorted(want_in) or sorted(outs) != sorted(want_out):
         raise TargetError("the litert-torch file's signature is not the model's",
-                          f"inputs {ins} / outputs {outs}, expected {want_in} / {want_out}",
+                          f"inputs {list(ins)} / outputs {list(outs)}, expected {want_in} / {want_out}",
                           "use --option converter=onnx2tf, or --target ort")
-    return {"inputs": {s.name: f"args_{i}" for i, s in enumerate(specs)},
-            "outputs": {n: f"output_{i}" for i, n in enumerate(output_names)}}
+    file_in = {s.name: ins[key] for s, key in zip(specs, want_in)}
+    return {"signature": {"inputs": dict(zip([s.name for s in specs], want_in)),
+                          "outputs": dict(zip(output_names, want_out))},
+            "native_inputs": [{"name": s.name, "shape": [int(d) for d in file_in[s.name]["shape"]], "dtype": s.dtype}
+                              for s in specs],
+            "native_outputs": [{"name": n, "shape": [int(d) for d in outs[key]["shape"]], "dtype": "float32"}
+                               for n, key in zip(output_names, want_out)],
+            "narrowed": {s.name: np.dtype(file_in[s.name]["dtype"]).name for s in specs
+                         if np.dtype(file_in[s.name]["dtype"]).name != s.dtype}}

@@ -147,22 +147,14 @@ class TfliteTarget(Target):
         out_dir.mkdir(parents=True, exist_ok=True)
         name = f"model_{config.precision}.tflite"
         settings: dict[str, Any] = {"format": "tflite"}
-        settings.update(litert.convert(module, config.inputs, names, calibration, config.precision, out_dir / name))
-        signature = settings.pop("signature")
+        converted, io = litert.convert(module, config.inputs, names, calibration, config.precision, out_dir / name)
+        settings.update(converted)
         settings.update(inspect_tflite(out_dir / name, config.precision))
-        runner = _signature_details(out_dir / name)
-        # the loader takes the model's dtypes and casts to the file's (litert-torch narrows int64 inputs to int32)
-        native_in = [{"name": s.name, "shape": [int(d) for d in runner[0][signature["inputs"][s.name]]["shape"]],
-                      "dtype": s.dtype} for s in config.inputs]
-        native_out = [{"name": n, "shape": [int(d) for d in runner[1][signature["outputs"][n]]["shape"]],
-                       "dtype": "float32"} for n in names]
-        narrowed = {s.name: np.dtype(runner[0][signature["inputs"][s.name]]["dtype"]).name for s in config.inputs
-                    if np.dtype(runner[0][signature["inputs"][s.name]]["dtype"]).name != s.dtype}
-        if narrowed:
-            notes.append("the .tflite takes " + ", ".join(f"{k} as {v}" for k, v in narrowed.items())
+        if io["narrowed"]:
+            notes.append("the .tflite takes " + ", ".join(f"{k} as {v}" for k, v in io["narrowed"].items())
                          + " (litert-torch narrows int64); the loader casts, and refuses values that do not fit")
-        runtime_config = {"input_perm": {}, "output_perm": {}, "native_inputs": native_in,
-                          "native_outputs": native_out, "signature": signature}
+        runtime_config = {"input_perm": {}, "output_perm": {}, "native_inputs": io["native_inputs"],
+                          "native_outputs": io["native_outputs"], "signature": io["signature"]}
         return Artifact("tflite", config.precision, out_dir, [name], settings,
                         {"ai-edge-litert": _version("ai-edge-litert")}, notes, runtime_config)
 
@@ -270,13 +262,6 @@ def _output_names(onnx_path: Path) -> list[str]:
     import onnx
 
     return [o.name for o in onnx.load(str(onnx_path), load_external_data=False).graph.output]
-
-
-def _signature_details(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    from ai_edge_litert.interpreter import Interpreter
-
-    runner = Interpreter(model_path=str(path)).get_signature_runner()
-    return runner.get_input_details(), runner.get_output_details()
 
 
 def _version(pkg: str) -> str:
