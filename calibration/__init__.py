@@ -16,7 +16,7 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 
-from edgeexport.calibration.store import Concat, RawData, Samples  # noqa: F401 (RawData: the sources' result)
+from edgeexport.calibration.store import Broadcast, Concat, RawData, Samples  # noqa: F401 (RawData: the sources' result)
 from edgeexport.config import CalibrationConfig, InputSpec
 from edgeexport.errors import CalibrationError
 
@@ -32,6 +32,8 @@ class CalibrationSet:
     holdout_idx: np.ndarray
     seed: int
     sha256: str
+    #: stateful models: where each stream starts (edgeexport.stream), read before the states are replaced
+    stream_starts: Optional[np.ndarray] = None
 
     @property
     def num_samples(self) -> int:
@@ -168,7 +170,11 @@ def _with_separate_validation(raw: RawData, val: RawData, specs: list[InputSpec]
                      raw.notes + [f"validation data: {n}" for n in val.notes] +
                      [f"held-out validation samples come from a separate source: {val.description}"],
                      raw.preprocess, raw.files, raw.text)
+    if raw.stream_start is not None or val.stream_start is not None:
+        merged.stream_start = np.concatenate([d.stream_start if d.stream_start is not None else np.arange(n) == 0
+                                              for d, n in ((raw, n_cal), (val, n_val))])
     merged.validation_description = val.description  # type: ignore[attr-defined]
+    merged.validation_count = n_val  # type: ignore[attr-defined]
     return CalibrationSet(merged, specs, calib_idx, holdout_idx, cfg.seed, content_hash(arrays, labels))
 
 
@@ -187,6 +193,7 @@ def check_arrays(raw: RawData, specs: list[InputSpec]) -> None:
             + (f"; unexpected {sorted(got - names)}" if got - names else ""),
             "save the .npz with one array per model input, e.g. np.savez(path, **{'input_name': data})",
         )
+    _size_broadcasts(raw, specs)
     counts = set()
     for spec in specs:
         arr = raw.arrays[spec.name]
@@ -249,6 +256,23 @@ def check_arrays(raw: RawData, specs: list[InputSpec]) -> None:
             "labels must align with samples",
             "pass one label per sample",
         )
+
+
+def _size_broadcasts(raw: RawData, specs: list[InputSpec]) -> None:
+    """Single numbers (0-d arrays) are shared by every sample: give them the other arrays' sample count."""
+    shared = [s.name for s in specs if isinstance(raw.arrays[s.name], Broadcast)]
+    if not shared:
+        return
+    counts = {len(raw.arrays[s.name]) for s in specs if s.name not in shared}
+    if not counts:
+        raise CalibrationError(f"{raw.description!r} holds only single numbers ({', '.join(shared)})",
+                               "a single number is shared by every sample; other arrays must count the samples",
+                               "save at least one input as an array of shape [N, ...] (N samples)")
+    for name in shared:
+        store = raw.arrays[name]
+        assert isinstance(store, Broadcast)
+        store.resize(max(counts))
+        raw.notes.append(f"{name}: one value ({store.value.tolist()}) shared by every sample")
 
 
 def _constant(arr: Samples) -> bool:

@@ -14,6 +14,8 @@ from edgeexport.errors import CalibrationError
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 LABELS_KEY = "labels"
+#: stateful models: a boolean per sample, True where a new stream (a recording, a sequence) starts
+STREAM_KEY = "stream_start"
 _SYNTHETIC = re.compile(r"^synthetic:(\d+)$")
 
 
@@ -92,9 +94,19 @@ def read_npz(path: Path, specs: list[InputSpec]) -> RawData:
         stored = arrays.pop(LABELS_KEY)
         labels = check_labels(stored.rows(0, len(stored)), f"the '{LABELS_KEY}' array of {str(path)!r}")
         notes.append(f"labels taken from the '{LABELS_KEY}' array of {path.name}")
+    starts = None
+    if STREAM_KEY in arrays and STREAM_KEY not in {s.name for s in specs}:
+        stored = arrays.pop(STREAM_KEY)
+        starts = stored.rows(0, len(stored))
+        if starts.ndim != 1 or starts.dtype.kind not in "biu" or not np.isin(starts, (0, 1)).all():
+            raise CalibrationError(f"the '{STREAM_KEY}' array of {str(path)!r} is not one flag per sample",
+                                   f"it is {starts.dtype} {list(starts.shape)}",
+                                   "save a boolean array of shape [N], True at the first chunk of each stream")
+        starts = starts.astype(bool)
+        notes.append(f"{int(starts.sum())} stream start(s) taken from the '{STREAM_KEY}' array of {path.name}")
     if not arrays:
         raise CalibrationError(f"{str(path)!r} holds no input arrays", "", "save one array per model input")
-    return RawData(arrays, labels, "npz", str(path), notes=notes)
+    return RawData(arrays, labels, "npz", str(path), notes=notes, stream_start=starts)
 
 
 def read_npy(path: Path, specs: list[InputSpec]) -> RawData:

@@ -55,7 +55,7 @@ class Samples(ABC):
         """Rows ``start:stop`` as a fresh C-contiguous array."""
 
     def row(self, i: int) -> np.ndarray:
-        return self.rows(i, i + 1)[0]
+        return np.asarray(self.rows(i, i + 1)[0])  # a 1-D store's row is a 0-d array (a scalar input), not a np.int64
 
     def blocks(self, nbytes: int = BLOCK_BYTES) -> Iterator[np.ndarray]:
         """The whole array, in order, about ``nbytes`` at a time."""
@@ -79,6 +79,25 @@ class InMemory(Samples):
 
     def rows(self, start: int, stop: int) -> np.ndarray:
         return np.ascontiguousarray(self.array[start:stop]).copy()
+
+
+class Broadcast(Samples):
+    """One value given once (a 0-d array: a sample rate, a threshold) that every sample shares. Its sample count
+    follows the other arrays' (:meth:`resize`, set when the data is checked)."""
+
+    def __init__(self, value: np.ndarray, count: int = 1) -> None:
+        self.value = np.asarray(value)
+        self.shape, self.dtype = (count, *self.value.shape), self.value.dtype
+
+    def resize(self, count: int) -> None:
+        self.shape = (count, *self.value.shape)
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        n = max(0, min(stop, len(self)) - start)
+        return np.broadcast_to(self.value, (n, *self.value.shape)).copy()
+
+    def astype(self, dtype: str) -> "Samples":
+        return Broadcast(self.value.astype(dtype), len(self))
 
 
 class FileRows(Samples):
@@ -188,13 +207,12 @@ def _rows_at(f: BinaryIO, start: int, size: int, where: str) -> Samples:
     f.seek(start)
     shape, fortran, dtype = _header(f, where)
     data_at = f.tell()
-    if not shape:
-        raise CalibrationError(f"{where!r} holds a single number", "the first axis must count samples",
-                               "save an array of shape [N, ...]")
     need = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if data_at - start + need > size:
         raise CalibrationError(f"cannot read {where!r}", "the file is shorter than its header says (truncated?)",
                                "re-save it with np.save / np.savez")
+    if not shape:  # a single number shared by every sample (np.savez(..., sr=np.int64(16000)))
+        return Broadcast(np.frombuffer(_pread(f, need, data_at), dtype=dtype).reshape(()).copy())
     if fortran:  # column-major: a row is scattered over the file; rare enough to read it through a memory map
         return InMemory(np.memmap(f, dtype=dtype, mode="r", offset=data_at, shape=shape, order="F"))
     return FileRows(f, data_at, shape, dtype, where)
@@ -278,3 +296,4 @@ class RawData:
     preprocess: Optional[dict[str, Any]] = None
     files: Optional[list[str]] = None  # image files, in sample order
     text: Optional[dict[str, Any]] = None  # tokenization settings when the source was text
+    stream_start: Optional[np.ndarray] = None  # stateful models: True where a stream starts (the 'stream_start' array)

@@ -48,7 +48,7 @@ def validate(config: BuildConfig, source: Any, calib: Any, artifact: Any, target
     from edgeexport.validate import holdout_report
 
     with source.reference(config.inputs, output_names) as ref, target.load(artifact, resolve_threads(config.bench.threads)) as cand:
-        return holdout_report(ref, cand, config.resolved_tolerance(), calib, config.task)[0]
+        return holdout_report(ref, cand, config, calib)[0]
 
 
 def _weighted_nodes(float_model: Path) -> set[str]:

@@ -13,7 +13,7 @@ import click
 from click.core import ParameterSource
 
 from edgeexport import __version__
-from edgeexport.config import CALIB_METHODS, TOLERANCE_KEYS
+from edgeexport.config import CALIB_METHODS, OUTPUT_KINDS, TOLERANCE_KEYS
 from edgeexport.errors import BundleError, EdgeExportError, UsageError, ValidationFailed
 from edgeexport.targets import DEFAULT_TARGET, known_precisions, layer_search_names, public_names, target_help
 
@@ -78,6 +78,12 @@ def config_from_options(ctx: click.Context, params: dict[str, Any]):
         data["inputs"] = [parse_input_spec(s).model_dump() for s in params["inputs"]]
     if params["tolerance"]:
         data.setdefault("tolerance", {}).update(parse_tolerance(params["tolerance"]))
+    from edgeexport.config import parse_pairs
+
+    if params.get("outputs"):
+        data.setdefault("outputs", {}).update(parse_pairs(params["outputs"], "--output", ":", "NAME:KIND"))
+    if params.get("state"):
+        data.setdefault("state", {}).update(parse_pairs(params["state"], "--state", "=", "IN=OUT"))
     if params.get("accuracy_budget"):
         data["accuracy_budget"] = parse_budget(params["accuracy_budget"])
     if params.get("prune"):
@@ -194,6 +200,11 @@ _MODEL_AND_DATA_OPTIONS = [
                   "selects embedding metrics."),
     click.option("--max-length", type=click.IntRange(1, 8192), help="Text: tokens per sample, truncated and padded [default: the --input sequence length, else 128]."),
     click.option("--input", "inputs", multiple=True, help="NAME:SHAPE[:DTYPE], e.g. image:batchx3x224x224:float32."),
+    click.option("--output", "outputs", multiple=True, help=f"NAME:KIND: what an output is, which picks its metrics; "
+                 f"KIND: {', '.join(OUTPUT_KINDS)} [default: inferred from its shape and values]."),
+    click.option("--state", multiple=True, help="IN=OUT: the model returns OUT to be fed back as IN on its next call "
+                 "(recurrent state); validated by streaming the held-out samples [default: pairs detected by name, "
+                 "e.g. state=stateN]."),
     click.option("--val", help="Separate validation data (same kinds as --calib); default: hold out part of --calib."),
     click.option("--labels", help="Labels (.npy/.npz/.txt) aligned with the --calib samples, for task accuracy."),
     click.option("--calib-method", type=click.Choice(CALIB_METHODS), default="auto", show_default=True,
@@ -310,6 +321,9 @@ def build(ctx: click.Context, **params: Any) -> None:
 
         bench = summary.get("benchmark")
         extra = f"; {speedup_text(bench)} vs reference" if bench and "skipped" not in bench else ""
+        share = (result.manifest.get("quantization") or {}).get("integer_share") or {}
+        if share.get("integer_mac_share", 1.0) < 0.9:
+            extra += f"; only {share['integer_mac_share']:.0%} of the multiply-adds are int8"
         click.echo(f"ok: wrote {result.out} ({config.target}/{config.precision}, validated{extra})")
         click.echo(f"next: python {result.out}/loader.py --selftest    (on the device: pip install -r "
                    f"{result.out}/requirements.txt first)\n      edgeexport inspect {result.out}    "

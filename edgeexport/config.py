@@ -24,12 +24,32 @@ _DIM_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # Default tolerances per precision. Metrics: mean cosine similarity (>=), SNR in dB (>=), top-1 agreement with
 # the reference for classifier-like outputs (>=), drop in task accuracy in percentage points when labels exist
 # (<=). See docs/validation.md.
+# Probability outputs (see OUTPUT_KINDS) are held to a mean absolute error and to the share of thresholded decisions
+# that flip, not to cosine/SNR: a one-element output's cosine is always 1.
 DEFAULT_TOLERANCES: dict[str, dict[str, float]] = {
-    "fp32": {"cosine": 0.9999, "snr_db": 40.0, "top1": 0.99, "accuracy_drop": 0.5},
-    "fp16": {"cosine": 0.999, "snr_db": 30.0, "top1": 0.95, "accuracy_drop": 0.5},
-    "int8-dynamic": {"cosine": 0.98, "snr_db": 12.0, "top1": 0.95, "accuracy_drop": 1.0},
-    "dynamic-range": {"cosine": 0.98, "snr_db": 12.0, "top1": 0.95, "accuracy_drop": 1.0},
-    "int8": {"cosine": 0.98, "snr_db": 12.0, "top1": 0.95, "accuracy_drop": 1.0},
+    "fp32": {"cosine": 0.9999, "snr_db": 40.0, "top1": 0.99, "accuracy_drop": 0.5, "prob_mean_abs": 1e-4,
+             "flip_rate": 0.01},
+    "fp16": {"cosine": 0.999, "snr_db": 30.0, "top1": 0.95, "accuracy_drop": 0.5, "prob_mean_abs": 2e-3,
+             "flip_rate": 0.01},
+    "int8-dynamic": {"cosine": 0.98, "snr_db": 12.0, "top1": 0.95, "accuracy_drop": 1.0, "prob_mean_abs": 0.02,
+                     "flip_rate": 0.03},
+    "dynamic-range": {"cosine": 0.98, "snr_db": 12.0, "top1": 0.95, "accuracy_drop": 1.0, "prob_mean_abs": 0.02,
+                      "flip_rate": 0.03},
+    "int8": {"cosine": 0.98, "snr_db": 12.0, "top1": 0.95, "accuracy_drop": 1.0, "prob_mean_abs": 0.02,
+             "flip_rate": 0.03},
+}
+#: what an output is, which decides its metrics (docs/validation.md): inferred from shape and values where that is
+#: safe, or declared with --output NAME:KIND
+OUTPUT_KINDS = {
+    "logits": "class scores [batch, classes]: cosine, SNR, top-1 agreement (and task accuracy with labels)",
+    "probability": "values in [0, 1] (sigmoid or softmax): mean absolute error and the share of decisions at 0.5 "
+                   "that flip (top-1 agreement for softmax rows)",
+    "embedding": "a vector compared by direction (sentence or speaker embedding, token states): cosine and SNR, "
+                 "no top-1",
+    "regression": "numbers compared by value (boxes, scores, a single value): SNR and max/mean absolute error; "
+                  "cosine only with more than one value per sample",
+    "state": "recurrent state fed back as an input (--state): judged by what it does to the other outputs when "
+             "the held-out data is streamed, reported but not checked itself",
 }
 #: A pruned model is a different function from the original it is validated against: it is held to the looser of
 #: its precision's limits and these (agreement on the task, not bit-for-bit closeness). See docs/pruning.md.
@@ -41,6 +61,7 @@ BUDGET_METRICS = {"cosine": "min", "top1": "min", "snr_db": "min", "pooled_cosin
 TOLERANCE_RANGES: dict[str, tuple[float, float]] = {
     "cosine": (-1.0, 1.0), "pooled_cosine": (-1.0, 1.0), "top1": (0.0, 1.0), "top5": (0.0, 1.0),
     "snr_db": (-200.0, 200.0), "accuracy_drop": (0.0, 100.0), "max_abs": (0.0, float("inf")),
+    "prob_mean_abs": (0.0, 1.0), "flip_rate": (0.0, 1.0),
 }
 TOLERANCE_KEYS = {
     "cosine": "min mean cosine similarity",
@@ -50,6 +71,8 @@ TOLERANCE_KEYS = {
     "top5": "min share of samples whose reference top-1 is in the built model's top-5 (off unless set)",
     "accuracy_drop": "max drop in task accuracy, percentage points (needs labels)",
     "max_abs": "max absolute error (off unless set)",
+    "prob_mean_abs": "max mean absolute error of probability outputs",
+    "flip_rate": "max share of a probability output's decisions (at 0.5) that flip",
 }
 
 
@@ -108,15 +131,18 @@ class InputSpec(_Strict):
 
 
 def parse_input_spec(text: str) -> InputSpec:
-    """Parse ``name:1x3x224x224:float32`` (dtype optional; dims may be names such as ``batch``)."""
+    """Parse ``name:1x3x224x224:float32`` (dtype optional; dims may be names such as ``batch``; ``sr::int64`` is a
+    scalar)."""
     parts = text.split(":")
-    if len(parts) not in (2, 3) or not parts[0] or not parts[1]:
+    if len(parts) not in (2, 3) or not parts[0] or (not parts[1] and len(parts) == 2):
         raise ConfigError(
             f"cannot parse --input {text!r}",
-            "expected NAME:SHAPE[:DTYPE] with SHAPE like 1x3x224x224 or batchx3x224x224",
-            "for example --input image:batchx3x224x224:float32",
+            "expected NAME:SHAPE[:DTYPE] with SHAPE like 1x3x224x224 or batchx3x224x224, or an empty SHAPE for a "
+            "scalar (NAME::DTYPE)",
+            "for example --input image:batchx3x224x224:float32 or --input sr::int64",
         )
-    dims: list[Union[int, str]] = [int(d) if d.isdigit() else d for d in parts[1].split("x")]
+    # an empty SHAPE is a scalar (rank 0), as describe() prints it
+    dims: list[Union[int, str]] = [int(d) if d.isdigit() else d for d in parts[1].split("x")] if parts[1] else []
     try:
         return InputSpec(name=parts[0], shape=dims, dtype=parts[2] if len(parts) == 3 else "float32")
     except ValidationError as e:
@@ -243,12 +269,24 @@ class BuildConfig(_Strict):
     diagnose: bool = True  # int8 refused by the gate: build a few alternatives and say what each measured
     archive: Optional[str] = None  # also pack the bundle as <out>.tar.gz or <out>.zip
     prune: Optional[PruneConfig] = None  # prune the PyTorch model before export (validated against the original)
+    #: what each output is (--output NAME:KIND); outputs not named are inferred from their shape and values
+    outputs: dict[str, str] = Field(default_factory=dict)
+    #: recurrent state pairs (--state IN=OUT): OUT of one call is IN of the next; validated by streaming
+    state: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("archive")
     @classmethod
     def _archive(cls, v: Optional[str]) -> Optional[str]:
         if v is not None and v not in ("tar.gz", "zip"):
             raise ValueError(f"archive {v!r} is not tar.gz or zip")
+        return v
+
+    @field_validator("outputs")
+    @classmethod
+    def _outputs(cls, v: dict[str, str]) -> dict[str, str]:
+        for name, kind in v.items():
+            if kind not in OUTPUT_KINDS:
+                raise ValueError(f"output kind {kind!r} (for {name!r}) is not one of {', '.join(OUTPUT_KINDS)}")
         return v
 
     @field_validator("accuracy_budget")
@@ -320,6 +358,18 @@ def parse_tolerance(items: tuple[str, ...] | list[str]) -> dict[str, float]:
                 out[key.strip()] = float(value)
             except ValueError:
                 raise ConfigError(f"tolerance {key}={value!r} is not a number", "", "use e.g. cosine=0.995") from None
+    return out
+
+
+def parse_pairs(items: tuple[str, ...] | list[str], flag: str, sep: str, example: str) -> dict[str, str]:
+    """``--output NAME:KIND`` / ``--state IN=OUT`` (repeatable, or comma-separated) as a dict."""
+    out: dict[str, str] = {}
+    for item in items:
+        for part in item.split(","):
+            key, found, value = part.strip().rpartition(sep)
+            if not found or not key or not value:
+                raise ConfigError(f"cannot parse {flag} {part!r}", f"expected {example}", f"for example {flag} {example}")
+            out[key] = value
     return out
 
 

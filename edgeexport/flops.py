@@ -85,7 +85,27 @@ def count_flops(onnx_path: Path, feed: Mapping[str, np.ndarray]) -> dict[str, An
     params = sum(prod(i.dims) for i in graph.initializer if i.data_type in (1, 10, 11, 16))  # float types
     return {"flops": int(sum(by_op.values())), "by_op": by_op, "params": int(params),
             "feed_shapes": {k: list(np.shape(v)) for k, v in feed.items()},
-            "counted": "2 x multiply-adds of " + ", ".join(COUNTED_OPS + RECURRENT_OPS)}
+            "counted": "2 x multiply-adds of " + ", ".join(COUNTED_OPS + RECURRENT_OPS),
+            # not counted: their shapes are not known outside the branch taken at run time
+            "uncounted_in_subgraphs": subgraph_weighted_ops(model)}
+
+
+def subgraph_weighted_ops(model: Any) -> dict[str, int]:
+    """Weighted nodes (Conv, MatMul, ..., LSTM) inside control-flow subgraphs (If branches, Loop and Scan bodies),
+    by op type: work that graph-level quantizers (ONNX Runtime's included) never rewrite."""
+    from collections import Counter
+
+    found: Counter[str] = Counter()
+
+    def walk(graph: Any, nested: bool) -> None:
+        for n in graph.node:
+            if nested and n.op_type in COUNTED_OPS + RECURRENT_OPS:
+                found[n.op_type] += 1
+            for a in n.attribute:
+                for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                    walk(g, True)
+    walk(model.graph, False)
+    return dict(found)
 
 
 def matmul_peak(threads: Optional[int] = None, n: int = 1024, seconds: float = 1.0) -> dict[str, Any]:

@@ -112,9 +112,19 @@ def resolve_inputs(config: BuildConfig, source: ModelSource) -> list[InputSpec]:
         if names is not None and source.kind != "onnx" and len(config.inputs) > len(names):
             raise ConfigError(f"--input declares {len(config.inputs)} inputs but the model takes {len(names)} ({names})",
                               "", "declare one --input per forward() argument, in order")
-        if source.kind == "onnx" and names is not None and sorted(s.name for s in config.inputs) != sorted(names):
-            raise ConfigError(f"--input names {[s.name for s in config.inputs]} do not match the ONNX inputs {names}",
-                              "", "use the ONNX model's input names")
+        if source.kind == "onnx" and names is not None:
+            unknown = [s.name for s in config.inputs if s.name not in names]
+            if unknown:
+                raise ConfigError(f"--input names {unknown} are not inputs of the ONNX model",
+                                  f"its inputs are {names}", "use the ONNX model's input names")
+            # declared inputs override the graph's; the others keep the graph's own shapes (ONNX input order)
+            given = {s.name: s for s in config.inputs}
+            graph = {s.name: s for s in (source.declared_inputs or [])}
+            missing = [n for n in names if n not in given and n not in graph]
+            if missing:
+                raise ConfigError(f"--input does not declare {missing} and the ONNX model gives no shape for them",
+                                  "", "declare every input with --input NAME:SHAPE:DTYPE")
+            return [given.get(n) or graph[n] for n in names]
         return list(config.inputs)
     if source.declared_inputs:
         specs = list(source.declared_inputs)
@@ -128,13 +138,13 @@ def resolve_inputs(config: BuildConfig, source: ModelSource) -> list[InputSpec]:
 
 
 def _single_array_name(path: Optional[str]) -> Optional[str]:
-    from edgeexport.calibration.sources import LABELS_KEY
+    from edgeexport.calibration.sources import LABELS_KEY, STREAM_KEY
 
     if not path or not path.endswith(".npz") or not Path(path).is_file():
         return None
     try:
         with np.load(path, allow_pickle=False) as z:
-            names = [n for n in z.files if n != LABELS_KEY]
+            names = [n for n in z.files if n not in (LABELS_KEY, STREAM_KEY)]
     except Exception:  # unreadable data is reported properly when it is loaded
         return None
     return names[0] if len(names) == 1 else None
@@ -249,6 +259,10 @@ def model_stats(onnx_path: Path, calib: CalibrationSet, log: Log) -> Optional[di
     found = ", ".join(op for op, n in stats["by_op"].items() if n) or "none of " + stats["counted"].split(" of ")[-1]
     log(f"    model: {stats['params'] / 1e6:.3g} M parameters, {stats['flops_per_sample'] / 1e9:.3g} GFLOP per sample "
         f"(multiply-adds of {found})")
+    nested = stats.get("uncounted_in_subgraphs")
+    if nested:
+        log(f"    note: not counted: {', '.join(f'{n} {op}' for op, n in sorted(nested.items()))} inside If/Loop/Scan "
+            "subgraphs")
     return stats
 
 
@@ -267,6 +281,7 @@ def build_resolved(config: BuildConfig, source: ModelSource, calib: CalibrationS
             exported = export(config, source, calib, onnx_path, log)
         else:
             shutil.copyfile(exported.path, onnx_path)  # a fresh copy: builds must never share a file they may rewrite
+        config = prepare_state(config, source, calib, exported, log)
         step = _Step(config, source, calib, target, workdir, onnx_path, exported, log)
         step.build()
         log(f"==> validating on {len(calib.holdout_idx)} held-out samples")
@@ -280,6 +295,35 @@ def build_resolved(config: BuildConfig, source: ModelSource, calib: CalibrationS
 
         log(f"==> packing {write_archive(out, config.archive)}")
     return BuildResult(step.config, out, step.manifest, step.report, step.errors)
+
+
+def prepare_state(config: BuildConfig, source: ModelSource, calib: CalibrationSet, exported: Exported,
+                  log: Log) -> BuildConfig:
+    """Stateful models (--state, or detected pairs): the held-out samples become the data's last ones in order and
+    every sample's state input becomes the state the float model carries into it (edgeexport.stream)."""
+    from edgeexport import stream
+
+    unknown = sorted(set(config.outputs) - set(exported.output_names))
+    if unknown:
+        raise ConfigError(f"--output names {unknown}, which the model does not return",
+                          f"its outputs are {exported.output_names}", "use the model's output names")
+    pairs = dict(config.state) or stream.detect_pairs(config.inputs, exported.output_names)
+    loose = sorted(n for n, k in config.outputs.items() if k == "state" and n not in pairs.values())
+    if loose:
+        raise ConfigError(f"--output {loose[0]}:state, but no --state pair feeds {loose[0]} back into an input",
+                          "a state output is judged by streaming, which needs the input it is fed back into",
+                          f"add --state INPUT={loose[0]}, or declare it as another kind (regression, embedding)")
+    if not pairs:
+        return config
+    stream.check_pairs(pairs, config.inputs, exported.output_names)
+    if not config.state:
+        log(f"    state: detected {', '.join(f'{i} <- {o}' for i, o in pairs.items())} by name "
+            "(--state IN=OUT declares pairs)")
+    if calib.stream_starts is None:  # once per data set (compare builds several targets from one)
+        stream.streaming_split(calib)
+        with source.reference(config.inputs, exported.output_names) as ref:
+            exported.info["stream"] = stream.carry_reference_state(calib, ref, pairs, log)
+    return config.model_copy(update={"state": pairs})
 
 
 @dataclass
@@ -327,7 +371,7 @@ class _Step:
     def gate(self, ref: Any, cand: Any) -> None:
         """Validate on the holdout; out of tolerance raises ValidationFailed (after a diagnosis for int8)."""
         config, log = self.config, self.log
-        self.report, refs, outs = holdout_report(ref, cand, config.resolved_tolerance(), self.calib, config.task)
+        self.report, refs, outs = holdout_report(ref, cand, config, self.calib)
         self.errors = error_sample(refs, outs)
         log(self.report.table())
         self.layers = explain(self.artifact, self.calib, self.workdir, log) if config.explain else None
@@ -377,7 +421,7 @@ class _Step:
 
                 self.budget["compared"] = compare_mix(config, self.source, self.calib, self.onnx_path, self.target,
                                                       cand, artifact, self.budget, self.log)
-        self.golden = [(feed, cand.infer(feed)) for feed, _ in zip(self.calib.holdout(), range(config.golden_samples))]
+        self.golden = golden_pairs(config, self.calib, cand)
         # inputs as declared (names, named dims), outputs as the built runtime reports them
         self.io = {"inputs": [s.model_dump() for s in config.inputs], "outputs": [t.to_dict() for t in cand.outputs]}
 
@@ -404,6 +448,22 @@ class _Step:
         self.log(f"==> writing bundle to {config.out}")
         return write_bundle(Path(config.out), files, self.golden, manifest, texts, config.force,
                             self.target.loader_backend())
+
+
+def golden_pairs(config: BuildConfig, calib: CalibrationSet, cand: Any) -> list:
+    """The first held-out samples and the built model's outputs. A stateful model's are consecutive steps of one
+    stream, each fed the state the built model returned for the step before (what the loader's stream() does)."""
+    feeds = [feed for feed, _ in zip(calib.holdout(), range(config.golden_samples))]
+    if not config.state:
+        return [(feed, cand.infer(feed)) for feed in feeds]
+    pairs, golden = config.state, []
+    state: dict[str, np.ndarray] = {}
+    for feed in feeds:
+        feed = {**feed, **state}
+        out = cand.infer(feed)
+        golden.append((feed, out))
+        state = {i: np.asarray(out[o], feed[i].dtype).reshape(feed[i].shape) for i, o in pairs.items()}
+    return golden
 
 
 def failure_advice(config: BuildConfig, target: Any) -> str:
@@ -486,7 +546,8 @@ def make_manifest(config: BuildConfig, source: ModelSource, calib: CalibrationSe
         "created": now_iso(),
         "target": artifact.target,
         "precision": artifact.precision,
-        "precision_label": get_target(artifact.target).precision_label(artifact.precision),
+        "precision_label": honest_label(get_target(artifact.target).precision_label(artifact.precision),
+                                        artifact.settings.get("integer_share")),
         "model_file": artifact.files[0],
         "model_files": artifact.model_files,  # all of the model (e.g. OpenVINO's model.xml and model.bin)
         "inputs": io["inputs"],
@@ -508,8 +569,21 @@ def make_manifest(config: BuildConfig, source: ModelSource, calib: CalibrationSe
                    "produced_by": "the built model on held-out samples"
                                   + (f" ({artifact.validated_with})" if artifact.validated_with else "")},
         "config": config.model_dump(mode="json"),
+        # stateful models: the loader's stream()/reset() feed each OUT back as IN, starting from zeros of this shape
+        "state": ({"pairs": dict(config.state),
+                   "initial": {i: {"shape": list(np.shape(golden[0][0][i])), "value": 0.0} for i in config.state}}
+                  if config.state and golden else None),
         "notes": list(artifact.notes) + list(calib.data.notes),
     }
+
+
+def honest_label(label: str, share: Optional[dict[str, Any]]) -> str:
+    """A precision's label with what stayed float, where most of the work did: an "int8" LSTM encoder whose
+    recurrent layers ONNX Runtime leaves float must not read as int8."""
+    if not share or "integer_mac_share" not in share or share["integer_mac_share"] >= 0.9:
+        return label
+    return (f"{label}; but only {share['integer_mac_share']:.0%} of the multiply-adds and "
+            f"{share.get('integer_weight_share', 0):.0%} of the weight bytes run in int8, the rest is float")
 
 
 def text_settings(config: BuildConfig, source: ModelSource, calib: CalibrationSet) -> Optional[dict[str, Any]]:

@@ -476,6 +476,33 @@ def record_integer_share(artifact: Any, float_path: Path, calibration: Any) -> N
     """Count what share of ``artifact``'s model (a Q/DQ or dynamically quantized ONNX made from ``float_path``)
     really runs in int8; record it in its settings and add a plain note when most of it stayed float."""
     record_share(artifact, lambda: integer_share(artifact.model_path, float_path, next(calibration.calibration())))
+    share = artifact.settings.get("integer_share")
+    if share is not None and not share["integer_mac_share"] and not share["integer_weight_share"]:
+        refuse_nothing_integer(artifact, float_path, share)
+
+
+def refuse_nothing_integer(artifact: Any, float_path: Path, share: dict[str, Any]) -> None:
+    """An "int8" build in which no multiply-add and no weight byte is integer is a float model under an int8
+    name: refuse it, saying where the model's work is."""
+    import onnx
+
+    from edgeexport.errors import TargetError
+
+    from edgeexport.flops import subgraph_weighted_ops
+
+    nested = subgraph_weighted_ops(onnx.load(str(float_path)))
+    if nested:
+        where = ", ".join(f"{n} {op}" for op, n in sorted(nested.items()))
+        why = (f"the model's weighted layers ({where}) sit inside control-flow subgraphs (If/Loop/Scan bodies), "
+               "which the quantizer does not rewrite; only the top-level graph is quantized, and it has "
+               f"{share['weighted_layers']} weighted layer(s)")
+        fix = ("export the model with the branch taken as a plain graph (for example trace it with its constant "
+               "inputs fixed, so no If remains), or build --precision fp16 / fp32")
+    else:
+        why = (f"none of the {share['weighted_layers']} weighted layer(s) was quantized"
+               if share["weighted_layers"] else "the model has no Conv, Gemm, MatMul or recurrent layer to quantize")
+        fix = "build --precision fp16 or fp32 (there is nothing for int8 to speed up)"
+    raise TargetError(f"{artifact.target}/{artifact.precision}: nothing in the built model runs in integers", why, fix)
 
 
 def record_share(artifact: Any, count: Callable[[], dict[str, Any]]) -> None:

@@ -13,11 +13,19 @@ def _f(v: Any, digits: int = 4) -> str:
 
 def validation_rows(manifest: dict[str, Any]) -> list[str]:
     val = manifest.get("validation") or {}
-    lines = ["| output | max abs | mean abs | rel err | cosine | SNR dB | top-1 |", "|---|---|---|---|---|---|---|"]
+    lines = ["| output | kind | max abs | mean abs | rel err | cosine | SNR dB | top-1 | decisions flipped |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, m in (val.get("outputs") or {}).items():  # token outputs: unpadded cosine/SNR (what is checked)
         cos, snr = m.get("cosine_unpadded", m.get("cosine")), m.get("snr_db_unpadded", m.get("snr_db"))
-        lines.append(f"| {name} | {_f(m.get('max_abs'))} | {_f(m.get('mean_abs'))} | {_f(m.get('rel_err'))} | "
-                     f"{_f(cos, 6)} | {_f(snr)} | {_f(m.get('top1'))} |")
+        lines.append(f"| {name} | {m.get('kind', '-')} | {_f(m.get('max_abs'))} | {_f(m.get('mean_abs'))} | "
+                     f"{_f(m.get('rel_err'))} | {_f(cos, 6)} | {_f(snr)} | {_f(m.get('top1'))} | "
+                     f"{_f(m.get('flip_rate'))} |")
+    stream = val.get("stream")
+    if stream:
+        pairs = ", ".join(f"{i} <- {o}" for i, o in stream["pairs"].items())
+        lines += ["", f"Streamed validation ({pairs}): each model fed its own state; mean absolute error by position "
+                  f"in the stream ({', '.join(stream['by_part'])}):", ""]
+        lines += [f"- {name}: {', '.join(_f(v) for v in stream[name])}" for name in val["outputs"] if name in stream]
     return lines
 
 

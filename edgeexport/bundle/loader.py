@@ -277,6 +277,17 @@ def _check_fields(m):
             or not isinstance(tol.get("atol"), dict) or not all(_number(v) and v >= 0 for v in tol["atol"].values()) \
             or not {o["name"] for o in m["outputs"]} <= set(tol["atol"]):
         bad("golden.tolerance", "an object with min_cosine (0 to 1) and atol: {output: number} for every output", tol)
+    state = m.get("state")
+    if state is not None:
+        pairs, initial = state.get("pairs") if isinstance(state, dict) else None, \
+            state.get("initial") if isinstance(state, dict) else None
+        ins, outs = {i["name"] for i in m["inputs"]}, {o["name"] for o in m["outputs"]}
+        if not isinstance(pairs, dict) or not pairs or not all(k in ins and v in outs for k, v in pairs.items()):
+            bad("state.pairs", "an object mapping state inputs to the outputs fed back into them", pairs)
+        if not isinstance(initial, dict) or not all(
+                isinstance(initial.get(k), dict) and isinstance(initial[k].get("shape"), list)
+                and all(type(d) is int and d > 0 for d in initial[k]["shape"]) for k in pairs):
+            bad("state.initial", "an object giving each state input's shape", initial)
     pre = m.get("preprocess")
     if pre:
         size = pre.get("size")
@@ -558,6 +569,8 @@ class Model:
         self.outputs = manifest["outputs"]
         self._backend = backend
         self._tokenizer = None
+        self._state = None
+        self._pairs = (manifest.get("state") or {}).get("pairs") or {}
 
     def __repr__(self):
         ins = ", ".join(f"{i['name']}:{i['shape']}:{i['dtype']}" for i in self.inputs)
@@ -613,6 +626,45 @@ class Model:
             return {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
         return self._backend.run(self.check_inputs(inputs))
 
+    def reset(self, state=None):
+        """Start a new stream of a stateful model: its state inputs go back to zeros (or to ``state``, a dict of
+        arrays keyed by state input)."""
+        if not self._pairs:
+            raise InputError("this model has no recurrent state (its manifest declares no state pairs)")
+        initial = self.manifest["state"]["initial"]
+        zeros = {name: np.zeros(initial[name]["shape"], dtype=self._dtype(name)) for name in self._pairs}
+        if state is not None:
+            unknown = sorted(set(state) - set(self._pairs))
+            if unknown:
+                raise InputError(f"{unknown} are not state inputs; the state inputs are {sorted(self._pairs)}")
+            zeros.update({k: np.asarray(v) for k, v in state.items()})
+        self._state = zeros
+
+    def stream(self, inputs):
+        """One step of a stateful model (a chunk of audio, a frame): pass the inputs other than the state; the state
+        the model returned on the previous step is fed back (zeros after reset()). Returns every output."""
+        if not self._pairs:
+            raise InputError("this model has no recurrent state: call it directly, model(inputs)")
+        if isinstance(inputs, np.ndarray):
+            free = [i["name"] for i in self.inputs if i["name"] not in self._pairs]
+            if len(free) != 1:
+                raise InputError(f"this model takes {free} besides its state; pass a dict keyed by input name")
+            inputs = {free[0]: inputs}
+        if not isinstance(inputs, dict):
+            raise InputError(f"inputs must be a dict of numpy arrays (or one array), not {type(inputs).__name__}")
+        given = sorted(set(inputs) & set(self._pairs))
+        if given:
+            raise InputError(f"stream() feeds the state itself; drop {given} (or use reset(state=...))")
+        if self._state is None:
+            self.reset()
+        out = self(dict(inputs, **self._state))
+        self._state = {i: np.asarray(out[o]).reshape(self._state[i].shape).astype(self._state[i].dtype, copy=False)
+                       for i, o in self._pairs.items()}
+        return out
+
+    def _dtype(self, name):
+        return next(i["dtype"] for i in self.inputs if i["name"] == name)
+
     def golden(self):
         """Yield (inputs, expected_outputs) pairs stored in the bundle."""
         for rel in self.manifest["golden"]["files"]:
@@ -644,19 +696,32 @@ class Model:
                     raise BundleError(f"output {spec['name']!r} is {value.dtype} {list(value.shape)} but the manifest "
                                       f"declares {spec['dtype']} {shape}: the manifest was edited, or the bundle is "
                                       "not whole")
-            for name, want in expected.items():
-                out = np.asarray(got[name], dtype=np.float64).ravel()
-                ref = np.asarray(want, dtype=np.float64).ravel()
-                err = float(np.max(np.abs(out - ref))) if ref.size else 0.0
-                denom = float(np.linalg.norm(out) * np.linalg.norm(ref))
-                cos = float(np.dot(out, ref) / denom) if denom > 0 else float(np.allclose(out, ref))
-                atol = tol["atol"].get(name, 0.0)
-                good = out.shape == ref.shape and err <= atol and cos >= tol["min_cosine"]
-                ok &= good
-                if verbose:
-                    print(f"golden {n} {name}: max_abs {err:.3g} (<= {atol:.3g}), cosine {cos:.6f} "
-                          f"(>= {tol['min_cosine']}) {'ok' if good else 'MISMATCH'}")
+            ok &= _matches(f"golden {n}", got, expected, tol, verbose)
+        if self._pairs:  # the golden pairs are consecutive steps of one stream: replay them through stream()
+            pairs = list(self.golden())
+            self.reset({i: pairs[0][0][i] for i in self._pairs})
+            for n, (ins, expected) in enumerate(pairs):
+                got = self.stream({k: v for k, v in ins.items() if k not in self._pairs})
+                ok &= _matches(f"golden stream step {n}", got, expected, tol, verbose)
+            self._state = None
         return ok
+
+
+def _matches(what, got, expected, tol, verbose):
+    ok = True
+    for name, want in expected.items():
+        out = np.asarray(got[name], dtype=np.float64).ravel()
+        ref = np.asarray(want, dtype=np.float64).ravel()
+        err = float(np.max(np.abs(out - ref))) if ref.size and out.shape == ref.shape else float("inf")
+        denom = float(np.linalg.norm(out) * np.linalg.norm(ref))
+        cos = float(np.dot(out, ref) / denom) if denom > 0 and out.shape == ref.shape else float(np.allclose(out, ref))
+        atol = tol["atol"].get(name, 0.0)
+        good = out.shape == ref.shape and err <= atol and cos >= tol["min_cosine"]
+        ok &= good
+        if verbose:
+            print(f"{what} {name}: max_abs {err:.3g} (<= {atol:.3g}), cosine {cos:.6f} "
+                  f"(>= {tol['min_cosine']}) {'ok' if good else 'MISMATCH'}")
+    return ok
 
 
 def load(root=None, providers=None, threads=None, verify_files=True, **options):

@@ -108,6 +108,13 @@ CATALOGUE = [
     ("folder of array files", 1, "is a folder of array files (a.npz, b.npz), not of images"),
     ("a torch.save pickle for a model", 1, "is a torch.save pickle (a state_dict or a whole pickled module)"),
     ("a TorchScript forward with a Python argument", 1, "forward takes non-tensor argument(s) sr: int"),
+    ("state pair naming no output", 2, "--state x=ghost does not name an input and an output of the model"),
+    ("unknown output kind", 2, "output kind 'score' (for 'output') is not one of logits, probability"),
+    ("output that does not exist", 2, "--output names ['ghost'], which the model does not return"),
+    ("state output without its pair", 2, "--output output:state, but no --state pair feeds output back"),
+    ("unparseable state pair", 2, "cannot parse --state 'x'"),
+    ("data of single numbers only", 1, "holds only single numbers (x)"),
+    ("int8 of a model whose layers sit in If branches", 1, "nothing in the built model runs in integers"),
 ]
 
 
@@ -148,12 +155,27 @@ def cases(tmp_path_factory, tiny_model, tiny_npz):
     np.save(d / "labels57.npy", np.full(60, 57, np.int64))
     np.savez(d / "constant.npz", x=np.repeat(np.ones((1, 6), np.float32), 40, axis=0))
     np.savez(d / "two.npz", x=np.random.default_rng(0).standard_normal((2, 6)).astype(np.float32))
+    np.savez(d / "scalars.npz", x=np.float32(1.5))
+    from tests.integration.test_streaming import _if_graph
+
+    _if_graph(d / "branches.onnx")
+    np.savez(d / "branches.npz", x=np.random.default_rng(1).standard_normal((60, 1, 16)).astype(np.float32),
+             sr=np.int64(16000))
     (d / "arrays").mkdir()
     for name in ("a", "b"):
         np.savez(d / "arrays" / f"{name}.npz", x=np.zeros((20, 6), np.float32))
     (d / "odd.py").write_text(ODD_MODELS)
     return {
         "float labels": ["--model", t + ":build", "--calib", good, "--labels", str(d / "float_labels.npy")],
+        "state pair naming no output": ["--model", t + ":build", "--calib", good, "--state", "x=ghost"],
+        "unknown output kind": ["--model", t + ":build", "--calib", good, "--output", "output:score"],
+        "output that does not exist": ["--model", t + ":build", "--calib", good, "--output", "ghost:logits"],
+        "state output without its pair": ["--model", t + ":build", "--calib", good, "--output", "output:state"],
+        "unparseable state pair": ["--model", t + ":build", "--calib", good, "--state", "x"],
+        "data of single numbers only": ["--model", t + ":build", "--calib", str(d / "scalars.npz"),
+                                        "--input", "x::float32"],
+        "int8 of a model whose layers sit in If branches": ["--model", str(d / "branches.onnx"), "--calib",
+                                                            str(d / "branches.npz"), "--option", "device=host"],
         "labels beyond the model's classes": ["--model", t + ":build", "--calib", good, "--labels",
                                               str(d / "labels57.npy")],
         "constant calibration data": ["--model", t + ":build", "--calib", str(d / "constant.npz")],

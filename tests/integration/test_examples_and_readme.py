@@ -27,6 +27,9 @@ def test_example_runs(example, tmp_path):
     assert (REPO / "examples" / example / "README.md").is_file()
     if example == "digits":
         assert "selftest passed" in r.stdout and "of 50 digits right" in r.stdout
+    if example == "streaming":
+        assert "golden stream step 2 prob" in r.stdout and r.stdout.count("P(digit >= 5) row by row") == 3
+        assert "detected" not in r.stderr and "state: h <- hn" in r.stderr  # declared with --state
     if example == "custom_model":
         assert "batch of 8 -> (8, 4)" in r.stdout
     if example == "efficientnet_lite0":

@@ -46,3 +46,25 @@ def test_yaml_round_trip():
                        "calibration": {"path": "d.npz", "method": "entropy"}, "target_options": {"reduce_range": False}})
     again = BuildConfig.model_validate(yaml.safe_load(cfg.to_yaml()))
     assert again == cfg
+
+
+def test_scalar_inputs_parse_as_rank_zero_and_pairs_parse():
+    from edgeexport.config import parse_input_spec, parse_pairs
+
+    spec = parse_input_spec("sr::int64")  # the syntax describe() prints for a scalar
+    assert spec.shape == [] and spec.dtype == "int64" and spec.describe() == "sr::int64"
+    with pytest.raises(ConfigError, match="cannot parse --input"):
+        parse_input_spec("sr:")
+    assert parse_pairs(["state=stateN", "h0=hn,c0=cn"], "--state", "=", "IN=OUT") == \
+        {"state": "stateN", "h0": "hn", "c0": "cn"}
+    assert parse_pairs(["prob:probability"], "--output", ":", "NAME:KIND") == {"prob": "probability"}
+    with pytest.raises(ConfigError, match="cannot parse --state 'state'"):
+        parse_pairs(["state"], "--state", "=", "IN=OUT")
+
+
+def test_every_limit_can_be_lifted_for_timing_a_refused_build():
+    """compare times a refused build again with every limit lifted: a new limit must be liftable too."""
+    from edgeexport.compare import _LIFTED
+    from edgeexport.config import TOLERANCE_KEYS
+
+    assert set(TOLERANCE_KEYS) <= set(_LIFTED)
