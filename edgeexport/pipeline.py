@@ -165,7 +165,13 @@ def _specs_from_data(config: BuildConfig, source: ModelSource) -> list[InputSpec
         names = list(raw.arrays)  # one input, one array: the ONNX input takes the data's name
     if sorted(raw.arrays) != sorted(names):
         raise CalibrationError(f"calibration arrays {sorted(raw.arrays)} do not match the model inputs {names}", "", hint)
-    return [InputSpec(name=n, shape=[1, *raw.arrays[n].shape[1:]], dtype=str(raw.arrays[n].dtype)) for n in names]
+    rows = [InputSpec(name=n, shape=[1, *raw.arrays[n].shape[1:]], dtype=str(raw.arrays[n].dtype)) for n in names]
+    # [N, 1, 576] is N rows of a [1, 1, 576] input or N whole feeds of [1, 576]; where the model can be run, the
+    # shape it accepts decides (a row per sample first, as for every other source)
+    feeds = [InputSpec(name=n, shape=list(raw.arrays[n].shape[1:]), dtype=str(raw.arrays[n].dtype)) for n in names]
+    if all(len(f.shape) >= 1 for f in feeds) and source.runs_with(rows) is False and source.runs_with(feeds):
+        return feeds
+    return rows
 
 
 # torch.onnx records per-node debug metadata (stack traces, FX nodes, class paths) that can triple a small model's

@@ -171,6 +171,9 @@ class TorchModelSource(ModelSource):
     def _exportable(self) -> Any:
         return self.module
 
+    def runs_with(self, specs: list[InputSpec]) -> Optional[bool]:
+        return _runs_with(self.module, specs)
+
     def torch_module(self, specs: list[InputSpec], output_names: list[str]) -> Any:
         from edgeexport.reference import positional_module
 
@@ -214,6 +217,21 @@ def export_error(e: Exception, log: str) -> ExportError:
         fix = ("rewrite that part of the model with standard ops, register an ONNX translation for it "
                "(torch.onnx.export custom_translation_table), or try another --opset")
     return ExportError("PyTorch -> ONNX export failed", why, fix)
+
+
+def _runs_with(module: Any, specs: list[InputSpec]) -> bool:
+    import torch
+
+    from edgeexport.util import quiet
+
+    args = [torch.zeros([d if isinstance(d, int) else 1 for d in s.shape], dtype=getattr(torch, s.dtype))
+            for s in specs]
+    try:
+        with torch.no_grad(), quiet():
+            module(*args)
+    except Exception:
+        return False
+    return True
 
 
 class FactorySource(TorchModelSource):
@@ -375,13 +393,40 @@ class ExportedProgramSource(TorchModelSource):
         ex = getattr(self.program, "example_inputs", None)
         if ex and ex[0] and not ex[1]:
             self.example_inputs = tuple(ex[0])
-            self.declared_inputs = [_spec_from_tensor(n, t) for n, t in zip(self.input_names, ex[0])]
+            dims = program_dims(self.program)
+            self.declared_inputs = [_spec_from_tensor(n, t).model_copy(update={"shape": dims[n]}) if n in dims
+                                    else _spec_from_tensor(n, t) for n, t in zip(self.input_names, ex[0])]
 
     def _exportable(self) -> Any:
         return self.program
 
     def _export_options(self, specs: list[InputSpec]) -> dict[str, Any]:
         return {"dynamo": True, "external_data": False, "verbose": False}  # the program carries its own dims
+
+
+def program_dims(program: Any) -> dict[str, list]:
+    """Each user input's shape as the program constrains it: sizes, and a name for every dimension the program
+    keeps dynamic ('batch' for axis 0, else INPUT_dimN; one symbol shared by several inputs keeps one name). The
+    example inputs' sizes (often batch 2, for export) are not the program's shape."""
+    import torch
+
+    names: dict[str, str] = {}
+    out: dict[str, list] = {}
+    user = set(program.graph_signature.user_inputs)
+    for node in program.graph.nodes:
+        val = node.meta.get("val") if node.op == "placeholder" and node.name in user else None
+        if val is None or not hasattr(val, "shape"):
+            continue
+        shape: list = []
+        for axis, d in enumerate(val.shape):
+            if isinstance(d, torch.SymInt) and not d.node.is_constant():
+                key = str(d.node.expr)
+                names.setdefault(key, "batch" if axis == 0 and "batch" not in names.values() else f"{node.name}_dim{axis}")
+                shape.append(names[key])
+            else:
+                shape.append(int(d))
+        out[node.name] = shape
+    return out
 
 
 class OnnxModelSource(ModelSource):

@@ -48,6 +48,11 @@ class ModelSource:
     def reference(self, specs: list[InputSpec], output_names: list[str]) -> Runner:  # pragma: no cover
         raise NotImplementedError
 
+    def runs_with(self, specs: list[InputSpec]) -> Optional[bool]:
+        """Whether the model runs on zeros of these input shapes (None: cannot tell without running an export).
+        Used to tell a sample's shape from the data where the model does not say it."""
+        return None
+
     def torch_module(self, specs: list[InputSpec], output_names: list[str]) -> Any:
         """The model as a ``torch.nn.Module`` that takes the inputs positionally (in ``specs`` order) and returns a
         tuple of the outputs in ``output_names`` order, for converters that start from PyTorch (litert-torch).

@@ -1,6 +1,7 @@
 """Every model spec form, end to end on the real torch exporter and onnxruntime."""
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -189,3 +190,47 @@ def test_onnx_weights_held_in_constant_nodes_are_quantized(tmp_path, precision):
     share = result.manifest["quantization"]["integer_share"]
     assert result.report.passed and share["weighted_layers"] == 2 and share["integer_mac_share"] == 1.0
     assert loader.load(result.out).selftest(verbose=False)
+
+
+def test_exported_program_dims_come_from_the_program_not_its_example(tmp_path):
+    """A batch-dynamic program exported with a batch-2 example was read as fixed batch 2 (and the user told to
+    store [N, 2, ...] batches). Its dims come from its own constraints; a symbol two inputs share keeps one name."""
+    class Two(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(6, 4)
+
+        def forward(self, x, y):
+            return self.fc(x) + y.sum(1, keepdim=True)
+
+    b, t = torch.export.Dim("b", min=1, max=64), torch.export.Dim("t", min=2, max=100)
+    ep = torch.export.export(Two().eval(), (torch.zeros(2, 6), torch.zeros(2, 5)),
+                             dynamic_shapes={"x": {0: b}, "y": {0: b, 1: t}})
+    torch.export.save(ep, str(tmp_path / "m.pt2"))
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=rng.standard_normal((60, 6)).astype(np.float32),
+             y=rng.standard_normal((60, 5)).astype(np.float32))
+    result = quiet_build(make_cfg(model=str(tmp_path / "m.pt2"), calibration={"path": str(tmp_path / "d.npz")},
+                                  out=str(tmp_path / "b"), bench={"enabled": False}))
+    shapes = {s.name: s.shape for s in result.config.inputs}
+    assert shapes == {"x": ["batch", 6], "y": ["batch", "y_dim1"]}
+    assert result.report.passed
+
+
+def test_torchscript_sample_shape_is_the_one_the_model_runs_on(tmp_path):
+    """Data [N, 1, 576] for a TorchScript model written for [batch, 576]: a row per sample would make [1, 1, 576]
+    and fail in the model; the sample is read as a whole feed [1, 576] because that is what the model runs on."""
+    (tmp_path / "rank2_model.py").write_text(
+        "import torch\n\n\nclass M(torch.nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+        "        self.fc = torch.nn.Linear(576, 4)\n\n    def forward(self, x):\n        b, n = x.shape\n"
+        "        return self.fc(x.reshape(b, n))\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import rank2_model as module
+    finally:
+        sys.path.remove(str(tmp_path))
+    torch.jit.script(module.M().eval()).save(str(tmp_path / "m.pt"))
+    np.savez(tmp_path / "d.npz", x=np.random.default_rng(0).standard_normal((60, 1, 576)).astype(np.float32))
+    result = quiet_build(make_cfg(model=str(tmp_path / "m.pt"), calibration={"path": str(tmp_path / "d.npz")},
+                                  out=str(tmp_path / "b"), bench={"enabled": False}))
+    assert result.config.inputs[0].shape == [1, 576] and result.report.passed
