@@ -1,7 +1,8 @@
 """Count a model's floating-point work from its ONNX graph, and measure the machine's matmul peak to compare with.
 
-FLOPs are 2 x the multiply-adds of Conv, ConvTranspose, MatMul and Gemm, and of the recurrent layers' input and
-recurrent matrix products (LSTM, GRU, RNN: every time step, every direction, every gate), the ops that dominate
+FLOPs are 2 x the multiply-adds of Conv, ConvTranspose, MatMul and Gemm, of the recurrent layers' input and
+recurrent matrix products (LSTM, GRU, RNN: every time step, every direction, every gate), and of fused attention
+(ONNX Attention, onnxruntime's Attention and MultiHeadAttention: Q.K^T and the weighted sum of V), the ops that dominate
 the work of CNNs, transformers and recurrent models; elementwise ops, gate nonlinearities, norms and softmax are not
 counted. Shapes come from running the float graph once on a real input with onnxruntime, so dynamic dims (batch,
 sequence) take the values of that input.
@@ -21,6 +22,9 @@ from edgeexport.onnxgraph import attr as _attr
 COUNTED_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 #: ONNX's recurrent layers: inputs X, W [directions, gates x hidden, input], R [directions, gates x hidden, hidden]
 RECURRENT_OPS = ("LSTM", "GRU", "RNN")
+#: fused attention: ONNX's Attention (opset 23: Q, K, V in) and onnxruntime's com.microsoft MultiHeadAttention
+#: (Q, K, V projected) and Attention (the input and the packed QKV weights: the projection is counted too)
+ATTENTION_OPS = ("Attention", "MultiHeadAttention")
 
 
 def _node_flops(node: Any, shape: dict[str, list[int]]) -> int:
@@ -32,6 +36,8 @@ def _node_flops(node: Any, shape: dict[str, list[int]]) -> int:
             return 0
         steps_x_batch = x[0] * x[1]  # seq x batch (or batch x seq with layout=1): the same product
         return 2 * steps_x_batch * w[0] * w[1] * (w[2] + r[2])  # directions x (gates x hidden) x (input + hidden)
+    if node.op_type in ATTENTION_OPS:
+        return _attention_flops(node, ins, out)
     if node.op_type == "MatMul":
         a, b = ins[0], ins[1]
         if a is None or b is None or out is None:
@@ -57,6 +63,19 @@ def _node_flops(node: Any, shape: dict[str, list[int]]) -> int:
     return 0
 
 
+def _attention_flops(node: Any, ins: list, out: Optional[list[int]]) -> int:
+    """Q.K^T and weights.V: every query element meets every key (2 x Skv x |Q|), every output element sums Skv
+    values (2 x Skv x |out|); com.microsoft's Attention also projects its input to Q, K and V."""
+    q, second = (ins + [None, None])[:2]
+    if q is None or second is None or out is None:
+        return 0
+    if node.domain == "com.microsoft" and node.op_type == "Attention":  # input [B, S, in], weights [in, 3 x hidden]
+        seq, hidden = q[1], second[1] // 3
+        return 2 * prod(q) * second[1] + 2 * seq * (prod(q[:2]) * hidden + prod(out))
+    kv_len = second[2] if len(second) == 4 else second[1]  # K as [B, heads, Skv, D] or [B, Skv, hidden]
+    return 2 * kv_len * (prod(q) + prod(out))
+
+
 def tensor_shapes(model: Any, nodes: list[Any], feed: Mapping[str, np.ndarray]) -> dict[str, list[int]]:
     """Shapes of the data/weight inputs and the output of ``nodes`` on one run of ``model`` (a ModelProto,
     extended in place) on ``feed``, plus every initializer's."""
@@ -77,7 +96,7 @@ def count_flops(onnx_path: Path, feed: Mapping[str, np.ndarray]) -> dict[str, An
 
     model = onnx.load(str(onnx_path))
     graph = model.graph
-    counted = [n for n in graph.node if n.op_type in COUNTED_OPS + RECURRENT_OPS]
+    counted = [n for n in graph.node if n.op_type in COUNTED_OPS + RECURRENT_OPS + ATTENTION_OPS]
     shape = tensor_shapes(model, counted, feed)
     by_op: dict[str, int] = {}
     for node in counted:
@@ -85,7 +104,7 @@ def count_flops(onnx_path: Path, feed: Mapping[str, np.ndarray]) -> dict[str, An
     params = sum(prod(i.dims) for i in graph.initializer if i.data_type in (1, 10, 11, 16))  # float types
     return {"flops": int(sum(by_op.values())), "by_op": by_op, "params": int(params),
             "feed_shapes": {k: list(np.shape(v)) for k, v in feed.items()},
-            "counted": "2 x multiply-adds of " + ", ".join(COUNTED_OPS + RECURRENT_OPS),
+            "counted": "2 x multiply-adds of " + ", ".join(COUNTED_OPS + RECURRENT_OPS + ATTENTION_OPS),
             # not counted: their shapes are not known outside the branch taken at run time
             "uncounted_in_subgraphs": subgraph_weighted_ops(model)}
 

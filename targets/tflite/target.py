@@ -34,6 +34,7 @@ NCHW = [0, 3, 1, 2]
 
 
 def _require() -> None:
+    _quiet_tensorflow()  # the first import of TensorFlow, with its C++ logs kept out of the terminal
     require_modules((("tensorflow", "tensorflow"), ("onnx2tf", "onnx2tf"), ("ai_edge_litert", "ai-edge-litert")),
                     "tflite", "the TFLite target")
 
@@ -243,8 +244,11 @@ def _quiet_tensorflow() -> None:
     if not verbose():
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
         os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
-    with quiet():  # the first import prints XLA's device probing through the C++ logger
-        import tensorflow  # noqa: F401
+    try:
+        with quiet():  # the first import prints XLA's device probing through the C++ logger
+            import tensorflow  # noqa: F401
+    except ImportError:  # require_modules names the extra that brings it
+        pass
 
 
 _PSEUDO_OPS = {"Erf": "erf", "Gelu": "gelu", "Asin": "asin", "Acos": "acos", "Atan": "atan"}  # onnx2tf wants lowercase

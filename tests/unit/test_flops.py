@@ -64,3 +64,31 @@ def test_a_torch_lstm_encoder_is_counted(tmp_path):
     lstm = 2 * 50 * 4 * 64 * ((40 + 64) + (64 + 64))  # two layers, 50 steps
     assert stats["by_op"].get("LSTM", 0) == lstm
     assert stats["flops"] == lstm + 2 * 64 * 32
+
+
+@pytest.mark.parametrize("layout", ["mha", "onnx"])
+def test_fused_attention_counts_scores_and_the_weighted_sum(tmp_path, layout):
+    """A graph that arrives already fused (onnxruntime's MultiHeadAttention, ONNX's opset-23 Attention): Q.K^T
+    is B x heads x Sq x Skv x D multiply-adds, and so is the weighted sum of V."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from edgeexport.flops import count_flops
+
+    b, heads, sq, skv, d = 2, 4, 5, 7, 8
+    if layout == "mha":
+        shapes = {"Q": [b, sq, heads * d], "K": [b, skv, heads * d], "V": [b, skv, heads * d]}
+        node = helper.make_node("MultiHeadAttention", ["Q", "K", "V"], ["O"], domain="com.microsoft", num_heads=heads)
+        opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    else:
+        shapes = {"Q": [b, heads, sq, d], "K": [b, heads, skv, d], "V": [b, heads, skv, d]}
+        node = helper.make_node("Attention", ["Q", "K", "V"], ["O"])
+        opsets = [helper.make_opsetid("", 23)]
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, s)
+                                            for n, s in shapes.items()],
+                              [helper.make_tensor_value_info("O", TensorProto.FLOAT, None)])
+    onnx.save(helper.make_model(graph, opset_imports=opsets), str(tmp_path / "a.onnx"))
+    rng = np.random.default_rng(0)
+    stats = count_flops(tmp_path / "a.onnx", {n: rng.standard_normal(s).astype(np.float32) for n, s in shapes.items()})
+    want = 2 * 2 * b * heads * sq * skv * d
+    assert stats["flops"] == want and "MultiHeadAttention" in stats["counted"]
