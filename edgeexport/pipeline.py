@@ -26,7 +26,6 @@ from edgeexport.validate import ValidationReport, error_sample, holdout_report
 from edgeexport.util import heartbeat, remove_stale, tmp_prefix
 
 Log = Callable[[str], None]
-_POSITIONAL_SOURCES = ("torchscript", "exported_program")
 
 
 def _stderr(msg: str) -> None:
@@ -129,7 +128,7 @@ def resolve_inputs(config: BuildConfig, source: ModelSource) -> list[InputSpec]:
     if source.declared_inputs:
         specs = list(source.declared_inputs)
         only = _single_array_name(config.calibration.path)
-        if source.kind in _POSITIONAL_SOURCES and len(specs) == 1 and only and only != specs[0].name:
+        if source.generic_names and len(specs) == 1 and only and only != specs[0].name:
             # TorchScript/.pt2 arg names are often generic ('input'); with one input and one array, the exported
             # graph's input takes the data's name (printed, and recorded in the manifest's inputs)
             specs = [specs[0].model_copy(update={"name": only})]
@@ -161,7 +160,7 @@ def _specs_from_data(config: BuildConfig, source: ModelSource) -> list[InputSpec
                                "the model does not carry example inputs", hint)
     placeholder = [InputSpec(name=n, shape=[1]) for n in names]
     raw = read_npz(Path(path), placeholder) if path.endswith(".npz") else read_npy(Path(path), placeholder)
-    if source.kind in _POSITIONAL_SOURCES and len(names) == 1 and len(raw.arrays) == 1:
+    if source.generic_names and len(names) == 1 and len(raw.arrays) == 1:
         names = list(raw.arrays)  # one input, one array: the ONNX input takes the data's name
     if sorted(raw.arrays) != sorted(names):
         raise CalibrationError(f"calibration arrays {sorted(raw.arrays)} do not match the model inputs {names}", "", hint)

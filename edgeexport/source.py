@@ -271,10 +271,19 @@ class FactorySource(TorchModelSource):
                 "return an nn.Module, (module, example_inputs) or {'model': module, 'example_inputs': ...}",
             )
         self.module = module.eval()
-        try:
-            signature = list(inspect.signature(module.forward).parameters.values())
-        except (TypeError, ValueError):  # a scripted forward has no Python signature
-            signature = []
+        signature = []
+        if isinstance(module, torch.jit.ScriptModule):  # a factory that loads or scripts a TorchScript model
+            self.generic_names = True
+            self.reference_kind = TorchScriptSource.reference_kind.replace("the archive as given", "as the factory "
+                                                                           "returned it")
+            names = script_input_names(module)
+            if names is not None:
+                signature = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in names]
+        else:
+            try:
+                signature = list(inspect.signature(module.forward).parameters.values())
+            except (TypeError, ValueError):  # pragma: no cover - a forward with no Python signature
+                signature = []
         keyword_only = [p.name for p in signature if p.kind == p.KEYWORD_ONLY and p.default is p.empty]
         if keyword_only:
             raise ModelLoadError(
@@ -300,6 +309,14 @@ class FactorySource(TorchModelSource):
         if declared:
             self.declared_inputs = [parse_input_spec(s) if isinstance(s, str) else InputSpec(**s) for s in declared]
             self.input_names = [s.name for s in self.declared_inputs]
+
+
+    def _export_options(self, specs: list[InputSpec]) -> dict[str, Any]:
+        import torch
+
+        if isinstance(self.module, torch.jit.ScriptModule):  # the dynamo exporter cannot trace a ScriptModule
+            return TorchScriptSource._export_options(self, specs)  # type: ignore[arg-type]
+        return super()._export_options(specs)
 
 
 def _resolve_callable(target: str, attr: str, spec: str):
@@ -337,8 +354,25 @@ def _resolve_callable(target: str, attr: str, spec: str):
     return fn
 
 
+def script_input_names(module: Any) -> Optional[list[str]]:
+    """A TorchScript module's forward arguments, from its schema; a non-tensor one is refused with the fix."""
+    try:
+        args = module.forward.schema.arguments[1:]
+    except Exception:  # pragma: no cover - scripted modules always carry a schema
+        return None
+    other = [f"{a.name}: {a.type}" for a in args if str(a.type) not in ("Tensor", "Optional[Tensor]")]
+    if other:  # e.g. a voice detector's forward(x, sr: int): the export would fail deep inside TorchScript
+        raise ModelLoadError(
+            f"the TorchScript model's forward takes non-tensor argument(s) {', '.join(other)}",
+            "edgeexport feeds tensors, as every runtime does; a Python value is fixed when the graph is exported",
+            "write a factory (file.py:make_model) that loads the archive and returns a wrapper whose "
+            "forward takes the tensors only and passes the value, e.g. forward(self, x): return self.m(x, 16000)")
+    return [a.name for a in args]
+
+
 class TorchScriptSource(TorchModelSource):
     kind = "torchscript"
+    generic_names = True
     reference_kind = "TorchScript (the archive as given, run by PyTorch)"
 
     def __init__(self, spec: str) -> None:
@@ -353,18 +387,7 @@ class TorchScriptSource(TorchModelSource):
                 f"{spec!r} is not a TorchScript archive", _short(e, 200),
                 "a .pt must be saved with torch.jit.save; for a state_dict, use a factory (file.py:factory) that loads it",
             ) from None
-        try:
-            args = self.module.forward.schema.arguments[1:]
-            self.input_names = [a.name for a in args]
-        except Exception:  # pragma: no cover - scripted modules always carry a schema
-            self.input_names, args = None, []
-        other = [f"{a.name}: {a.type}" for a in args if str(a.type) not in ("Tensor", "Optional[Tensor]")]
-        if other:  # e.g. a voice detector's forward(x, sr: int): the export would fail deep inside TorchScript
-            raise ModelLoadError(
-                f"the TorchScript model's forward takes non-tensor argument(s) {', '.join(other)}",
-                "edgeexport feeds tensors, as every runtime does; a Python value is fixed when the graph is exported",
-                "write a factory (file.py:make_model) that loads the archive and returns a wrapper whose "
-                "forward takes the tensors only and passes the value, e.g. forward(self, x): return self.m(x, 16000)")
+        self.input_names = script_input_names(self.module)
 
     def _export_options(self, specs: list[InputSpec]) -> dict[str, Any]:
         """TorchScript needs the TorchScript-based exporter (the dynamo one cannot trace a ScriptModule)."""
@@ -374,6 +397,7 @@ class TorchScriptSource(TorchModelSource):
 
 class ExportedProgramSource(TorchModelSource):
     kind = "exported_program"
+    generic_names = True
     reference_kind = ("the torch.export program's module() (the .pt2 as given; it can run slower than the nn.Module "
                       "it was exported from, which makes speed-ups against it larger)")
 

@@ -21,6 +21,9 @@ class ModelSource:
     input_names: Optional[list[str]] = None
     #: the task the source implies (e.g. a Hugging Face head); None = the user's --task or none
     task: Optional[str] = None
+    #: the input names come from a compiled graph (TorchScript, torch.export), not from the user's code: with one
+    #: input and one data array, the data's name is the better one
+    generic_names: bool = False
     #: what the reference the build validates and times against is (the manifest's benchmark says it)
     reference_kind: str = "PyTorch eager (the nn.Module the factory returned)"
 

@@ -234,3 +234,21 @@ def test_torchscript_sample_shape_is_the_one_the_model_runs_on(tmp_path):
     result = quiet_build(make_cfg(model=str(tmp_path / "m.pt"), calibration={"path": str(tmp_path / "d.npz")},
                                   out=str(tmp_path / "b"), bench={"enabled": False}))
     assert result.config.inputs[0].shape == [1, 576] and result.report.passed
+
+
+def test_a_factory_that_returns_torchscript_builds_like_a_torchscript_file(cli, tiny_npz, tmp_path):
+    """A factory that loads a TorchScript archive (or scripts a module) used to crash in inspect.signature; it
+    is read like a TorchScript file: argument names from its schema (the data's name for one input), the
+    TorchScript exporter, and a Python-typed argument named with the fix."""
+    (tmp_path / "ts_factory.py").write_text(
+        "import torch\n\n\ndef traced():\n    torch.manual_seed(0)\n"
+        "    return torch.jit.trace(torch.nn.Linear(6, 4).eval(), torch.zeros(1, 6))\n\n\n"
+        "def scripted():\n    torch.manual_seed(0)\n    return torch.jit.script(torch.nn.Sequential(torch.nn.Linear(6, 4)).eval())\n\n\n"
+        "class Detector(torch.nn.Module):\n    def forward(self, x: torch.Tensor, sr: int) -> torch.Tensor:\n"
+        "        return x * (sr / 16000.0)\n\n\ndef detector():\n    return torch.jit.script(Detector())\n")
+    for name in ("traced", "scripted"):
+        result = quiet_build(make_cfg(model=f"{tmp_path / 'ts_factory.py'}:{name}", calibration={"path": str(tiny_npz)},
+                                      out=str(tmp_path / name), bench={"enabled": False}))
+        assert [s.name for s in result.config.inputs] == ["x"] and result.report.passed
+    r = cli("build", "--model", f"{tmp_path / 'ts_factory.py'}:detector", "--calib", tiny_npz, "--out", tmp_path / "d")
+    assert r.exit_code == 1 and "non-tensor argument(s) sr: int" in r.stderr and "Traceback" not in r.stderr
