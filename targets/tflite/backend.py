@@ -73,6 +73,8 @@ class TfliteBackend:
                 x = np.transpose(x, self.in_perm[name])
             key = self.sig_in.get(name, name)
             d = self.in_details[key]
+            if x.ndim == 0 and list(d["shape"]) == [1]:  # a scalar input the converter made [1] (litert-torch)
+                x = x.reshape(1)
             if d["dtype"] in (np.int8, np.uint8) and x.dtype.kind == "f":
                 x = self._quantize(x, d)
             elif x.dtype.kind in "iu" and x.dtype != d["dtype"]:  # e.g. token ids: int64 in, int32 in the file

@@ -139,7 +139,9 @@ def _io(path: Path, specs: list["InputSpec"], output_names: list[str]) -> dict[s
     file_in = {s.name: ins[key] for s, key in zip(specs, want_in)}
     return {"signature": {"inputs": dict(zip([s.name for s in specs], want_in)),
                           "outputs": dict(zip(output_names, want_out))},
-            "native_inputs": [{"name": s.name, "shape": [int(d) for d in file_in[s.name]["shape"]], "dtype": s.dtype}
+            # a scalar input becomes [1] in the file; the loader reshapes, so it is still fed as a scalar
+            "native_inputs": [{"name": s.name, "dtype": s.dtype,
+                               "shape": [] if not s.shape else [int(d) for d in file_in[s.name]["shape"]]}
                               for s in specs],
             "native_outputs": [{"name": n, "shape": [int(d) for d in outs[key]["shape"]], "dtype": "float32"}
                                for n, key in zip(output_names, want_out)],

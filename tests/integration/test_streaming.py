@@ -156,3 +156,21 @@ def test_the_lstm_speaker_encoder_is_validated_as_an_embedding(tmp_path):
     assert out["kind"] == "embedding" and "unit length" in out["kind_reason"] and "top1" not in out
     assert result.report.passed and out["cosine"] > 0.999
     assert 0.4e9 < result.manifest["model_stats"]["flops_per_sample"] < 0.5e9
+
+
+@pytest.mark.tflite
+def test_the_streaming_model_on_tflite_keeps_its_scalar_input_a_scalar(stream_npz, tmp_path):
+    """onnx2tf cannot convert a GRU fed an initial state (its Keras cell rejects the state's shape), so the build
+    goes through litert-torch, which turns the rank-0 input into [1]: the manifest and the loader keep it a scalar,
+    and the model streams like the ONNX Runtime one."""
+    pytest.importorskip("litert_torch")
+    pytest.importorskip("tensorflow")
+    out = tmp_path / "tfl"
+    result = quiet_build(make_cfg(model="edgeexport.models.streaming:model", target="tflite", precision="fp32",
+                                  out=str(out), calibration={"path": str(stream_npz), "holdout": 80},
+                                  bench={"enabled": False}))
+    assert result.manifest["quantization"]["converter"].startswith("litert-torch") and result.report.passed
+    assert result.report.stream["pairs"] == {"h": "hn"}
+    assert [i["shape"] for i in result.manifest["runtime_config"]["native_inputs"] if i["name"] == "scale"] == [[]]
+    run = subprocess.run([sys.executable, str(out / "loader.py"), "--selftest"], capture_output=True, text=True)
+    assert run.returncode == 0 and "golden stream step 2 prob" in run.stdout, run.stderr
