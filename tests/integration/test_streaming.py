@@ -174,3 +174,27 @@ def test_the_streaming_model_on_tflite_keeps_its_scalar_input_a_scalar(stream_np
     assert [i["shape"] for i in result.manifest["runtime_config"]["native_inputs"] if i["name"] == "scale"] == [[]]
     run = subprocess.run([sys.executable, str(out / "loader.py"), "--selftest"], capture_output=True, text=True)
     assert run.returncode == 0 and "golden stream step 2 prob" in run.stdout, run.stderr
+
+
+@pytest.mark.tflite
+def test_the_speaker_encoder_reaches_tflite_past_onnx2tfs_reduce_l2_bug(tmp_path):
+    """onnx2tf 1.28.8 fails on the encoder's ReduceL2 (its axis arrives as a numpy int64 array): the build names
+    that node and converts through litert-torch instead."""
+    pytest.importorskip("litert_torch")
+    pytest.importorskip("tensorflow")
+    from edgeexport.models.speech import package_file, write_speaker_data
+
+    if not package_file("resemblyzer", "pretrained.pt").is_file():
+        pytest.skip("resemblyzer is not installed (requirements-models.txt)")
+    data = write_speaker_data(tmp_path / "spk.npz", speakers=5, partials=4)
+    logs = []
+    from edgeexport import pipeline
+    from edgeexport.config import parse_input_spec
+
+    result = pipeline.build(make_cfg(model="edgeexport.models.speech:speaker_model", target="tflite",
+                                     precision="fp32", out=str(tmp_path / "b"), bench={"enabled": False},
+                                     inputs=[parse_input_spec("mels:1x160x40:float32").model_dump()],
+                                     calibration={"path": str(data), "holdout": 10}), log=logs.append)
+    note = next(line for line in logs if "onnx2tf could not convert" in line)
+    assert "ReduceL2" in note and "litert-torch" in note
+    assert result.report.passed and result.report.outputs["output"]["kind"] == "embedding"
