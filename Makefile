@@ -55,6 +55,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/targets_vs_eager.py
 	$(BIN)/python benchmarks/minilm.py
 	$(BIN)/python benchmarks/pruning.py
+	$(BIN)/python benchmarks/sweep.py
 
 clean:
 	rm -rf build $(VENV)

@@ -504,5 +504,47 @@ def compare(ctx: click.Context, **params: Any) -> None:
         sys.exit(1)
 
 
+@main.command()
+@click.argument("sweep_file", type=click.Path(dir_okay=False))
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: a process pool on this machine; ray: tasks on a Ray cluster (the [ray] extra).")
+@click.option("--address", help="--executor ray: the cluster's address, e.g. 127.0.0.1:6379 [default: RAY_ADDRESS, "
+              "else a cluster started on this machine].")
+@click.option("--workers", type=click.IntRange(min=1), help="--executor local: parallel jobs [default: half the CPUs].")
+@click.option("--out", help="Results folder [default: the file's 'out', else ./sweep]; bundles go to OUT/jobs/.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
+@_no_traceback
+def sweep(sweep_file: str, executor: str, address: Optional[str], workers: Optional[int], out: Optional[str],
+          as_json: bool) -> None:
+    """Build, validate and bench models x targets x precisions from SWEEP_FILE, each combination one job.
+
+    Every job does what `edgeexport build` (and `edgeexport bench`) does alone. A rerun reuses every job whose
+    config, model and data are unchanged and whose bundle verifies. Exit 1 if a job failed or broke.
+    """
+    from edgeexport import sweep as sw
+
+    log = (lambda m: click.echo(m, err=True))
+    runner = None
+    try:
+        plan = sw.load_sweep(sweep_file, out)
+        if executor == "local" and address:
+            raise UsageError("--address applies to --executor ray", "", "drop --address, or add --executor ray")
+        runner = sw.LocalExecutor(workers) if executor == "local" else sw.RayExecutor(address)
+        report = sw.run(plan, runner, log)
+    except EdgeExportError as e:
+        _fail(e, as_json)
+    except KeyboardInterrupt:
+        click.echo("interrupted: finished jobs are kept; run the sweep again to resume", err=True)
+        sys.exit(130)
+    finally:
+        if runner is not None:
+            runner.close()
+    click.echo(json.dumps(report, indent=2, default=str) if as_json else sw.table(report))
+    log(f"==> wrote {plan.out / 'sweep.json'}, sweep.md, sweep.html ({report['built']} built, {report['cached']} "
+        f"reused, {report['wall_s']:.1f} s)")
+    if any(j["status"].split("-")[-1] != "passed" for j in report["jobs"]):
+        sys.exit(1)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
