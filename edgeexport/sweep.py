@@ -326,6 +326,16 @@ def _record(folder: Path, job: Job) -> None:
     os.replace(tmp, folder / "result.json")
 
 
+def limit_threads(threads: int) -> None:
+    """A worker's thread budget for everything a build runs (PyTorch, onnxruntime, OpenVINO and TensorFlow read
+    these at start-up); Ray does the same for its tasks (OMP_NUM_THREADS = the task's CPUs)."""
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = str(threads)
+    import torch
+
+    torch.set_num_threads(threads)
+
+
 class LocalExecutor:
     """A process pool (spawned processes: each job imports what its target needs, like a fresh `edgeexport build`)."""
 
@@ -337,7 +347,10 @@ class LocalExecutor:
         from edgeexport.bench import available_cpus
 
         self.workers = workers or max(1, available_cpus() // 2)
-        self.pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+        # each worker gets its share of the CPUs: two builds that each start a thread per core only thrash
+        self.threads = max(1, available_cpus() // self.workers)
+        self.pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
+                                        initializer=limit_threads, initargs=(self.threads,))
 
     def submit_build(self, job: Job, runtime_env: Optional[dict]) -> Any:
         return self.pool.submit(run_build, job.config)

@@ -198,3 +198,47 @@ def test_the_speaker_encoder_reaches_tflite_past_onnx2tfs_reduce_l2_bug(tmp_path
     note = next(line for line in logs if "onnx2tf could not convert" in line)
     assert "ReduceL2" in note and "litert-torch" in note
     assert result.report.passed and result.report.outputs["output"]["kind"] == "embedding"
+
+
+LSTM_CELL = '''
+import torch
+
+
+class Cell(torch.nn.Module):
+    """One step of a 2-layer LSTM with its (h, c) state in and out, as streaming speech models ship."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lstm = torch.nn.LSTM(16, 24, 2)
+        self.head = torch.nn.Linear(24, 3)
+
+    def forward(self, x, h0, c0):
+        y, (hn, cn) = self.lstm(x[None], (h0, c0))
+        return {"scores": self.head(y[0]), "hn": hn, "cn": cn}
+
+
+def build():
+    return {"model": Cell().eval(), "example_inputs": {"x": torch.zeros(1, 16), "h0": torch.zeros(2, 1, 24),
+                                                      "c0": torch.zeros(2, 1, 24)}}
+'''
+
+
+def test_an_lstm_step_with_two_state_pairs_streams_both(tmp_path):
+    (tmp_path / "cell.py").write_text(LSTM_CELL)
+    rng = np.random.default_rng(0)
+    n = 240
+    x = np.cumsum(rng.standard_normal((n, 1, 16)), axis=0).astype(np.float32) * 0.1  # a slowly varying signal
+    starts = np.arange(n) % 40 == 0
+    np.savez(tmp_path / "d.npz", x=x, h0=np.zeros((n, 2, 1, 24), np.float32), c0=np.zeros((n, 2, 1, 24), np.float32),
+             stream_start=starts)
+    result = quiet_build(make_cfg(model=f"{tmp_path / 'cell.py'}:build", precision="int8-dynamic",
+                                  out=str(tmp_path / "b"), calibration={"path": str(tmp_path / "d.npz"), "holdout": 80},
+                                  target_options={"device": "host"}, bench={"enabled": False}))
+    assert result.config.state == {"h0": "hn", "c0": "cn"}
+    assert result.report.outputs["scores"]["kind"] == "logits"
+    assert {c.output for c in result.report.checks} == {"scores"}
+    assert result.manifest["export"]["stream"]["streams"] == 6
+    run = subprocess.run([sys.executable, str(tmp_path / "b" / "loader.py"), "--selftest"], capture_output=True,
+                         text=True)
+    assert run.returncode == 0 and "golden stream step 2 cn" in run.stdout, run.stderr
