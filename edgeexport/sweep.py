@@ -493,8 +493,6 @@ def _headline(metrics: dict[str, Any]) -> str:
 
 
 def _write_reports(sweep: Sweep, report: dict[str, Any]) -> None:
-    import html
-
     def atomic(name: str, text: str) -> None:
         tmp = sweep.out / f".{name}.partial"
         tmp.write_text(text)
@@ -502,19 +500,94 @@ def _write_reports(sweep: Sweep, report: dict[str, Any]) -> None:
 
     atomic("sweep.json", json.dumps(report, indent=2, default=str))
     atomic("sweep.md", "```\n" + table(report) + "\n```\n")
-    cells = "".join(
-        f"<tr><td>{html.escape(j['job'])}</td><td class='{j['status'].split('-')[-1]}'>{j['status'].upper()}</td>"
-        f"<td>{html.escape(_headline(j['metrics']))}</td><td>{j['latency_ms_p50'] or '-'}</td>"
-        f"<td>{html.escape(str(j.get('bench_on') or ''))}</td><td>{html.escape(j['reason'] or '')}</td></tr>"
-        for j in report["jobs"])
-    atomic("sweep.html", "<!doctype html><meta charset='utf-8'><title>edgeexport sweep</title><style>"
-           "body{font-family:sans-serif}td,th{padding:2px 8px;border-bottom:1px solid #ddd}.passed{color:#070}"
-           ".failed,.error{color:#a00}</style>"
-           f"<h1>edgeexport sweep</h1><p>{html.escape(report['sweep'])}: {len(report['jobs'])} jobs on the "
-           f"{report['executor']} executor, {report['built']} built, {report['cached']} reused, "
-           f"{report['wall_s']:.1f} s</p><p><code>{html.escape(report['command'])}</code></p>"
-           "<table><tr><th>job</th><th>status</th><th>metric</th><th>p50 ms</th><th>bench on</th><th>reason</th></tr>"
-           f"{cells}</table>")
+    atomic("sweep.html", render_html(report))
+
+
+def _scatter(jobs: list[dict[str, Any]], model: str) -> Optional[str]:
+    """Latency against the headline metric for one model's benched jobs (None without matplotlib or points)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        from edgeexport.htmlreport import _png
+    except ImportError:
+        return None
+    points: list[tuple[dict[str, Any], str, float]] = []
+    for j in jobs:
+        headline = _headline_value(j["metrics"]) if j["latency_ms_p50"] else None
+        if headline is not None:
+            points.append((j, headline[0], headline[1]))
+    if not points:
+        return None
+    fig, ax = plt.subplots(figsize=(6.0, 3.6))
+    for n, (j, _metric, value) in enumerate(points):
+        ax.scatter([j["latency_ms_p50"]], [value], s=55, color=plt.get_cmap("tab10")(n % 10),
+                   label=f"{j['target']}/{j['precision']}")
+    ax.set_xscale("log")
+    ax.set_xlabel("latency p50 (ms, log scale; left is faster)")
+    ax.set_ylabel(points[0][1])
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
+    ax.set_title(f"{model}: latency vs {points[0][1]}")
+    return _png(fig)
+
+
+def _headline_value(metrics: dict[str, Any]) -> Optional[tuple[str, float]]:
+    text = _headline(metrics)
+    if text == "-":
+        return None
+    name, _, value = text.partition(" ")
+    return ("task accuracy" if name == "acc" else name), float(value)
+
+
+def render_html(report: dict[str, Any]) -> str:
+    """The compare report grown to many models: per model, every target x precision with its checked metrics by
+    output kind, size, latency, throughput and where it ran, and a latency-vs-accuracy plot (with matplotlib)."""
+    import html
+
+    def e(v: Any) -> str:
+        return html.escape("-" if v is None or v == "" else str(v))
+
+    def num(v: Any, fmt: str) -> str:
+        return "-" if v is None else format(v, fmt)
+
+    sections = []
+    models = list(dict.fromkeys(j["model"] for j in report["jobs"]))
+    for model in models:
+        jobs = [j for j in report["jobs"] if j["model"] == model]
+        rows = []
+        for j in jobs:
+            bench = j.get("bench") or {}
+            outs = "; ".join(f"{name} ({m.get('kind')}): " + ", ".join(
+                f"{k} {v:.4g}" for k, v in m.items() if k != "kind" and isinstance(v, (int, float)))
+                for name, m in (j["metrics"] or {}).items() if isinstance(m, dict) and "kind" in m)
+            task = (j["metrics"] or {}).get("task")
+            if task:
+                outs += f"; task accuracy {task['accuracy']:.4f} (reference {task['reference_accuracy']:.4f})"
+            status = j["status"].split("-")[-1]
+            rows.append(
+                f"<tr><td>{e(j['target'])}/{e(j['precision'])}</td><td class='{status}'>{e(j['status'].upper())}</td>"
+                f"<td>{e(outs)}</td><td>{num(bench.get('model_file_bytes') and bench['model_file_bytes'] / 1024, '.1f')}"
+                f"</td><td>{num(j['latency_ms_p50'], '.4g')}</td><td>{num(bench.get('throughput_per_s'), '.4g')}</td>"
+                f"<td>{num(bench.get('gflops_per_s'), '.3g')}</td><td>{e(j.get('bench_on'))}</td>"
+                f"<td>{num(j['build_s'], '.1f')}</td><td>{e(j['reason'])}</td></tr>")
+        plot = _scatter(jobs, model)
+        figure = (f"<figure><img alt='latency vs accuracy for {e(model)}' src='data:image/png;base64,{plot}'>"
+                  "</figure>" if plot else "")
+        sections.append(
+            f"<h2>{e(model)}</h2><table><tr><th>target/precision</th><th>status</th><th>checked metrics by output "
+            "(kind)</th><th>model KiB</th><th>p50 ms</th><th>per s</th><th>GFLOP/s</th><th>bench on</th>"
+            f"<th>build s</th><th>reason</th></tr>{''.join(rows)}</table>{figure}")
+    protocol = html.escape(json.dumps(report["protocol"]))
+    return ("<!doctype html><meta charset='utf-8'><title>edgeexport sweep</title><style>"
+            "body{font-family:sans-serif;max-width:1200px}td,th{padding:2px 8px;border-bottom:1px solid #ddd;"
+            "text-align:left;vertical-align:top}.passed{color:#070}.failed,.error{color:#a00}</style>"
+            f"<h1>edgeexport sweep</h1><p>{e(report['sweep'])}: {len(report['jobs'])} jobs on the {e(report['executor'])}"
+            f" executor, {report['built']} built, {report['cached']} reused, {report['wall_s']:.1f} s.</p>"
+            f"<p>Command: <code>{e(report['command'])}</code></p><p>Protocol: <code>{protocol}</code></p>"
+            + "".join(sections))
 
 
 __all__ = ["load_sweep", "run", "table", "LocalExecutor", "RayExecutor", "run_build", "run_bench"]

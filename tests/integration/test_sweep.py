@@ -71,7 +71,9 @@ def test_local_sweep_builds_every_combination_and_keeps_going_past_failures(loca
             folder = next((tmp / "out" / "jobs").glob(f"{j['job'].replace('/', '-')}-{j['key']}"))
             loader.verify(folder / "bundle")
             assert j["bench"]["latency"]["runs"] == 10 and j["bench"]["protocol"]["threads"] == 1
-    assert (tmp / "out" / "sweep.html").is_file() and "digits/tflite/int8" in (tmp / "out" / "sweep.md").read_text()
+    page = (tmp / "out" / "sweep.html").read_text()  # per model: every combination, its metrics by kind, a plot
+    assert page.count("<h2>") == 3 and "output (logits): cosine" in page and "data:image/png;base64," in page
+    assert "digits/tflite/int8" in (tmp / "out" / "sweep.md").read_text()
 
 
 def test_a_rerun_builds_nothing_that_is_done_and_a_damaged_bundle_is_built_again(local_report):
