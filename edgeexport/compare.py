@@ -136,8 +136,8 @@ def _problems(target: Any, config: BuildConfig) -> str:
 def _primary_metrics(validation: dict[str, Any]) -> dict[str, Any]:
     name, m = next(iter(validation["outputs"].items()))
     cos = m.get("pooled_cosine", m.get("cosine_unpadded", m.get("cosine")))
-    out = {"output": name, "cosine": cos, "top1": m.get("top1"), "snr_db": m.get("snr_db"),
-           "samples": m.get("samples", validation.get("samples"))}
+    out = {"output": name, "kind": m.get("kind"), "cosine": cos, "top1": m.get("top1"), "snr_db": m.get("snr_db"),
+           "flip_rate": m.get("flip_rate"), "samples": m.get("samples", validation.get("samples"))}
     task = validation.get("task")
     if task:
         out.update(task_accuracy=task["accuracy"], reference_accuracy=task["reference_accuracy"],
