@@ -321,12 +321,15 @@ def prepare_state(config: BuildConfig, source: ModelSource, calib: CalibrationSe
     if not pairs:
         return config
     stream.check_pairs(pairs, config.inputs, exported.output_names)
-    if not config.state:
-        log(f"    state: detected {', '.join(f'{i} <- {o}' for i, o in pairs.items())} by name "
-            "(--state IN=OUT declares pairs)")
-    if calib.stream_starts is None:  # once per data set (compare builds several targets from one)
-        stream.streaming_split(calib)
-        with source.reference(config.inputs, exported.output_names) as ref:
+    with source.reference(config.inputs, exported.output_names) as ref:
+        pairs = stream.check_shapes(pairs, ref, calib, declared=bool(config.state), log=log)
+        if not pairs:
+            return config
+        if not config.state:
+            log(f"    state: detected {', '.join(f'{i} <- {o}' for i, o in pairs.items())} by name "
+                "(--state IN=OUT declares pairs)")
+        if calib.stream_starts is None:  # once per data set (compare builds several targets from one)
+            stream.streaming_split(calib)
             exported.info["stream"] = stream.carry_reference_state(calib, ref, pairs, log)
     return config.model_copy(update={"state": pairs})
 

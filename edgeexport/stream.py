@@ -56,6 +56,25 @@ def check_pairs(pairs: dict[str, str], inputs: list[Any], outputs: list[str]) ->
                               "pass --state INPUT=OUTPUT, the output the model returns for its next call's input")
 
 
+def check_shapes(pairs: dict[str, str], reference: Any, calib: Any, declared: bool, log: Any) -> dict[str, str]:
+    """Each pair's output must be what its input takes (same size and dtype kind, on the first sample). A detected
+    pair that is not is dropped with a note (a name match is only a guess); a declared one is an error."""
+    feed = calib.sample(0)
+    out = reference.infer(feed)
+    kept = {}
+    for inp, name in pairs.items():
+        want, got = np.asarray(feed[inp]), np.asarray(out[name])
+        if got.size == want.size and got.dtype.kind == want.dtype.kind:
+            kept[inp] = name
+            continue
+        what = f"{name} is {got.dtype} {list(got.shape)} but {inp} takes {want.dtype} {list(want.shape)}"
+        if declared:
+            raise ConfigError(f"--state {inp}={name}: the output cannot be fed back into the input", what,
+                              "pair each state input with the output the model returns for it")
+        log(f"    note: {inp} and {name} look like a state pair by name, but {what}: not streamed")
+    return kept
+
+
 def stream_starts(calib: Any, pairs: dict[str, str]) -> np.ndarray:
     """A boolean per sample: does a new stream start here (see the module's docstring). Read from the data as
     stored, before :func:`carry_reference_state` replaces the states (it keeps the result on ``calib``)."""

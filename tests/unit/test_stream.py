@@ -97,3 +97,21 @@ def test_streamed_validation_shows_drift_that_the_float_state_hides(tmp_path):
     assert streamed > 5 * forced  # fed its own, the error accumulates (to ~ bias / (1 - 0.9))
     d = stream.drift(refs, outs, steps)
     assert d["hn"][-1] > d["hn"][0] and len(d["by_part"]) == 4
+
+
+def test_a_name_match_whose_shapes_differ_is_not_a_state_pair(tmp_path):
+    """'mask' and 'mask_out' match by name; the output is [1, 2], the input [1, 4]: a detected pair is dropped with
+    a note, a declared one is an error."""
+    from edgeexport.errors import ConfigError
+
+    class Masker:
+        def infer(self, feed):
+            return {"y": feed["x"], "hn": np.zeros((1, 2), np.float32)}
+
+    cs = _data(tmp_path)
+    notes = []
+    assert stream.check_shapes({"h": "hn"}, Masker(), cs, declared=False, log=notes.append) == {}
+    assert "not streamed" in notes[0] and "hn is float32 [1, 2] but h takes float32 [1, 4]" in notes[0]
+    with pytest.raises(ConfigError, match="cannot be fed back"):
+        stream.check_shapes({"h": "hn"}, Masker(), cs, declared=True, log=notes.append)
+    assert stream.check_shapes({"h": "hn"}, Leaky(), cs, declared=False, log=notes.append) == {"h": "hn"}
