@@ -145,7 +145,9 @@ def carry_reference_state(calib: Any, reference: Any, pairs: dict[str, str], log
         f"through {last} samples in order ({streams} stream(s)); validation streams the last "
         f"{len(calib.holdout_idx)} samples through each model with its own state")
     return {"pairs": dict(pairs), "streams": streams, "samples_streamed": last,
-            "stream_starts": "samples whose stored state is all zeros (or only the first, if every stored state is zero)",
+            "stream_starts": ("the data's stream_start flags" if calib.data.stream_start is not None else
+                              "samples whose stored state is all zeros (or only the first, if every stored state is "
+                              "zero)"),
             "holdout": "the last samples, in time order, each model fed its own state"}
 
 
