@@ -322,7 +322,7 @@ def build(ctx: click.Context, **params: Any) -> None:
         bench = summary.get("benchmark")
         extra = f"; {speedup_text(bench)} vs reference" if bench and "skipped" not in bench else ""
         share = (result.manifest.get("quantization") or {}).get("integer_share") or {}
-        if share.get("integer_mac_share", 1.0) < 0.9:
+        if share.get("integer_mac_share", 1.0) < pipeline.MOSTLY_INTEGER:
             extra += f"; only {share['integer_mac_share']:.0%} of the multiply-adds are int8"
         click.echo(f"ok: wrote {result.out} ({config.target}/{config.precision}, validated{extra})")
         click.echo(f"next: python {result.out}/loader.py --selftest    (on the device: pip install -r "

@@ -464,13 +464,15 @@ def golden_pairs(config: BuildConfig, calib: CalibrationSet, cand: Any) -> list:
     feeds = [feed for feed, _ in zip(calib.holdout(), range(config.golden_samples))]
     if not config.state:
         return [(feed, cand.infer(feed)) for feed in feeds]
+    from edgeexport.stream import next_state
+
     pairs, golden = config.state, []
     state: dict[str, np.ndarray] = {}
     for feed in feeds:
         feed = {**feed, **state}
         out = cand.infer(feed)
         golden.append((feed, out))
-        state = {i: np.asarray(out[o], feed[i].dtype).reshape(feed[i].shape) for i, o in pairs.items()}
+        state = next_state(out, feed, pairs)
     return golden
 
 
@@ -585,10 +587,14 @@ def make_manifest(config: BuildConfig, source: ModelSource, calib: CalibrationSe
     }
 
 
+#: below this share of the multiply-adds in int8, the label and the CLI's last line say what stayed float
+MOSTLY_INTEGER = 0.9
+
+
 def honest_label(label: str, share: Optional[dict[str, Any]]) -> str:
     """A precision's label with what stayed float, where most of the work did: an "int8" LSTM encoder whose
     recurrent layers ONNX Runtime leaves float must not read as int8."""
-    if not share or "integer_mac_share" not in share or share["integer_mac_share"] >= 0.9:
+    if not share or "integer_mac_share" not in share or share["integer_mac_share"] >= MOSTLY_INTEGER:
         return label
     return (f"{label}; but only {share['integer_mac_share']:.0%} of the multiply-adds and "
             f"{share.get('integer_weight_share', 0):.0%} of the weight bytes run in int8, the rest is float")

@@ -75,10 +75,15 @@ def check_shapes(pairs: dict[str, str], reference: Any, calib: Any, declared: bo
     return kept
 
 
+def next_state(out: dict[str, Any], feed: dict[str, np.ndarray], pairs: dict[str, str]) -> dict[str, np.ndarray]:
+    """The state inputs of the next call: each pair's output, in its input's dtype and shape."""
+    return {i: np.asarray(out[o], feed[i].dtype).reshape(feed[i].shape) for i, o in pairs.items()}
+
+
 def stream_starts(calib: Any, pairs: dict[str, str]) -> np.ndarray:
     """A boolean per sample: does a new stream start here (see the module's docstring). Read from the data as
     stored, before :func:`carry_reference_state` replaces the states (it keeps the result on ``calib``)."""
-    if getattr(calib, "stream_starts", None) is not None:
+    if calib.stream_starts is not None:
         return calib.stream_starts
     n = calib.num_samples
     if calib.data.stream_start is not None:  # the data says where its streams start
@@ -132,7 +137,7 @@ def carry_reference_state(calib: Any, reference: Any, pairs: dict[str, str], log
             carried[name].append(state[name])
         feed.update(state)
         out = reference.infer(feed)
-        state = {name: np.asarray(out[o], dtype=feed[name].dtype).reshape(feed[name].shape) for name, o in pairs.items()}
+        state = next_state(out, feed, pairs)
     for name in pairs:
         rows = np.stack(carried[name])
         store = calib.data.arrays[name]
@@ -173,8 +178,7 @@ def collect(reference: Any, candidate: Any, calib: Any, pairs: dict[str, str]
             step = 0
         r = reference.infer({**feed, **r_state})
         o = candidate.infer({**feed, **c_state})
-        r_state = {n: np.asarray(r[out], feed[n].dtype).reshape(feed[n].shape) for n, out in pairs.items()}
-        c_state = {n: np.asarray(o[out], feed[n].dtype).reshape(feed[n].shape) for n, out in pairs.items()}
+        r_state, c_state = next_state(r, feed, pairs), next_state(o, feed, pairs)
         for name, value in r.items():
             refs.setdefault(name, []).append(np.asarray(value))
             outs.setdefault(name, []).append(np.asarray(o[name]))

@@ -432,14 +432,11 @@ def run(sweep: Sweep, executor: Any, log: Log) -> dict[str, Any]:
     todo = [j for j in sweep.jobs if not cached(sweep, j)]
     log(f"==> sweep: {len(sweep.jobs)} jobs ({len(sweep.jobs) - len(todo)} already done), "
         f"executor {executor.name}" + (f" with {executor.workers} workers" if hasattr(executor, "workers") else ""))
-    submitted = {}
-    for job in todo:
-        submitted[executor.submit_build(job, sweep.runtime_env.get(job.target))] = ("build", job)
+    submitted = {executor.submit_build(job, sweep.runtime_env.get(job.target)): job for job in todo}
     benches = {}
-    futures = list(submitted)
     done_n = 0
-    for fut in executor.wait(futures):
-        kind, job = submitted[fut]
+    for fut in executor.wait(list(submitted)):
+        job = submitted[fut]
         outcome = executor.result(fut)
         done_n += 1
         archive = outcome.get("archive")
