@@ -106,6 +106,24 @@ def nonfinite_exclusions(pre: Path, calibration: "CalibrationSet") -> tuple[list
                    f"represent next to ordinary values: {', '.join(nodes[:5])}{' ...' if len(nodes) > 5 else ''}"]
 
 
+def wide_range_exclusions(pre: Path, calibration: "CalibrationSet", op_types: list[str], enabled: Any = True,
+                          nodes: Optional[list[str]] = None) -> tuple[list[str], list[str], dict[str, Any]]:
+    """Layers of ``op_types`` (or only ``nodes``) to keep in float because their activation input spans too many
+    orders of magnitude for one 8-bit range (:func:`edgeexport.recipes.wide_range_inputs`), a note, and the
+    manifest's record. ``enabled`` False (``--option wide_range_float=false``) quantizes them anyway and says so."""
+    from edgeexport.recipes import INTEGER_INPUT_OPS, take, wide_range_inputs, wide_range_note
+
+    types = [t for t in INTEGER_INPUT_OPS if t in set(op_types) or (t == "Gemm" and "MatMul" in op_types)]
+    found = wide_range_inputs(pre, take(calibration.calibration(), PROBE_SAMPLES), types, nodes)
+    if not found:
+        return [], [], {}
+    record = {"wide_range_float": bool(enabled), "wide_range_inputs": found}
+    if not enabled:
+        return [], [f"quantized {len(found)} layer(s) whose input spans too many orders of magnitude for 8 bits, "
+                    f"as --option wide_range_float=false asks: {', '.join(list(found)[:4])}"], record
+    return sorted(found), [wide_range_note(found)], record
+
+
 def _method(name: str):
     from onnxruntime.quantization import CalibrationMethod
 
@@ -225,8 +243,11 @@ def quantize_static(src: Path, dst: Path, opts: dict[str, Any], config: "BuildCo
     check_names(model.graph, opts)
     nonfinite, more = nonfinite_exclusions(pre, calibration)
     notes += more
-    exclude = sorted(set(opts["exclude_nodes"]) | set(nonfinite))
     recipe = opts["recipe"] if opts["recipe"] != "auto" else ("weighted" if family == "transformer" else "full")
+    wide, more, wide_record = wide_range_exclusions(pre, calibration, list(opts["op_types"] or recipes.INTEGER_INPUT_OPS),
+                                                    opts.get("wide_range_float", True))
+    notes += more
+    exclude = sorted(set(opts["exclude_nodes"]) | set(nonfinite) | set(wide))
     # weighted: the layers with constant weights, and the embedding tables (weight-only: a Gather of int8 rows)
     nodes = ([n for n in recipes.weighted_nodes(model) + recipes.table_gathers(model) if n not in exclude]
              if recipe == "weighted" else None)
@@ -260,7 +281,7 @@ def quantize_static(src: Path, dst: Path, opts: dict[str, Any], config: "BuildCo
         "op_types": opts["op_types"] or ("Conv/Gemm/MatMul with constant weights" if recipe == "weighted"
                                          else "ORT default"),
         "unquantized_outputs_of": no_output_q, "exclude_nodes": exclude,
-        "int16_tensors": list(opts["int16_tensors"]), **corrected, **smoothed,
+        "int16_tensors": list(opts["int16_tensors"]), **corrected, **smoothed, **wide_record,
     }
     if used == "percentile":
         settings["percentile"] = config.calibration.percentile

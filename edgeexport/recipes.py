@@ -81,6 +81,73 @@ def unrepresentable_nodes(model_path: Path, feeds: list[dict[str, np.ndarray]]) 
     return nodes, sorted(bad)
 
 
+#: an integer layer's input is too wide for 8 bits when more than this share of its nonzero values round to zero
+ZEROED_SHARE = 0.5
+#: layers whose activation input an int8 kernel quantizes (input 0; their weight is input 1)
+INTEGER_INPUT_OPS = (*WEIGHTED_OPS, "LSTM", "GRU", "RNN")
+
+
+def zeroed_share(value: np.ndarray) -> float:
+    """The share of ``value``'s nonzero values that round to zero in the 8-bit range a quantizer gives it,
+    [min(0, lowest), max(0, highest)]: 0.02 for ordinary activations, 0.89 for a mel power spectrogram (3e-9..51)."""
+    v = np.asarray(value, dtype=np.float64).ravel()
+    v = v[np.isfinite(v)]
+    nonzero = v[v != 0]
+    if nonzero.size == 0:
+        return 0.0
+    step = (max(0.0, float(v.max())) - min(0.0, float(v.min()))) / 255
+    return float(np.mean(np.abs(nonzero) < step / 2))
+
+
+def wide_range_inputs(model_path: Path, feeds: list[dict[str, np.ndarray]], op_types: Iterable[str],
+                      nodes: Optional[Iterable[str]] = None) -> dict[str, dict[str, Any]]:
+    """Layers of ``op_types`` (or only ``nodes``) with a constant weight whose activation input spans too many
+    orders of magnitude for one 8-bit range: more than ZEROED_SHARE of its nonzero values round to zero on
+    ``feeds`` (averaged over samples, as dynamic quantization ranges each call). A raw power spectrum read by an
+    LSTM is one: resemblyzer's speaker encoder gave an embedding cosine of 0.75 at int8-dynamic, 0.9986 with its
+    first LSTM kept float. node name -> {tensor, zeroed_share, lowest, highest}."""
+    import onnx
+
+    from edgeexport.onnxgraph import exposing_session
+
+    if not feeds:
+        return {}
+    model = onnx.load(str(model_path))
+    consts = {t.name for t in model.graph.initializer} | {o for n in model.graph.node if n.op_type == "Constant"
+                                                          for o in n.output}
+    wanted = set(nodes) if nodes is not None else None
+    readers = {n.name or n.output[0]: n.input[0] for n in model.graph.node
+               if n.op_type in set(op_types) and len(n.input) > 1 and n.input[1] in consts and n.input[0]
+               and n.input[0] not in consts and (wanted is None or (n.name or n.output[0]) in wanted)}
+    if not readers:
+        return {}
+    graph_inputs = {i.name for i in model.graph.input}
+    tensors = sorted(set(readers.values()))
+    sess, names = exposing_session(model, [t for t in tensors if t not in graph_inputs])
+    shares: dict[str, list[float]] = {t: [] for t in tensors}
+    bounds: dict[str, list[float]] = {t: [np.inf, -np.inf] for t in tensors}
+    for feed in feeds:
+        values = dict(zip(names, sess.run(None, {i.name: feed[i.name] for i in sess.get_inputs()})))
+        values.update({t: feed[t] for t in tensors if t in graph_inputs and t in feed})
+        for t in tensors:
+            v = values.get(t)
+            if isinstance(v, np.ndarray) and v.dtype.kind == "f" and v.size:
+                shares[t].append(zeroed_share(v))
+                bounds[t] = [min(bounds[t][0], float(np.nanmin(v))), max(bounds[t][1], float(np.nanmax(v)))]
+    return {node: {"tensor": t, "zeroed_share": round(float(np.mean(shares[t])), 4), "lowest": bounds[t][0],
+                   "highest": bounds[t][1]}
+            for node, t in readers.items() if shares[t] and np.mean(shares[t]) > ZEROED_SHARE}
+
+
+def wide_range_note(found: dict[str, dict[str, Any]]) -> str:
+    """One line saying which layers stay float for their input's range, and what would let them quantize."""
+    parts = [f"{node} ({v['tensor']}: {100 * v['zeroed_share']:.0f}% of its nonzero values round to zero; "
+             f"range {v['lowest']:.3g}..{v['highest']:.3g})" for node, v in list(found.items())[:4]]
+    return (f"kept {len(found)} layer(s) in float because their input spans too many orders of magnitude for one "
+            f"8-bit range: {'; '.join(parts)}{' ...' if len(found) > 4 else ''}. A log scale (e.g. log-mel instead "
+            "of a power spectrogram) or a normalization before the model would let them quantize")
+
+
 #: the layers onnxruntime's WeightBiasQuantization quantizes when their float weight follows a DequantizeLinear
 SHIELDED_OPS = ("Conv", "ConvTranspose", "Gemm")
 

@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from edgeexport import fusion
 from edgeexport.errors import TargetError
-from edgeexport.quantize import check_names, preprocess, quantize_static, smooth_for_int8, to_fp16
+from edgeexport.quantize import (check_names, preprocess, quantize_static, smooth_for_int8, to_fp16,
+                                 wide_range_exclusions)
 from edgeexport.recipes import record_integer_share
 from edgeexport.reference import OnnxRunner
 from edgeexport.targets.base import Artifact, Problem, Runner, Target, one_of
@@ -53,6 +54,8 @@ OPTIONS: dict[str, tuple[Any, str]] = {
     "op_types": (None, "restrict quantization to these op types, e.g. [Conv, MatMul]"),
     "exclude_nodes": ([], "node names to keep in float"),
     "int16_tensors": ([], "int8: tensors whose activations are quantized to 16 bits (weights stay 8-bit)"),
+    "wide_range_float": (True, "int8, int8-dynamic: keep float the layers whose input spans too many orders of "
+                               "magnitude for one 8-bit range (most of its nonzero values would round to zero)"),
     "format": ("onnx", "onnx (model.onnx) or ort (ORT Mobile's model.ort, basic graph optimizations applied, with the "
                        "required_operators.config of a reduced onnxruntime build)"),
     "fusion": ("none", "fp32, fp16: transformer fusion into onnxruntime contrib ops (Attention, "
@@ -77,7 +80,7 @@ class OrtTarget(Target):
     def check(self, config: "BuildConfig") -> list[Problem]:
         problems = super().check(config)
         opts = config.target_options
-        for key in ("per_channel", "reduce_range", "bias_correction", "float_outputs"):
+        for key in ("per_channel", "reduce_range", "bias_correction", "float_outputs", "wide_range_float"):
             if key in opts and not isinstance(opts[key], bool):
                 problems.append(Problem(f"target_options.{key}", f"{key} must be true or false", ""))
         if opts.get("activation_type", "uint8") not in ("uint8", "int8"):
@@ -100,7 +103,8 @@ class OrtTarget(Target):
         if static_only and config.precision != "int8":
             problems.append(Problem("target_options", f"{', '.join(static_only)} apply to --precision int8 only, "
                                     f"not {config.precision}", "drop them or use --precision int8"))
-        quant_only = [k for k in ("per_channel", "reduce_range", "device", "op_types", "exclude_nodes") if k in opts]
+        quant_only = [k for k in ("per_channel", "reduce_range", "device", "op_types", "exclude_nodes",
+                                  "wide_range_float") if k in opts]
         if quant_only and config.precision not in ("int8", "int8-dynamic"):
             problems.append(Problem("target_options", f"{', '.join(quant_only)} apply to the int8 precisions only, "
                                     f"not {config.precision} (nothing is quantized)",
@@ -189,8 +193,12 @@ class OrtTarget(Target):
             model = onnx.load(str(pre))
             check_names(model.graph, opts, dynamic=True)
             smoothed = smooth_for_int8(pre, calibration, opts["smoothquant"], family(model))
-            settings.update(quantize_dynamic(pre, out, opts))
-            settings.update(smoothed)
+            wide, more, wide_record = wide_range_exclusions(pre, calibration, list(opts["op_types"] or DYNAMIC_OP_TYPES),
+                                                            opts["wide_range_float"])
+            notes.extend(more)
+            settings.update(quantize_dynamic(pre, out, {**opts, "exclude_nodes": sorted(set(opts["exclude_nodes"]) |
+                                                                                        set(wide))}))
+            settings.update(smoothed, **wide_record)
         else:
             from edgeexport.recipes import shield_float_layers
 

@@ -22,7 +22,7 @@ import numpy as np
 from edgeexport.targets.trt.backend import write_calibration_cache
 from edgeexport.errors import ConfigError, TargetError
 from edgeexport.quantize import (calibrate_ranges, load_ranges, nonfinite_exclusions, preprocess, quantize_qdq,
-                                 requantize_corrected, smooth_for_int8, to_fp16)
+                                 requantize_corrected, smooth_for_int8, to_fp16, wide_range_exclusions)
 from edgeexport.recipes import record_integer_share
 from edgeexport.targets.base import Artifact, CliOption, Problem, Runner, Target, one_of, ort_io
 
@@ -68,8 +68,11 @@ OPTIONS: dict[str, tuple[Any, str]] = {
                        "transformers, full otherwise)"),
     "smoothquant": ("auto", "int8: move activation outliers into the weights of constant-weight MatMuls "
                             "(SmoothQuant): auto (transformers), true, false"),
+    "wide_range_float": (True, "int8: keep float the layers whose input spans too many orders of magnitude for "
+                               "one 8-bit range (most of its nonzero values would round to zero)"),
 }
 _TYPES = {"workspace_mb": int, "timing_cache": bool, "bias_correction": bool, "gpu_fallback": bool,
+          "wide_range_float": bool,
           "version_compatible": bool, "trt_version": str, "profiles": dict}
 
 
@@ -270,7 +273,10 @@ def quantize_for_tensorrt(onnx_path: Path, out: Path, o: dict[str, Any], config:
     smoothed = smooth_for_int8(pre, calibration, o["smoothquant"], family)
     nonfinite, more = nonfinite_exclusions(pre, calibration)
     notes += more
-    exclude = sorted(set(o["exclude_nodes"]) | set(nonfinite))
+    wide, more, wide_record = wide_range_exclusions(pre, calibration, list(o["op_types"] or recipes.INTEGER_INPUT_OPS),
+                                                    o["wide_range_float"])
+    notes += more
+    exclude = sorted(set(o["exclude_nodes"]) | set(nonfinite) | set(wide))
     recipe = o["recipe"] if o["recipe"] != "auto" else ("weighted" if family == "transformer" else "full")
     # weighted: only the weighted ops whose weight is a constant; attention's score and context MatMuls (two
     # activations), softmax and LayerNorm stay float, as on ORT
@@ -302,7 +308,8 @@ def quantize_for_tensorrt(onnx_path: Path, out: Path, o: dict[str, Any], config:
                 "calibration_samples": len(calibration.calib_idx), "weight_type": "int8 symmetric, per-channel",
                 "activation_type": "int8 symmetric (zero point 0)", "bias": "float (TensorRT quantizes it itself)",
                 "op_types": o["op_types"], "exclude_nodes": exclude, "calibration_cache_tensors": len(scales),
-                "recipe": recipe, "recipe_requested": o["recipe"], "graph_family": family, **corrected, **smoothed}
+                "recipe": recipe, "recipe_requested": o["recipe"], "graph_family": family, **corrected, **smoothed,
+                **wide_record}
     if used == "percentile":
         settings["percentile"] = config.calibration.percentile
     return settings, notes, scales

@@ -322,3 +322,82 @@ def test_a_build_machine_whose_int8_kernels_saturate_validates_what_the_device_c
     m = json.loads((tmp_path / "avx2" / "manifest.json").read_text())
     assert m["runtime_config"]["int8"]["weight_bits"] == 7 and "as written" not in m["validation"]["runtime"]
     assert "exactly" in m["quantization"]["build_machine_int8"]
+
+
+SPECTRUM = '''
+import numpy as np
+import torch
+import torch.nn as nn
+
+F, T = 24, 12
+#: feature j of a raw power spectrum sits near 10^-DECADES[j]: 7 decades between the loudest and the quietest bin
+DECADES = np.linspace(0, 7, F)
+
+
+def spectra(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return (10.0 ** -DECADES * rng.lognormal(0, 0.5, (n, T, F))).astype(np.float32)
+
+
+class Net(nn.Module):
+    """Reads raw power spectra whose bins span 7 decades; its first layer weighs each bin by its scale, so the quiet
+    bins matter as much as the loud ones (what a model trained on such input learns)."""
+
+    def __init__(self, kind):
+        super().__init__()
+        torch.manual_seed(0)
+        self.kind = kind
+        self.first = {"mlp": nn.Linear(F, 32), "conv": nn.Conv1d(F, 32, 3), "lstm": nn.LSTM(F, 32, batch_first=True)}[kind]
+        with torch.no_grad():
+            scale = torch.tensor(10.0 ** DECADES, dtype=torch.float32)
+            for name, p in self.first.named_parameters():
+                if name.startswith("weight_ih") or name == "weight":
+                    p.mul_(scale.view(1, F, *([1] * (p.dim() - 2))) / (4.0 if kind == "lstm" else 1.0))
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):  # x: [batch, T, F]
+        if self.kind == "mlp":
+            h = torch.relu(self.first(x)).mean(1)
+        elif self.kind == "conv":
+            h = torch.relu(self.first(x.transpose(1, 2))).mean(2)
+        else:
+            h = self.first(x)[0][:, -1]
+        return self.head(h)
+
+
+def mlp():
+    return {"model": Net("mlp").eval(), "inputs": [f"x:batchx{T}x{F}:float32"]}
+
+
+def conv():
+    return {"model": Net("conv").eval(), "inputs": [f"x:batchx{T}x{F}:float32"]}
+
+
+def lstm():
+    return {"model": Net("lstm").eval(), "inputs": [f"x:batchx{T}x{F}:float32"]}
+'''
+
+
+@pytest.mark.parametrize("kind,precision", [("mlp", "int8"), ("conv", "int8"), ("mlp", "int8-dynamic"),
+                                            ("lstm", "int8-dynamic")])
+def test_a_layer_reading_a_raw_power_spectrum_stays_float(cli, tmp_path, kind, precision):
+    """A power spectrum spans decades: one 8-bit range over it rounds most of its bins to zero (resemblyzer's speaker
+    encoder: 87% of its mel values; embedding cosine 0.75 at int8-dynamic). The layer reading it stays float, the
+    note says why and what would let it quantize, the rest stays int8; forcing it to int8 is refused by the gate."""
+    import importlib.util
+
+    (tmp_path / "spectrum.py").write_text(SPECTRUM)
+    spec_ = importlib.util.spec_from_file_location("spectrum_data", tmp_path / "spectrum.py")
+    mod = importlib.util.module_from_spec(spec_)
+    spec_.loader.exec_module(mod)
+    np.savez(tmp_path / "spectra.npz", x=mod.spectra(160))
+    model = f"{tmp_path / 'spectrum.py'}:{kind}"
+    args = ("build", "--model", model, "--calib", tmp_path / "spectra.npz", "--precision", precision, "--no-bench")
+    r = cli(*args, "--out", tmp_path / "b")
+    assert r.exit_code == 0, r.stderr
+    q = json.loads((tmp_path / "b" / "manifest.json").read_text())["quantization"]
+    (node, found), = q["wide_range_inputs"].items()
+    assert found["zeroed_share"] > 0.5 and node in q["exclude_nodes"] and "orders of magnitude" in r.stderr
+    assert 0 < q["integer_share"]["integer_mac_share"] < 1  # the head is int8, the first layer float
+    r = cli(*args, "--option", "wide_range_float=false", "--out", tmp_path / "forced")
+    assert r.exit_code == 1 and not (tmp_path / "forced").exists(), r.stderr

@@ -158,6 +158,26 @@ def test_the_lstm_speaker_encoder_is_validated_as_an_embedding(tmp_path):
     assert 0.4e9 < result.manifest["model_stats"]["flops_per_sample"] < 0.5e9
 
 
+def test_the_speaker_encoders_first_lstm_stays_float_at_int8_dynamic(tmp_path):
+    """resemblyzer reads a mel *power* spectrogram (3e-9..51): one 8-bit range rounds 87% of its values to zero, and
+    with every LSTM int8 the embedding cosine was 0.75. The LSTM reading it stays float (the other two and the head
+    are int8) and the build passes."""
+    from edgeexport.models.speech import package_file, write_speaker_data
+
+    if not package_file("resemblyzer", "pretrained.pt").is_file():
+        pytest.skip("resemblyzer is not installed (requirements-models.txt)")
+    data = write_speaker_data(tmp_path / "spk.npz", speakers=12, partials=4)
+    result = quiet_build(make_cfg(model="edgeexport.models.speech:speaker_model", precision="int8-dynamic",
+                                  out=str(tmp_path / "b"), calibration={"path": str(data), "holdout": 16,
+                                                                        "min_holdout": 16},
+                                  bench={"enabled": False}))
+    q = result.manifest["quantization"]
+    (node, found), = q["wide_range_inputs"].items()
+    assert "LSTM" in node and found["zeroed_share"] > 0.8 and node in q["exclude_nodes"]
+    assert 0.7 < q["integer_share"]["integer_mac_share"] < 0.85
+    assert result.report.passed and result.report.outputs["output"]["cosine"] > 0.98
+
+
 @pytest.mark.tflite
 def test_the_streaming_model_on_tflite_keeps_its_scalar_input_a_scalar(stream_npz, tmp_path):
     """onnx2tf cannot convert a GRU fed an initial state (its Keras cell rejects the state's shape), so the build

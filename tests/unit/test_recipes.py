@@ -263,3 +263,34 @@ def test_preprocess_takes_paths_relative_to_the_callers_folder(tmp_path, monkeyp
     monkeypatch.chdir(tmp_path)
     preprocess(type(path)(path.name), type(path)("out") / "pre.onnx")  # it works in out/: both names are relative
     assert (tmp_path / "out" / "pre.onnx").is_file()
+
+
+def test_zeroed_share_tells_a_power_spectrum_from_ordinary_activations():
+    """The share of nonzero values one 8-bit range rounds to zero: a few percent for normal, ReLU6 and heavy-tailed
+    activations, most of a spectrum spanning decades."""
+    assert recipes.zeroed_share(RNG.standard_normal(10000)) < 0.02
+    assert recipes.zeroed_share(np.clip(RNG.standard_normal(10000), 0, 6)) < 0.02  # exact zeros do not count
+    assert recipes.zeroed_share(RNG.standard_t(3, 100000)) < 0.3
+    assert recipes.zeroed_share(RNG.lognormal(0, 3, 10000)) > 0.9
+    assert recipes.zeroed_share(10.0 ** -np.linspace(0, 7, 40) * RNG.lognormal(0, 0.5, (16, 40))) > 0.5
+    assert recipes.zeroed_share(np.zeros(8)) == 0.0
+
+
+def test_wide_range_inputs_names_the_layer_and_its_tensor(tmp_path):
+    """Only layers with a constant weight whose activation input is too wide are named, graph inputs included; an
+    activation x activation MatMul reading the same tensor is not (no int8 kernel quantizes it by this rule)."""
+    w = RNG.standard_normal((16, 16)).astype(np.float32)
+    model = _graph([helper.make_node("MatMul", ["spec", "w"], ["a"], name="reads_spectrum"),
+                    helper.make_node("Relu", ["a"], ["r"], name="relu"),
+                    helper.make_node("MatMul", ["r", "w"], ["b"], name="reads_relu"),
+                    helper.make_node("MatMul", ["spec", "b"], ["c"], name="two_activations")],
+                   [_vi("spec", [16, 16])], [_vi("c", [16, 16])], {"w": w})
+    path = tmp_path / "m.onnx"
+    onnx.save(model, str(path))
+    feeds = [{"spec": (10.0 ** -np.linspace(0, 6, 16) * RNG.lognormal(0, 0.5, (16, 16))).astype(np.float32)}
+             for _ in range(3)]
+    found = recipes.wide_range_inputs(path, feeds, ["MatMul"])
+    assert list(found) == ["reads_spectrum"] and found["reads_spectrum"]["tensor"] == "spec"
+    assert found["reads_spectrum"]["zeroed_share"] > 0.5 and found["reads_spectrum"]["lowest"] > 0
+    assert recipes.wide_range_inputs(path, feeds, ["MatMul"], nodes=["reads_relu"]) == {}
+    assert "log scale" in recipes.wide_range_note(found)
