@@ -106,15 +106,15 @@ def nonfinite_exclusions(pre: Path, calibration: "CalibrationSet") -> tuple[list
                    f"represent next to ordinary values: {', '.join(nodes[:5])}{' ...' if len(nodes) > 5 else ''}"]
 
 
-def wide_range_exclusions(pre: Path, calibration: "CalibrationSet", op_types: list[str], enabled: Any = True,
-                          nodes: Optional[list[str]] = None) -> tuple[list[str], list[str], dict[str, Any]]:
-    """Layers of ``op_types`` (or only ``nodes``) to keep in float because their activation input spans too many
+def wide_range_exclusions(pre: Path, calibration: "CalibrationSet", op_types: list[str], enabled: Any = True
+                          ) -> tuple[list[str], list[str], dict[str, Any]]:
+    """Layers of ``op_types`` to keep in float because their activation input spans too many
     orders of magnitude for one 8-bit range (:func:`edgeexport.recipes.wide_range_inputs`), a note, and the
     manifest's record. ``enabled`` False (``--option wide_range_float=false``) quantizes them anyway and says so."""
     from edgeexport.recipes import INTEGER_INPUT_OPS, take, wide_range_inputs, wide_range_note
 
     types = [t for t in INTEGER_INPUT_OPS if t in set(op_types) or (t == "Gemm" and "MatMul" in op_types)]
-    found = wide_range_inputs(pre, take(calibration.calibration(), PROBE_SAMPLES), types, nodes)
+    found = wide_range_inputs(pre, take(calibration.calibration(), PROBE_SAMPLES), types)
     if not found:
         return [], [], {}
     record = {"wide_range_float": bool(enabled), "wide_range_inputs": found}

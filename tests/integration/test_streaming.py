@@ -139,19 +139,24 @@ def test_silero_vad_onnx_streams_with_its_scalar_sample_rate_and_its_int8_is_ref
     assert "12 Conv, 4 LSTM" in q.output and not (tmp_path / "int8").exists()
 
 
-def test_the_lstm_speaker_encoder_is_validated_as_an_embedding(tmp_path):
-    """resemblyzer's pretrained encoder (its shipped weights): an L2-normalized ReLU embedding lies in [0, 1] but is
-    no probability and no classifier; it was refused on top-1 at cosine 0.9994 before output kinds. Its FLOPs are
-    the LSTM's (~0.43 GFLOP per 1.6 s partial), not the head's."""
+def _speaker_build(tmp_path, precision):
+    """resemblyzer's pretrained encoder built at ``precision`` on 48 speech-like partials (16 held out)."""
     from edgeexport.models.speech import package_file, write_speaker_data
 
     if not package_file("resemblyzer", "pretrained.pt").is_file():
         pytest.skip("resemblyzer is not installed (requirements-models.txt)")
     data = write_speaker_data(tmp_path / "spk.npz", speakers=12, partials=4)
-    result = quiet_build(make_cfg(model="edgeexport.models.speech:speaker_model", precision="fp16",
-                                  out=str(tmp_path / "b"), calibration={"path": str(data), "holdout": 16,
-                                                                        "min_holdout": 16},
-                                  bench={"enabled": False}))
+    return quiet_build(make_cfg(model="edgeexport.models.speech:speaker_model", precision=precision,
+                                out=str(tmp_path / "b"), calibration={"path": str(data), "holdout": 16,
+                                                                      "min_holdout": 16},
+                                bench={"enabled": False}))
+
+
+def test_the_lstm_speaker_encoder_is_validated_as_an_embedding(tmp_path):
+    """resemblyzer's pretrained encoder (its shipped weights): an L2-normalized ReLU embedding lies in [0, 1] but is
+    no probability and no classifier; it was refused on top-1 at cosine 0.9994 before output kinds. Its FLOPs are
+    the LSTM's (~0.43 GFLOP per 1.6 s partial), not the head's."""
+    result = _speaker_build(tmp_path, "fp16")
     out = result.report.outputs["output"]
     assert out["kind"] == "embedding" and "unit length" in out["kind_reason"] and "top1" not in out
     assert result.report.passed and out["cosine"] > 0.999
@@ -162,15 +167,7 @@ def test_the_speaker_encoders_first_lstm_stays_float_at_int8_dynamic(tmp_path):
     """resemblyzer reads a mel *power* spectrogram (3e-9..51): one 8-bit range rounds 87% of its values to zero, and
     with every LSTM int8 the embedding cosine was 0.75. The LSTM reading it stays float (the other two and the head
     are int8) and the build passes."""
-    from edgeexport.models.speech import package_file, write_speaker_data
-
-    if not package_file("resemblyzer", "pretrained.pt").is_file():
-        pytest.skip("resemblyzer is not installed (requirements-models.txt)")
-    data = write_speaker_data(tmp_path / "spk.npz", speakers=12, partials=4)
-    result = quiet_build(make_cfg(model="edgeexport.models.speech:speaker_model", precision="int8-dynamic",
-                                  out=str(tmp_path / "b"), calibration={"path": str(data), "holdout": 16,
-                                                                        "min_holdout": 16},
-                                  bench={"enabled": False}))
+    result = _speaker_build(tmp_path, "int8-dynamic")
     q = result.manifest["quantization"]
     (node, found), = q["wide_range_inputs"].items()
     assert "LSTM" in node and found["zeroed_share"] > 0.8 and node in q["exclude_nodes"]
