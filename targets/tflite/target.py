@@ -2,8 +2,8 @@
 
 ONNX -> onnx2tf -> SavedModel -> tf.lite.TFLiteConverter (TensorFlow 2.21), behind the ``[tflite]`` extra.
 Names are honest: ``dynamic-range`` keeps float activations; ``int8`` is full-integer (every op quantized with the
-shared calibration data, checked after conversion). onnx2tf turns 4-D NCHW inputs into NHWC; the manifest records
-the permutations and the loader hides them unless asked for the native layout.
+shared calibration data, checked after conversion). onnx2tf turns channels-first inputs (NCW, NCHW, NCDHW)
+channels-last; the manifest records the permutations and the loader hides them unless asked for the native layout.
 """
 
 from __future__ import annotations
@@ -29,8 +29,14 @@ if TYPE_CHECKING:  # pragma: no cover
     from edgeexport.config import BuildConfig, InputSpec
     from edgeexport.source import ModelSource
 
-NHWC = [0, 2, 3, 1]
-NCHW = [0, 3, 1, 2]
+def channels_last(rank: int) -> list[int]:
+    """The permutation onnx2tf applies to a rank-``rank`` channels-first tensor: NCW -> NWC, NCHW -> NHWC, ..."""
+    return [0, *range(2, rank), 1]
+
+
+def channels_first(rank: int) -> list[int]:
+    """The inverse of :func:`channels_last`: NWC -> NCW, NHWC -> NCHW, ..."""
+    return [0, rank - 1, *range(1, rank - 1)]
 
 
 def _require() -> None:
@@ -205,8 +211,9 @@ class TfliteTarget(Target):
             notes.append(corrected["calibration_fallback"])
         settings.update(inspect_tflite(out_dir / name, config.precision))
         if in_perm:
-            notes.append(f"the .tflite takes NHWC for {', '.join(in_perm)}; the loader transposes from NCHW "
-                         "(load(..., layout='native') skips it)")
+            shapes = {i["name"]: i["shape"] for i in native_in}
+            notes.append(f"the .tflite takes its inputs channels-last ({', '.join(f'{k}: {shapes[k]}' for k in in_perm)}); "
+                         "the loader transposes from the model's layout (load(..., layout='native') skips it)")
         runtime_config = {"input_perm": in_perm, "output_perm": out_perm, "native_inputs": native_in,
                           "native_outputs": native_out}
         return Artifact("tflite", config.precision, out_dir, [name], settings,
@@ -277,7 +284,7 @@ def _version(pkg: str) -> str:
 
 def to_saved_model(onnx_path: Path, specs: list["InputSpec"], out_dir: Path, calibration: "CalibrationSet",
                    pseudo: Optional[list[str]] = None) -> Path:
-    """onnx2tf on a *copy* (it rewrites its input in place). 4-D inputs become NHWC; `layouts` checks the rest.
+    """onnx2tf on a *copy* (it rewrites its input in place). 3- to 5-D inputs become channels-last; `layouts` checks the rest.
 
     (Forcing NCW on 3-D inputs with keep_ncw_or_nchw_or_ncdhw_input_names gave wrong numbers on a transformer
     here; onnx2tf's own choice validated, so it is left to decide.)"""
@@ -352,8 +359,9 @@ def layouts(saved_model: Path, specs: list["InputSpec"], onnx_path: Path):
         if got is None:
             raise TargetError(f"the SavedModel lost input {s.name!r}", f"it has {sorted(sig_in)}", "use --target ort")
         if got != s.shape:
-            if len(s.shape) == 4 and got == [s.shape[i] for i in NHWC]:
-                in_perm[s.name] = NHWC
+            rank = len(s.shape)
+            if rank >= 3 and got == [s.shape[i] for i in channels_last(rank)]:
+                in_perm[s.name] = channels_last(rank)
             else:
                 raise TargetError(f"input {s.name!r} became {got} in TFLite (model: {s.shape})", "unknown layout change",
                                   "use --target ort")
@@ -365,8 +373,8 @@ def layouts(saved_model: Path, specs: list["InputSpec"], onnx_path: Path):
         got = sig_out.get(o.name)
         if got is None:
             raise TargetError(f"the SavedModel lost output {o.name!r}", f"it has {sorted(sig_out)}", "use --target ort")
-        if len(want) == 4 and got != want and got == [want[i] for i in NHWC]:
-            out_perm[o.name] = NCHW
+        if len(want) >= 3 and got != want and got == [want[i] for i in channels_last(len(want))]:
+            out_perm[o.name] = channels_first(len(want))
         native_out.append({"name": o.name, "shape": got, "dtype": "float32"})
     return in_perm, out_perm, native_in, native_out
 

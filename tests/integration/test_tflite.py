@@ -191,3 +191,46 @@ def test_percentile_ranges_that_cannot_be_measured_fall_back_to_min_max_and_say_
     assert result.report.passed and q["calibration_method"] == "minmax" and q["percentile_ranges_narrowed"] == 0
     assert "no kernel for" in q["calibration_fallback"]
     assert any("min/max ranges were used" in n for n in result.manifest["notes"])
+
+
+CONV1D = '''
+import torch
+import torch.nn as nn
+
+
+class Rows(nn.Module):
+    """A Conv1d over [batch, 4 channels, 16 steps]: a channels-first 3-D input, which onnx2tf makes NWC."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv1d(4, 16, 3, padding=1)
+        self.head = nn.Linear(16 * 16, 10)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv(x)).flatten(1))
+
+
+def build():
+    return {"model": Rows().eval(), "inputs": ["x:1x4x16:float32"]}
+'''
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_a_channels_first_3d_input_is_transposed_like_an_image(cli, digits_npz, tmp_path, precision):
+    """onnx2tf turns a [1, 4, 16] NCW input into [1, 16, 4] (NWC), as it turns NCHW into NHWC; the build used to stop
+    at 'unknown layout change'. The manifest records the permutation and the loader applies it."""
+    import subprocess
+    import sys
+
+    x = np.load(digits_npz)["image"].reshape(-1, 4, 16).astype(np.float32)
+    np.savez(tmp_path / "rows.npz", x=x)
+    (tmp_path / "rows.py").write_text(CONV1D)
+    out = tmp_path / "b"
+    r = cli("build", "--target", "tflite", "--model", f"{tmp_path / 'rows.py'}:build", "--calib", tmp_path / "rows.npz",
+            "--precision", precision, "--out", out, "--no-bench")
+    assert r.exit_code == 0, r.stderr
+    rc = json.loads((out / "manifest.json").read_text())["runtime_config"]
+    assert rc["input_perm"] == {"x": [0, 2, 1]} and rc["native_inputs"][0]["shape"] == [1, 16, 4]
+    run = subprocess.run([sys.executable, str(out / "loader.py"), "--selftest"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
