@@ -99,9 +99,9 @@ def zeroed_share(value: np.ndarray) -> float:
     return float(np.mean(np.abs(nonzero) < step / 2))
 
 
-def wide_range_inputs(model_path: Path, feeds: list[dict[str, np.ndarray]], op_types: Iterable[str],
-                      nodes: Optional[Iterable[str]] = None) -> dict[str, dict[str, Any]]:
-    """Layers of ``op_types`` (or only ``nodes``) with a constant weight whose activation input spans too many
+def wide_range_inputs(model_path: Path, feeds: list[dict[str, np.ndarray]], op_types: Iterable[str]
+                      ) -> dict[str, dict[str, Any]]:
+    """Layers of ``op_types`` with a constant weight whose activation input spans too many
     orders of magnitude for one 8-bit range: more than ZEROED_SHARE of its nonzero values round to zero on
     ``feeds`` (averaged over samples, as dynamic quantization ranges each call). A raw power spectrum read by an
     LSTM is one: resemblyzer's speaker encoder gave an embedding cosine of 0.75 at int8-dynamic, 0.9986 with its
@@ -113,12 +113,10 @@ def wide_range_inputs(model_path: Path, feeds: list[dict[str, np.ndarray]], op_t
     if not feeds:
         return {}
     model = onnx.load(str(model_path))
-    consts = {t.name for t in model.graph.initializer} | {o for n in model.graph.node if n.op_type == "Constant"
-                                                          for o in n.output}
-    wanted = set(nodes) if nodes is not None else None
+    consts, types = constant_names(model), set(op_types)
     readers = {n.name or n.output[0]: n.input[0] for n in model.graph.node
-               if n.op_type in set(op_types) and len(n.input) > 1 and n.input[1] in consts and n.input[0]
-               and n.input[0] not in consts and (wanted is None or (n.name or n.output[0]) in wanted)}
+               if n.op_type in types and len(n.input) > 1 and n.input[1] in consts and n.input[0]
+               and n.input[0] not in consts}
     if not readers:
         return {}
     graph_inputs = {i.name for i in model.graph.input}
@@ -220,10 +218,15 @@ def shield_float_layers(path: Path) -> list[str]:
     return [node.name for node, _ in targets]
 
 
+def constant_names(model: Any) -> set[str]:
+    """The tensors of ``model`` that are constants: initializers and Constant node outputs."""
+    return {t.name for t in model.graph.initializer} | {o for n in model.graph.node if n.op_type == "Constant"
+                                                        for o in n.output}
+
+
 def weighted_nodes(model: Any) -> list[str]:
     """Names of Conv/ConvTranspose/Gemm/MatMul nodes whose weight (second input) is a constant."""
-    consts = {t.name for t in model.graph.initializer}
-    consts |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    consts = constant_names(model)
     return [n.name for n in model.graph.node
             if n.op_type in WEIGHTED_OPS and len(n.input) > 1 and n.input[1] in consts and n.name]
 

@@ -29,6 +29,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from edgeexport.config import BuildConfig, InputSpec
     from edgeexport.source import ModelSource
 
+
 def channels_last(rank: int) -> list[int]:
     """The permutation onnx2tf applies to a rank-``rank`` channels-first tensor: NCW -> NWC, NCHW -> NHWC, ..."""
     return [0, *range(2, rank), 1]
