@@ -56,6 +56,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/minilm.py
 	$(BIN)/python benchmarks/pruning.py
 	$(BIN)/python benchmarks/sweep.py
+	$(BIN)/python benchmarks/decoder.py
 
 clean:
 	rm -rf build $(VENV)

@@ -37,6 +37,22 @@ DEFAULT_TOLERANCES: dict[str, dict[str, float]] = {
                       "flip_rate": 0.03},
     "int8": {"cosine": 0.98, "snr_db": 12.0, "top1": 0.95, "accuracy_drop": 1.0, "prob_mean_abs": 0.02,
              "flip_rate": 0.03},
+    "int8-weight": {"cosine": 0.99, "snr_db": 20.0, "top1": 0.97, "accuracy_drop": 0.5, "prob_mean_abs": 0.01,
+                    "flip_rate": 0.02},
+    "int4-weight": {"cosine": 0.98, "snr_db": 12.0, "top1": 0.95, "accuracy_drop": 1.0, "prob_mean_abs": 0.02,
+                    "flip_rate": 0.03},
+}
+#: decoders (--task text-generation) are judged on what generation depends on, teacher-forced on held-out text
+#: against PyTorch: next-token top-1 agreement where the reference's choice is decisive (its top token leads the
+#: runner-up by >= 0.02 in probability; at near-ties any rounding flips the choice and neither is wrong), the mean
+#: KL divergence of the next-token distributions (nats per token), and the relative change of perplexity. See
+#: docs/decoders.md
+DECODER_TOLERANCES: dict[str, dict[str, float]] = {
+    "fp32": {"next_token_top1": 0.999, "kl_divergence": 1e-4, "perplexity_change": 0.001},
+    "fp16": {"next_token_top1": 0.995, "kl_divergence": 1e-3, "perplexity_change": 0.01},
+    "int8-weight": {"next_token_top1": 0.99, "kl_divergence": 5e-3, "perplexity_change": 0.01},
+    "int8-dynamic": {"next_token_top1": 0.95, "kl_divergence": 0.05, "perplexity_change": 0.05},
+    "int4-weight": {"next_token_top1": 0.95, "kl_divergence": 0.05, "perplexity_change": 0.05},
 }
 #: what an output is, which decides its metrics (docs/validation.md): inferred from shape and values where that is
 #: safe, or declared with --output NAME:KIND
@@ -61,7 +77,8 @@ BUDGET_METRICS = {"cosine": "min", "top1": "min", "snr_db": "min", "pooled_cosin
 TOLERANCE_RANGES: dict[str, tuple[float, float]] = {
     "cosine": (-1.0, 1.0), "pooled_cosine": (-1.0, 1.0), "top1": (0.0, 1.0), "top5": (0.0, 1.0),
     "snr_db": (-200.0, 200.0), "accuracy_drop": (0.0, 100.0), "max_abs": (0.0, float("inf")),
-    "prob_mean_abs": (0.0, 1.0), "flip_rate": (0.0, 1.0),
+    "prob_mean_abs": (0.0, 1.0), "flip_rate": (0.0, 1.0), "next_token_top1": (0.0, 1.0),
+    "perplexity_change": (0.0, 100.0), "kl_divergence": (0.0, 100.0),
 }
 TOLERANCE_KEYS = {
     "cosine": "min mean cosine similarity",
@@ -73,6 +90,11 @@ TOLERANCE_KEYS = {
     "max_abs": "max absolute error (off unless set)",
     "prob_mean_abs": "max mean absolute error of probability outputs",
     "flip_rate": "max share of a probability output's decisions (at 0.5) that flip",
+    "next_token_top1": "min teacher-forced next-token top-1 agreement on held-out text where the reference's choice "
+                       "is decisive (--task text-generation)",
+    "kl_divergence": "max mean KL divergence of the next-token distributions, nats per token (--task "
+                     "text-generation)",
+    "perplexity_change": "max relative increase of held-out perplexity, 0.05 = 5% (--task text-generation)",
 }
 
 

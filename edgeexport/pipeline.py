@@ -17,7 +17,7 @@ from edgeexport.bench import resolve_threads
 from edgeexport.bundle.manifest import golden_tolerance, now_iso, versions
 from edgeexport.bundle.writer import check_output_path, write_bundle
 from edgeexport.calibration import CalibrationSet, load_calibration
-from edgeexport.config import BuildConfig, InputSpec
+from edgeexport.config import DECODER_TOLERANCES, BuildConfig, InputSpec
 from edgeexport.errors import CalibrationError, ConfigError, ValidationFailed
 from edgeexport.report import render_markdown
 from edgeexport.source import ModelSource, load_source
@@ -57,6 +57,17 @@ class BuildResult:
 
 def resolve(config: BuildConfig, log: Log = _stderr) -> tuple[BuildConfig, ModelSource, CalibrationSet]:
     """Check the config, load the model and data, and fill in every value the user left to defaults."""
+    from edgeexport import decoder_build
+
+    if decoder_build.is_decoder_task(config.task):
+        raise ConfigError(f"--task {config.task} is built by `edgeexport build` only",
+                          "compare, sweep and --dry-run do not handle decoders with a KV cache yet",
+                          "run edgeexport build once per precision; benchmarks/decoder.py compares them")
+    decoder_keys = sorted(k for k in config.tolerance if k in DECODER_TOLERANCES["fp32"])
+    if decoder_keys:
+        raise ConfigError(f"--tolerance {', '.join(decoder_keys)} applies to --task text-generation only",
+                          "other models are judged on their outputs' metrics", "drop it, or build with --task "
+                          "text-generation")
     target = get_target(config.target)
     _refuse(target.check(config), f"target {config.target!r} cannot build this configuration",
             "change the settings named above")
@@ -215,6 +226,10 @@ def finalize_onnx(path: Path, specs: list[InputSpec]) -> dict[str, Any]:
 
 def build(config: BuildConfig, log: Log = _stderr) -> BuildResult:
     """Run the whole build. Raises ValidationFailed (with ``.report``) when the outputs are out of tolerance."""
+    from edgeexport import decoder_build
+
+    if decoder_build.is_decoder_task(config.task):  # a decoder with its KV cache: its own export and validation
+        return decoder_build.build(config, log)
     config, source, calib = resolve(config, log)
     return build_resolved(config, source, calib, log)
 

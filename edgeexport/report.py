@@ -181,9 +181,23 @@ def inspect_text(manifest: dict[str, Any]) -> str:
     if manifest.get("pruning"):
         lines.append(f"pruning:    {manifest['pruning']['summary']}")
     cal = manifest.get("calibration", {})
-    lines.append(f"calibration: {cal.get('source')} ({cal.get('calibration_samples')} calib / {cal.get('holdout_samples')} "
-                 f"holdout){' SYNTHETIC' if cal.get('synthetic') else ''}")
-    lines += ["validation:", *["  " + r for r in validation_rows(manifest)]]
+    gen = (manifest.get("validation") or {}).get("generation")
+    if gen:  # a decoder (--task text-generation): held-out text and the generation metrics
+        lines.append(f"held-out:   {cal.get('source')} ({cal.get('windows')} windows, {cal.get('tokens')} tokens; "
+                     "validation only)")
+        top1 = (f"{gen['next_token_top1']:.4f} at {gen['decisive_positions']} decisive positions"
+                if gen.get("next_token_top1") is not None else "not checked (no decisive positions)")
+        lines += ["validation:", f"  next-token top-1 {top1}, {gen['next_token_top1_all']:.4f} at all "
+                  f"{gen['positions']}; KL {gen['kl_divergence']:.3g} nats/token; perplexity {gen['perplexity']:.3f} "
+                  f"vs {gen['perplexity_reference']:.3f} ({100 * gen['perplexity_change']:+.2f}%)",
+                  *[f"  greedy {g['prompt']!r}: {g['matching_prefix']} of {g['reference_tokens']} tokens as the "
+                    "reference" for g in gen.get("greedy", [])],
+                  f"generation: context {manifest['generation']['context']}, stop ids "
+                  f"{manifest['generation']['stop_ids']}, {len(manifest['generation']['golden'])} golden continuations"]
+    else:
+        lines.append(f"calibration: {cal.get('source')} ({cal.get('calibration_samples')} calib / "
+                     f"{cal.get('holdout_samples')} holdout){' SYNTHETIC' if cal.get('synthetic') else ''}")
+        lines += ["validation:", *["  " + r for r in validation_rows(manifest)]]
     bench = manifest.get("benchmark")
     if bench and not bench.get("skipped"):
         lines.append(f"latency:    built {bench['built']['median_ms']:.3f} ms vs reference "

@@ -129,3 +129,28 @@ class HFRunner(Runner):
         with torch.inference_mode():
             out = self.module(tensors) if self.library == "sentence_transformers" else self.module(**tensors)
         return {o.name: out[o.name].detach().cpu().numpy() for o in self.outputs}
+
+
+def export_with_past(model_dir: str | Path, dst: Path, opset: int = 18) -> list[str]:
+    """A Hugging Face causal LM exported by optimum as one KV-cache graph (task text-generation-with-past: the
+    prefill feeds an empty cache, each decode step one token and the cache; see edgeexport.generation). Writes
+    ``dst``; returns the graph's input names. Raises ExportError where optimum has no such path."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    with tempfile.TemporaryDirectory(prefix=tmp_prefix("hf-")) as tmp, quiet() as log:
+        try:  # imported quietly: transformers imports torchao where it is installed, which logs
+            from optimum.exporters.onnx import main_export
+        except ImportError:
+            raise missing_extra("optimum-onnx", "hf", "exporting Hugging Face decoders") from None
+        try:
+            main_export(str(model_dir), output=tmp, task="text-generation-with-past", opset=opset,
+                        do_validation=False, device="cpu")
+        except Exception as e:
+            raise ExportError("optimum cannot export this model as a decoder with a KV cache",
+                              _short(e, 500) + _tail(log.getvalue()),
+                              "check that optimum supports the architecture for text-generation-with-past") from None
+        if (Path(tmp) / "model.onnx_data").exists():
+            raise ExportError("the model is over 2 GB", "optimum wrote external weights", "edge bundles need < 2 GB")
+        shutil.copyfile(Path(tmp) / "model.onnx", dst)
+    import onnx
+
+    return [i.name for i in onnx.load(str(dst), load_external_data=False).graph.input]

@@ -20,6 +20,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Callable
@@ -394,7 +395,8 @@ def make_tokenizer(path, settings):
     except ImportError:
         raise BundleError("text input needs the tokenizers package: pip install tokenizers") from None
     tok = Tokenizer.from_file(str(path))
-    tok.enable_truncation(max_length=int(settings["max_length"]))
+    if settings.get("truncation", True):
+        tok.enable_truncation(max_length=int(settings["max_length"]))
     if settings.get("padding") == "max_length":
         pad_id = tok.token_to_id("[PAD]")
         tok.enable_padding(length=int(settings["max_length"]), pad_id=pad_id if pad_id is not None else 0)
@@ -525,6 +527,122 @@ class OnnxSession:
         return dict(zip(self.output_names, self.session.run(None, feeds)))
 
 
+# ---- text generation ---------------------------------------------------------------------------------------------
+# A decoder bundle (--task text-generation) ships the graph optimum exports for text-generation-with-past: inputs
+# input_ids [batch, sequence], attention_mask [batch, past + sequence], optionally position_ids, and per layer
+# past_key_values.N.key/value [batch, heads, past, head_dim]; outputs logits and present.N.key/value. The prefill
+# feeds an empty cache (past 0) and the prompt, each decode step one token and the cache the last call returned.
+
+_PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
+
+
+class Layout:
+    """Where a KV-cache decoder graph keeps what: the names and shapes ``KVDecoder`` feeds. ``past``: the
+    past_key_values.N.key/value inputs in layer order; ``present``: the matching outputs; ``heads`` and
+    ``head_dims``: dims 1 and 3 of each past input; ``dtype``: the cache's numpy dtype; ``position_ids``: whether the
+    graph takes them."""
+
+    def __init__(self, past, present, heads, head_dims, dtype, position_ids, logits):
+        self.past, self.present, self.heads, self.head_dims = past, present, heads, head_dims
+        self.dtype, self.position_ids, self.logits = dtype, position_ids, logits
+
+
+def decoder_layout(inputs, outputs):
+    """Read the layout from onnxruntime's (or onnx's) input/output descriptions: objects with ``name``, ``shape``
+    and ``type`` ('tensor(float)'). Raises BundleError naming what is missing."""
+    names = [i.name for i in inputs]
+    out_names = [o.name for o in outputs]
+    past = sorted((i for i in inputs if _PAST.match(i.name)),
+                  key=lambda i: (int(_PAST.match(i.name).group(1)), _PAST.match(i.name).group(2)))
+    missing = [n for n in ("input_ids", "attention_mask") if n not in names]
+    if missing or not past or "logits" not in out_names:
+        raise BundleError(
+            "the graph is not a decoder with a KV cache: it needs input_ids, attention_mask and "
+            "past_key_values.N.key/value inputs and a logits output"
+            + (f" (missing: {', '.join(missing)})" if missing else "")
+            + ("" if past else " (no past_key_values inputs)") + ("" if "logits" in out_names else " (no logits output)"))
+    present = [p.name.replace("past_key_values.", "present.") for p in past]
+    absent = [p for p in present if p not in out_names]
+    if absent:
+        raise BundleError(f"the graph has past inputs but not the matching present outputs: {', '.join(absent[:4])}")
+    dims = [list(p.shape) for p in past]
+    bad = [p.name for p, d in zip(past, dims) if len(d) != 4 or not isinstance(d[1], int) or not isinstance(d[3], int)]
+    if bad:
+        raise BundleError(f"past inputs must be [batch, heads, past, head_dim] with fixed heads and head_dim: "
+                           f"{', '.join(bad[:4])}")
+    types = {p.type for p in past}
+    dtype = np.float16 if types == {"tensor(float16)"} else np.float32
+    return Layout([p.name for p in past], present, [d[1] for d in dims], [d[3] for d in dims], dtype,
+                  "position_ids" in names, "logits")
+
+
+class KVDecoder:
+    """Prefill and decode steps over an onnxruntime session of a KV-cache decoder; the cache stays in numpy."""
+
+    def __init__(self, session, context=None):
+        self.session = session
+        self.layout = decoder_layout(session.get_inputs(), session.get_outputs())
+        self.context = context  # the model's maximum positions (n_positions), when known
+
+    def empty(self, batch=1):
+        lay = self.layout
+        return [np.zeros((batch, h, 0, d), lay.dtype) for h, d in zip(lay.heads, lay.head_dims)]
+
+    def step(self, ids, past):
+        """Run ``ids`` [batch, n] after ``past`` (the cache of every earlier position); returns the logits
+        [batch, n, vocab] (float32) and the cache extended by n positions."""
+        lay = self.layout
+        ids = np.asarray(ids, dtype=np.int64)
+        start = past[0].shape[2]
+        end = start + ids.shape[1]
+        if self.context is not None and end > self.context:
+            raise InputError(f"{end} tokens exceed the model's context of {self.context} positions")
+        feeds = {"input_ids": ids, "attention_mask": np.ones((ids.shape[0], end), np.int64)}
+        if lay.position_ids:
+            feeds["position_ids"] = np.broadcast_to(np.arange(start, end, dtype=np.int64), ids.shape).copy()
+        feeds.update(zip(lay.past, past))
+        out = self.session.run([lay.logits] + lay.present, feeds)
+        return np.asarray(out[0], dtype=np.float32), list(out[1:])
+
+    def generate(self, prompt, max_new_tokens, temperature=0.0, top_k=0, stop=(), seed=None):
+        """Token ids after ``prompt``: greedy at temperature 0, else sampled from the top_k (0: all) tokens at
+        that temperature. Stops at a token of ``stop`` (not included) or after max_new_tokens."""
+        if not len(prompt):
+            raise InputError("the prompt is empty: give at least one token")
+        if max_new_tokens < 0 or temperature < 0 or top_k < 0:
+            raise InputError("max_new_tokens, temperature and top_k must be >= 0")
+        if self.context is not None and len(prompt) > self.context:
+            raise InputError(f"the prompt has {len(prompt)} tokens; the model's context is {self.context}")
+        if self.context is not None:
+            max_new_tokens = min(max_new_tokens, self.context - len(prompt))
+        rng = np.random.default_rng(seed)
+        stops = set(stop)
+        out = []
+        logits, past = self.step(np.asarray([list(prompt)]), self.empty())
+        for _ in range(max_new_tokens):
+            token = pick(logits[0, -1], temperature, top_k, rng)
+            if token in stops:
+                break
+            out.append(token)
+            if len(out) == max_new_tokens:
+                break
+            logits, past = self.step(np.asarray([[token]]), past)
+        return out
+
+
+def pick(logits, temperature, top_k, rng):
+    """The next token from one position's logits: argmax at temperature 0, else a sample."""
+    if temperature == 0:
+        return int(np.argmax(logits))
+    lg = logits.astype(np.float64) / temperature
+    if top_k and top_k < lg.size:
+        cut = np.partition(lg, -top_k)[-top_k]
+        lg = np.where(lg >= cut, lg, -np.inf)
+    p = np.exp(lg - lg.max())
+    p /= p.sum()
+    return int(rng.choice(lg.size, p=p))
+
+
 # ---- backends ---------------------------------------------------------------------------------------------------
 # A backend is a class registered with @backend("<target>"): ``options`` maps each load() keyword it takes to
 # (help, choices or None); ``__init__(model_path, manifest, root, archive, providers, threads, **options)`` opens the
@@ -569,6 +687,7 @@ class Model:
         self.outputs = manifest["outputs"]
         self._backend = backend
         self._tokenizer = None
+        self._decoder = None
         self._state = None
         self._pairs = (manifest.get("state") or {}).get("pairs") or {}
 
@@ -615,6 +734,46 @@ class Model:
         if self._tokenizer is None:
             self._tokenizer = make_tokenizer(_safe_path(self.root, text["tokenizer"]), text)
         return encode_texts(self._tokenizer, [texts] if isinstance(texts, str) else texts, self.inputs)[0]
+
+    def tokenize(self, text):
+        """A string -> its token ids, with the bundle's tokenizer (a decoder's: no truncation or padding)."""
+        text_settings_ = self.manifest.get("text")
+        if not text_settings_:
+            raise InputError("this bundle has no tokenizer")
+        if not isinstance(text, str):
+            raise InputError(f"the prompt must be a string, not {type(text).__name__}")
+        if self._tokenizer is None:
+            self._tokenizer = make_tokenizer(_safe_path(self.root, text_settings_["tokenizer"]), text_settings_)
+        return self._tokenizer.encode(text).ids
+
+    def decoder(self):
+        """The KV-cache decoder over this bundle's session (decoder bundles only)."""
+        gen = self.manifest.get("generation")
+        if not gen:
+            raise InputError("this bundle is not a text-generation decoder (built without --task text-generation)")
+        if self._decoder is None:
+            session = getattr(self._backend, "session", None)
+            if session is None:
+                raise BundleError(f"{self.manifest['target']} bundles cannot generate: generation needs onnxruntime")
+            self._decoder = KVDecoder(session, context=gen["context"])
+        return self._decoder
+
+    def generate(self, prompt, max_new_tokens=32, temperature=0.0, top_k=0, seed=None, stop=True):
+        """Continue ``prompt`` (a string) by up to ``max_new_tokens`` tokens and return the new text: greedy at
+        temperature 0, else sampled at that temperature from the ``top_k`` likeliest tokens (0: all), reproducibly
+        with ``seed``. Stops at the model's end-of-text token unless ``stop`` is False. The KV cache stays in numpy
+        between steps; a prompt longer than the model's context is refused."""
+        self.decoder()  # a bundle that is not a decoder says so before anything else
+        ids = self.generate_ids(self.tokenize(prompt), max_new_tokens, temperature, top_k, seed, stop)
+        return self._tokenizer.decode(ids)
+
+    def generate_ids(self, prompt_ids, max_new_tokens=32, temperature=0.0, top_k=0, seed=None, stop=True):
+        """Like generate(), on token ids: returns the new token ids."""
+        dec = self.decoder()
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool):
+            raise InputError(f"max_new_tokens must be an integer, not {max_new_tokens!r}")
+        stops = self.manifest["generation"].get("stop_ids") or [] if stop else []
+        return dec.generate(list(prompt_ids), max_new_tokens, float(temperature), int(top_k), stops, seed)
 
     def __call__(self, inputs):
         if isinstance(inputs, str) or (isinstance(inputs, (list, tuple)) and inputs and isinstance(inputs[0], str)):
@@ -697,6 +856,8 @@ class Model:
                                       f"declares {spec['dtype']} {shape}: the manifest was edited, or the bundle is "
                                       "not whole")
             ok &= _matches(f"golden {n}", got, expected, tol, verbose)
+        if self.manifest.get("generation"):
+            ok &= self._golden_continuations(verbose)
         if self._pairs:  # the golden pairs are consecutive steps of one stream: replay them through stream()
             pairs = list(self.golden())
             self.reset({i: pairs[0][0][i] for i in self._pairs})
@@ -704,6 +865,33 @@ class Model:
                 got = self.stream({k: v for k, v in ins.items() if k not in self._pairs})
                 ok &= _matches(f"golden stream step {n}", got, expected, tol, verbose)
             self._state = None
+        return ok
+
+
+    def _golden_continuations(self, verbose):
+        """Each golden prompt's greedy continuation, token by token. Where this machine's arithmetic picks another
+        token at a near-tie (the two logits within the manifest's margin), the rest is not comparable: that
+        continuation passes up to there, and the step is reported."""
+        gen = self.manifest["generation"]
+        margin = float(gen["golden_logit_margin"])
+        dec, ok = self.decoder(), True
+        for n, g in enumerate(gen["golden"]):
+            prompt, want = list(g["prompt_ids"]), list(g["continuation_ids"])
+            got = self.generate_ids(prompt, len(want), stop=False)
+            first = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), None)
+            good, why = first is None, ""
+            if first is not None:  # teacher-force the golden tokens up to there: a near-tie is not a failure
+                logits, _ = dec.step(np.asarray([prompt + want[:first]]), dec.empty())
+                last = logits[0, -1]
+                gap = float(last.max() - last[want[first]])
+                good = gap <= margin
+                why = (f"differs at token {first}: a near-tie (golden token {gap:.3g} below the top logit, margin "
+                       f"{margin:g})" if good else f"differs at token {first}: the golden token is {gap:.3g} below "
+                       f"the top logit (margin {margin:g})")
+            ok &= good
+            if verbose:
+                print(f"golden continuation {n}: {len(want)} tokens {'ok' if good else 'MISMATCH'}"
+                      + (f" ({why})" if why else ""))
         return ok
 
 

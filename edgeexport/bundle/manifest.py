@@ -18,6 +18,8 @@ PRECISION_LABELS = {
     "int8-dynamic": "int8 dynamic (int8 weights; activations quantized at run time)",
     "int8": "int8 static (int8 weights and calibrated 8-bit activations, QDQ)",
     "dynamic-range": "dynamic-range (int8 weights, float activations)",
+    "int8-weight": "int8 weight-only (8-bit weight blocks, float activations between layers)",
+    "int4-weight": "int4 weight-only (4-bit weight blocks; output layer 8-bit; float activations between layers)",
 }
 # a target words a precision its own way where its format differs (Target.precision_labels)
 
@@ -30,6 +32,8 @@ GOLDEN_TOLERANCE = {
     "int8-dynamic": (5e-2, 0.995),
     "dynamic-range": (5e-2, 0.995),
     "int8": (5e-2, 0.995),
+    "int8-weight": (5e-2, 0.995),
+    "int4-weight": (1e-1, 0.99),
 }
 
 

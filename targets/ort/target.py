@@ -1,4 +1,5 @@
-"""ONNX Runtime target: fp32, fp16, int8 dynamic and int8 static (QDQ, per-channel weights, real calibration)."""
+"""ONNX Runtime target: fp32, fp16, int8 dynamic, int8 static (QDQ, per-channel weights, real calibration) and
+weight-only int8/int4 (MatMulNBits: weights in blocks with one scale each, activations float between layers)."""
 
 from __future__ import annotations
 
@@ -58,6 +59,13 @@ OPTIONS: dict[str, tuple[Any, str]] = {
                                "magnitude for one 8-bit range (most of its nonzero values would round to zero)"),
     "format": ("onnx", "onnx (model.onnx) or ort (ORT Mobile's model.ort, basic graph optimizations applied, with the "
                        "required_operators.config of a reduced onnxruntime build)"),
+    "block_size": (32, "int4-weight, int8-weight: weights per scale block along the input dimension "
+                       "(16, 32, 64, 128 or 256; smaller is more accurate and a little larger)"),
+    "accuracy_level": (4, "int4-weight, int8-weight: MatMulNBits' compute: 4 quantizes each activation block to int8 "
+                          "inside the kernel (fast on CPUs), 0 multiplies in float32"),
+    "output_bits": (8, "int4-weight: bits of the layers that produce graph outputs (a decoder's lm_head), 8 or 4"),
+    "embeddings": ("float", "int4-weight: the token-embedding table float, or int4 (GatherBlockQuantized: smaller "
+                            "file, no decode-speed change, less accurate)"),
     "fusion": ("none", "fp32, fp16: transformer fusion into onnxruntime contrib ops (Attention, "
                        "EmbedLayerNormalization, BiasGelu) for GPU providers: auto (bert for transformer graphs), "
                        "bert, none (default: on CPUs the fused graph was no faster)"),
@@ -65,13 +73,23 @@ OPTIONS: dict[str, tuple[Any, str]] = {
 #: int8-dynamic leaves Conv float unless op_types asks for it: ConvInteger runs slower than float Conv on ORT's CPU
 #: provider and loses accuracy (EfficientNet-Lite0: 0.27x eager, top-1 agreement 0.17)
 DYNAMIC_OP_TYPES = ["MatMul", "Attention", "LSTM", "Gather", "EmbedLayerNormalization"]
+#: weight-only precisions and their weight bits
+WEIGHT_ONLY = {"int8-weight": 8, "int4-weight": 4}
+#: below this share of the weights in MatMul/Gemm layers, a weight-only build is refused (a CNN whose only
+#: MatMul is its classifier would ship "int4" with nearly every weight float)
+MIN_WEIGHT_ONLY_SHARE = 0.5
 
 
 class OrtTarget(Target):
     name = "ort"
     extra = ""
-    precisions = ("fp32", "fp16", "int8-dynamic", "int8")
+    precisions = ("fp32", "fp16", "int8-dynamic", "int8", "int8-weight", "int4-weight")
     description = "ONNX Runtime (CPU and any ORT execution provider)"
+    precision_labels = {
+        "int8-weight": "int8 weight-only (8-bit weight blocks in MatMulNBits; activations float between layers)",
+        "int4-weight": "int4 weight-only (4-bit weight blocks in MatMulNBits; the output layer at 8 bits and the "
+                       "token table float unless the options say otherwise; activations float between layers)",
+    }
     options_spec = OPTIONS
     layer_search = True
     weight_only = "int8-dynamic"
@@ -115,6 +133,26 @@ class OrtTarget(Target):
             problems.append(Problem("target_options", f"fusion=bert applies to --precision fp32 and fp16, not "
                                     f"{config.precision} (int8 quantizes the unfused graph)",
                                     "drop it or use --precision fp32 / fp16"))
+        from edgeexport.weightonly import BLOCK_SIZES
+
+        if opts.get("block_size", 32) not in BLOCK_SIZES or isinstance(opts.get("block_size"), bool):
+            problems.append(Problem("target_options.block_size",
+                                    f"block_size must be one of {', '.join(map(str, BLOCK_SIZES))}", ""))
+        if opts.get("accuracy_level", 4) not in (0, 4) or isinstance(opts.get("accuracy_level"), bool):
+            problems.append(Problem("target_options.accuracy_level", "accuracy_level must be 0 or 4", ""))
+        if opts.get("output_bits", 8) not in (4, 8) or isinstance(opts.get("output_bits"), bool):
+            problems.append(Problem("target_options.output_bits", "output_bits must be 4 or 8", ""))
+        if opts.get("embeddings", "float") not in ("float", "int4"):
+            problems.append(Problem("target_options.embeddings", "embeddings must be float or int4", ""))
+        four_only = [k for k in ("output_bits", "embeddings") if k in opts]
+        if four_only and config.precision != "int4-weight":
+            problems.append(Problem("target_options", f"{', '.join(four_only)} apply to --precision int4-weight only, "
+                                    f"not {config.precision}", "drop them or use --precision int4-weight"))
+        weight_only = [k for k in ("block_size", "accuracy_level") if k in opts]
+        if weight_only and config.precision not in WEIGHT_ONLY:
+            problems.append(Problem("target_options", f"{', '.join(weight_only)} apply to --precision int4-weight "
+                                    f"and int8-weight only, not {config.precision}",
+                                    "drop them or use a weight-only precision"))
         if opts.get("format", "onnx") not in ("onnx", "ort"):
             problems.append(Problem("target_options.format", "format must be onnx or ort", ""))
         elif opts.get("format") == "ort" and (config.explain or config.accuracy_budget):
@@ -199,6 +237,20 @@ class OrtTarget(Target):
             settings.update(quantize_dynamic(pre, out, {**opts, "exclude_nodes": sorted(set(opts["exclude_nodes"]) |
                                                                                         set(wide))}))
             settings.update(smoothed, **wide_record)
+        elif config.precision in WEIGHT_ONLY:
+            from edgeexport.weightonly import quantize_weight_only
+
+            record = quantize_weight_only(onnx_path, out, WEIGHT_ONLY[config.precision], opts["block_size"],
+                                          accuracy_level=opts["accuracy_level"], output_bits=opts["output_bits"],
+                                          embeddings=opts["embeddings"] == "int4")
+            if not record["quantized_matmuls"] or record["covered_weight_share"] < MIN_WEIGHT_ONLY_SHARE:
+                raise TargetError(
+                    f"--precision {config.precision} would leave most of this model float",
+                    f"weight-only quantization rewrites MatMul/Gemm layers with constant weights; they hold "
+                    f"{record['covered_weight_share']:.0%} of this model's weights (convolutions and recurrent "
+                    "layers are not covered), so the bundle would be weight-only in name only",
+                    "use --precision int8 (static) or int8-dynamic for this model")
+            settings.update(record)
         else:
             from edgeexport.recipes import shield_float_layers
 

@@ -149,3 +149,30 @@ def _ov_minor() -> str:
     import openvino
 
     return ".".join(openvino.__version__.split(".")[:2])
+
+
+def test_a_decoder_bundle_generates_without_torch(device_python, tmp_path):
+    """--task text-generation: the int4 decoder's loader generates with numpy + onnxruntime + tokenizers."""
+    from edgeexport.models.decoder import decoder_path, held_out_text
+    from tests.conftest import make_cfg, quiet_build
+
+    held = tmp_path / "held.txt"
+    held.write_text("\n".join(" ".join(t.split()) for t in held_out_text()) + "\n", encoding="utf-8")
+    out = tmp_path / "bundle"
+    quiet_build(make_cfg(model=f"hf:{decoder_path()}", task="text-generation", precision="int4-weight",
+                         out=str(out), calibration={"path": str(held)}, bench={"enabled": False}))
+    device_dir = _to_device(out, tmp_path)
+    st = subprocess.run([str(device_python), "loader.py", "--selftest"], cwd=device_dir, capture_output=True, text=True)
+    assert st.returncode == 0 and "golden continuation 0: 16 tokens ok" in st.stdout, st.stdout + st.stderr
+    code = (
+        "import sys, json; from loader import load; m = load('.', threads=1); "
+        "t = m.generate('The import statement', max_new_tokens=16, stop=False); "
+        "s = m.generate('The import statement', max_new_tokens=16, temperature=0.8, top_k=40, seed=1, stop=False); "
+        "mods = [k for k in ('torch', 'transformers', 'onnx', 'edgeexport') if k in sys.modules]; "
+        "print(json.dumps({'greedy': t, 'sampled': s, 'heavy': mods}))"
+    )
+    result = _run_json(device_python, device_dir, code)
+    assert result["heavy"] == [] and result["greedy"].strip() and result["sampled"].strip()
+    from edgeexport.bundle.loader import load
+
+    assert load(out).generate("The import statement", max_new_tokens=16, stop=False) == result["greedy"]

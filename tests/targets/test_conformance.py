@@ -35,7 +35,7 @@ def test_build_load_infer_validate(target, precision, rows_npz, digits_npz, tmp_
         (DIGITS, digits_npz, "image", [1, 1, 8, 8])
     # the bundle self-tests on this machine, so it is built for it (7-bit weights where its int8 kernels
     # saturate: dynamic int8 ops have no exact mode to fall back on)
-    options = {"device": "host"} if precision.startswith("int8") and "device" in t.options_spec else {}
+    options = {"device": "host"} if precision in ("int8", "int8-dynamic") and "device" in t.options_spec else {}
     cfg = make_cfg(target=target, precision=precision, model=model, out=str(tmp_path / "b"),
                    calibration={"path": str(data)}, bench={"enabled": False}, target_options=options)
     result = quiet_build(cfg)
