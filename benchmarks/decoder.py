@@ -253,17 +253,19 @@ def render(r: dict) -> str:
         "and 4 greedy continuations of up to "
         f"{GREEDY} tokens; timing: prefill of {r['prompt_tokens']} tokens (= time to first token), {r['steps']} "
         f"decode steps from the same cache, {r['rounds']} interleaved rounds. 'greedy' is how many tokens each "
-        "continuation matches PyTorch's before the first difference (of the lengths in the first row).", "",
-        "| variant | size MB | TTFT ms | prefill tok/s | decode tok/s | decode vs eager | prefill vs eager | "
+        "continuation matches PyTorch's before the first difference (of the lengths in the first row). 'session MB' "
+        "is the resident memory the process grew by while loading and running that variant (PyTorch's: its model "
+        "was loaded first).", "",
+        "| variant | size MB | session MB | TTFT ms | prefill tok/s | decode tok/s | decode vs eager | prefill vs eager | "
         "perplexity | ppl change | KL nats/token | top-1 agree, decisive | top-1 agree, all | greedy | "
         "weight GB/s at decode |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     base = r["rows"]["pytorch eager fp32"]["ppl"]
     for name, row in r["rows"].items():
         greedy = "/".join(map(str, row["greedy"]))
         lines.append(
-            f"| {name} | {row['bytes'] / 1e6:.2f} | {row['ttft_ms']:.2f} | {row['prefill_tps']:,.0f} | "
+            f"| {name} | {row['bytes'] / 1e6:.2f} | {row.get('runtime_mb', '-')} | {row['ttft_ms']:.2f} | {row['prefill_tps']:,.0f} | "
             f"{row['decode_tps']:,.0f} | {format_speedup(row['decode_speedup'])} | "
             f"{format_speedup(row['prefill_speedup'])} | {row['ppl']:.3f} | {100 * (row['ppl'] / base - 1):+.2f}% | "
             f"{row['kl']:.3g} | {row['top1']:.4f} | {row['top1_all']:.4f} | {greedy} | {row['gbps']:.2f} |")

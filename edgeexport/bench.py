@@ -325,6 +325,8 @@ def bench_bundle(bundle: Path, warmup: int = 10, runs: Optional[int] = 100, dura
     flops = (manifest.get("model_stats") or {}).get("flops_per_sample")
     if flops:
         result["gflops_per_s"] = flops * batch / (lat["mean_ms"] * 1e6)
+    if manifest.get("generation"):
+        result["generation"] = bench_generation(model, warmup, runs, log)
     if cold_runs:
         log(f"==> cold start and peak memory: {cold_runs} fresh processes")
         colds = [fresh_process(Path(bundle), batch, threads, target=manifest["target"], options=options)
@@ -332,6 +334,35 @@ def bench_bundle(bundle: Path, warmup: int = 10, runs: Optional[int] = 100, dura
         result["fresh_process"] = {k: float(np.median([c[k] for c in colds])) for k in colds[0]}
         result["fresh_process"]["cold_start_ms_all"] = [c["cold_start_ms"] for c in colds]
     return result
+
+
+#: decode steps per timed call of a decoder bundle's benchmark
+DECODE_STEPS = 32
+
+
+def bench_generation(model: Any, warmup: int, runs: Optional[int], log: Callable[[str], None]) -> dict[str, Any]:
+    """A decoder bundle through its loader's KV-cache decoder: the prefill of its first golden prompt (the time to
+    first token) and ``DECODE_STEPS`` decode steps from that prompt's cache, timed in turn."""
+    dec = model.decoder()
+    prompt = list(model.manifest["generation"]["golden"][0]["prompt_ids"])
+    ids = np.asarray([prompt])
+    _, past0 = dec.step(ids, dec.empty())
+    steps = max(1, min(DECODE_STEPS, (dec.context or 1 << 30) - len(prompt) - 1))
+
+    def decode() -> None:
+        past, token = past0, np.array([[prompt[-1]]])
+        for _ in range(steps):
+            logits, past = dec.step(token, past)
+            token = logits[:, -1].argmax(-1)[:, None]
+
+    n = max(5, (runs or 50) // 5)
+    log(f"==> generation: prefill of {len(prompt)} tokens, then {steps} decode steps, {n} timed calls each")
+    prefill = summarize(sample_latency(lambda: dec.step(ids, dec.empty()), min(warmup, 3), n))
+    decoding = summarize(sample_latency(decode, min(warmup, 2), n))
+    return {"prompt_tokens": len(prompt), "decode_steps": steps, "ttft_ms": prefill["p50_ms"],
+            "prefill_tokens_per_s": len(prompt) * 1e3 / prefill["p50_ms"],
+            "decode_tokens_per_s": steps * 1e3 / decoding["p50_ms"], "prefill": prefill, "decode": decoding,
+            "noisy": "; ".join(w for w in (noise(prefill), noise(decoding)) if w) or None}
 
 
 def bench_grid(bundle: Path, batches: list[int], threads: list[Optional[int]], cold_runs: int = 3,
@@ -388,6 +419,12 @@ def render_bench(r: dict[str, Any]) -> str:
                      "runtime, so these are not its device's numbers)")
     if "gflops_per_s" in r:
         lines.append(f"compute:     {r['gflops_per_s']:.2f} GFLOP/s achieved (model FLOPs / mean latency)")
+    g = r.get("generation")
+    if g:
+        lines.append(f"generation:  time to first token {g['ttft_ms']:.3g} ms ({g['prompt_tokens']}-token prompt, "
+                     f"{g['prefill_tokens_per_s']:,.0f} tokens/s prefill); decode {g['decode_tokens_per_s']:,.0f} "
+                     f"tokens/s (p50 of {g['decode_steps']} steps from the prompt's KV cache); the latency above is "
+                     "one prefill call" + (f"; noisy: {g['noisy']}" if g.get("noisy") else ""))
     fp = r.get("fresh_process")
     if fp:
         lines += [f"cold start:  {fp['cold_start_ms']:.0f} ms process start -> first result (median of {p['cold_runs']}: "

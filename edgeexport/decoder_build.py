@@ -56,10 +56,12 @@ def check(config: BuildConfig) -> None:
         raise TargetError(f"--task {TASK} is not supported for --target {config.target}", why,
                           "build the decoder with --target ort (fp32, fp16, int8-weight, int4-weight, int8-dynamic)")
     if config.precision not in DECODER_TOLERANCES:
-        raise ConfigError(f"--precision {config.precision} is not offered for decoders",
+        raise ConfigError(f"--precision {config.precision} is not offered for decoders"
+                          + (" (int8 is the build's default precision)" if config.precision == "int8" else ""),
                           "static int8 would need calibrated ranges for every attention score and cache tensor; "
                           "weight-only quantization is what decode speed depends on (it reads every weight per token)",
-                          f"use one of {', '.join(DECODER_TOLERANCES)}")
+                          f"pass --precision int4-weight (smallest, fastest to decode), or one of "
+                          f"{', '.join(p for p in DECODER_TOLERANCES if p != 'int4-weight')}")
     if not config.model.startswith("hf:"):
         raise ConfigError(f"--task {TASK} needs a Hugging Face causal LM folder, not {config.model!r}",
                           "the KV-cache export path is optimum's text-generation-with-past",
@@ -129,10 +131,8 @@ class Decoder:
         return self.tokenizer.encode(text).ids
 
 
-def held_out(config: BuildConfig, dec: Decoder) -> tuple[list[list[int]], list[list[int]], dict[str, Any]]:
-    """Token windows and greedy prompts from the held-out text, and the record of where they came from."""
-    from edgeexport.generation import windows
-
+def text_file(config: BuildConfig) -> Path:
+    """The held-out text file (--val, else --calib), checked before any model is loaded."""
     path = config.calibration.validation_path or config.calibration.path
     if not path:
         raise CalibrationError(f"--task {TASK} needs held-out text", "perplexity and next-token agreement are "
@@ -142,6 +142,14 @@ def held_out(config: BuildConfig, dec: Decoder) -> tuple[list[list[int]], list[l
     if not p.is_file() or p.suffix.lower() not in (".txt", ".md"):
         raise CalibrationError(f"{path!r} is not a text file", "decoders are validated on plain text (.txt, .md)",
                                "pass --calib TEXT.txt")
+    return p
+
+
+def held_out(config: BuildConfig, dec: Decoder, p: Path) -> tuple[list[list[int]], list[list[int]], dict[str, Any]]:
+    """Token windows and greedy prompts from the held-out text, and the record of where they came from."""
+    from edgeexport.generation import windows
+
+    path = str(p)
     try:
         lines = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
     except (OSError, UnicodeDecodeError) as e:
@@ -196,13 +204,19 @@ def quantize_dynamic_decoder(src: Path, dst: Path) -> dict[str, Any]:
 
 def build(config: BuildConfig, log: Log) -> Any:
     """The decoder build; returns pipeline.BuildResult. Raises ValidationFailed when out of tolerance."""
-    from edgeexport.bundle.writer import check_output_path
+    from edgeexport.bundle.writer import archive_path, check_output_path
+    from edgeexport.errors import BundleError
 
     check(config)
     check_output_path(Path(config.out), config.force)
+    if config.archive and archive_path(Path(config.out), config.archive).exists() and not config.force:
+        raise BundleError(f"archive {str(archive_path(Path(config.out), config.archive))!r} already exists",
+                          "a build never overwrites a file unless asked", "pass --force to replace it, or choose "
+                          "another --out")
+    text = text_file(config)
     log(f"==> loading decoder {config.model}")
     dec = Decoder(config.model)
-    wins, prompts, data = held_out(config, dec)
+    wins, prompts, data = held_out(config, dec, text)
     log(f"    data: {data['windows']} held-out windows of {data['window_tokens']} tokens ({data['tokens']:,} tokens) "
         f"and {data['prompts']} prompts from {data['source']}")
     remove_stale(Path(tempfile.gettempdir()), ("edgeexport-",))
@@ -230,7 +244,12 @@ def build(config: BuildConfig, log: Log) -> Any:
                 "; ".join(f"{c.metric}={c.value:.4g} (limit {c.limit:g})" for c in report.failures()),
                 "try a more precise weight-only setting (--option block_size=16, or int8-weight), or relax the limit "
                 "knowingly with --tolerance next_token_top1=... / perplexity_change=...", report=report)
-        return _package(config, dec, artifact, report, metrics, data, session, prompts, log)
+        result = _package(config, dec, artifact, report, metrics, data, session, prompts, log)
+    if config.archive:
+        from edgeexport.bundle.writer import write_archive
+
+        log(f"==> packing {write_archive(result.out, config.archive)}")
+    return result
 
 
 def _build_precision(config: BuildConfig, work: Path, exported: Path) -> Any:

@@ -11,7 +11,7 @@ The trained folder is cached (``decoder_path``): under ``$EDGEEXPORT_CACHE``, el
 when run from a checkout, else ``~/.cache/edgeexport``. The folder's name carries a hash of the recipe below, so a
 changed recipe trains again; a folder is written whole or not at all.
 
-    python -m edgeexport.models.decoder            # trains (or finds) it and prints the folder
+    python -m edgeexport.models.decoder [--held-out held.txt]   # trains (or finds) it and prints the folder
     edgeexport build --model hf:$(python -m edgeexport.models.decoder) --task text-generation ...
 """
 
@@ -181,5 +181,21 @@ def perplexity(model, ids, block: int) -> float:  # type: ignore[no-untyped-def]
     return float(np.exp(total / count))
 
 
+def write_held_out(path: str | Path) -> Path:
+    """The held-out paragraphs, one per line (what --calib takes for --task text-generation)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(" ".join(t.split()) for t in held_out_text()) + "\n", encoding="utf-8")
+    return path
+
+
 if __name__ == "__main__":
-    print(decoder_path(progress=lambda s: print(s, flush=True, file=__import__("sys").stderr)))
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(description="train (or find) the decoder and print its folder")
+    parser.add_argument("--held-out", help="also write the held-out paragraphs, one per line, to this file")
+    args = parser.parse_args()
+    if args.held_out:
+        print(f"wrote {write_held_out(args.held_out)}", file=sys.stderr)
+    print(decoder_path(progress=lambda s: print(s, flush=True, file=sys.stderr)))

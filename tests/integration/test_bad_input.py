@@ -44,8 +44,21 @@ class ReturnsText(torch.nn.Module):
     def forward(self, x):
         return x * 2, "done"
 
+class ConvHeavy(torch.nn.Module):  # nearly all of its weights in convolutions, a small Linear head
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Sequential(torch.nn.Conv1d(1, 64, 3, padding=1), torch.nn.ReLU(),
+                                        torch.nn.Conv1d(64, 64, 3, padding=1))
+        self.fc = torch.nn.Linear(64, 4)
+
+    def forward(self, x):
+        return self.fc(self.conv(x[:, None]).mean(-1))
+
 def keyword_only():
     return KeywordOnly()
+
+def conv_heavy():
+    return ConvHeavy()
 
 def returns_text():
     return ReturnsText()
@@ -115,6 +128,15 @@ CATALOGUE = [
     ("unparseable state pair", 2, "cannot parse --state 'x'"),
     ("data of single numbers only", 1, "holds only single numbers (x)"),
     ("int8 of a model whose layers sit in If branches", 1, "nothing in the built model runs in integers"),
+    ("weight-only of a network whose weights are convolutions", 1, "int4-weight would leave most of this model float"),
+    ("weight-only option on int8", 2, "block_size apply to --precision int4-weight and int8-weight only"),
+    ("text generation from a model that is not a folder", 2, "needs a Hugging Face causal LM folder"),
+    ("text generation for TFLite", 1, "--task text-generation is not supported for --target tflite"),
+    ("text generation at static int8", 2, "not offered for decoders (int8 is the build's default precision)"),
+    ("text generation from an encoder", 1, "holds a BertModel, not a causal language model"),
+    ("text generation without a tokenizer", 1, "has no tokenizer.json"),
+    ("text generation from array data", 1, "is not a text file"),
+    ("a decoder tolerance for another model", 2, "perplexity_change applies to --task text-generation only"),
 ]
 
 
@@ -165,7 +187,28 @@ def cases(tmp_path_factory, tiny_model, tiny_npz):
     for name in ("a", "b"):
         np.savez(d / "arrays" / f"{name}.npz", x=np.zeros((20, 6), np.float32))
     (d / "odd.py").write_text(ODD_MODELS)
+    import json
+
+    for name, arch in (("encoder", "BertModel"), ("lm", "GPT2LMHeadModel")):
+        (d / name).mkdir()
+        (d / name / "config.json").write_text(json.dumps({"architectures": [arch], "vocab_size": 100}))
+    (d / "text.txt").write_text("Some held-out prose, one paragraph per line, for a decoder's validation.\n")
+    gen = ["--task", "text-generation", "--precision", "fp32"]
     return {
+        "weight-only of a network whose weights are convolutions": ["--model", str(d / "odd.py") + ":conv_heavy",
+                                                                    "--calib", good, "--input", "x:1x6:float32",
+                                                                    "--precision", "int4-weight"],
+        "weight-only option on int8": ["--model", t + ":build", "--calib", good, "--option", "block_size=64"],
+        "text generation from a model that is not a folder": ["--model", t + ":build", "--calib", good, *gen],
+        "text generation for TFLite": ["--model", f"hf:{d / 'lm'}", "--calib", str(d / "text.txt"), "--target",
+                                       "tflite", *gen],
+        "text generation at static int8": ["--model", f"hf:{d / 'lm'}", "--calib", str(d / "text.txt"),
+                                           "--task", "text-generation"],
+        "text generation from an encoder": ["--model", f"hf:{d / 'encoder'}", "--calib", str(d / "text.txt"), *gen],
+        "text generation without a tokenizer": ["--model", f"hf:{d / 'lm'}", "--calib", str(d / "text.txt"), *gen],
+        "text generation from array data": ["--model", f"hf:{d / 'lm'}", "--calib", good, *gen],
+        "a decoder tolerance for another model": ["--model", t + ":build", "--calib", good, "--tolerance",
+                                                  "perplexity_change=0.1"],
         "float labels": ["--model", t + ":build", "--calib", good, "--labels", str(d / "float_labels.npy")],
         "state pair naming no output": ["--model", t + ":build", "--calib", good, "--state", "x=ghost"],
         "unknown output kind": ["--model", t + ":build", "--calib", good, "--output", "output:score"],

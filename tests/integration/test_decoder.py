@@ -170,7 +170,7 @@ def test_bad_decoder_inputs_are_refused_with_the_fix(gpt2_dir, llama_dir, held_t
         quiet_build(_cfg(minilm_path(), "fp32", out, held_txt))
     with pytest.raises(TargetError, match="not supported for --target tflite"):
         quiet_build(_cfg(llama_dir, "fp32", out, held_txt, target="tflite"))
-    with pytest.raises(ConfigError, match="not offered for decoders"):
+    with pytest.raises(ConfigError, match=r"not offered for decoders \(int8 is the build's default precision\)"):
         quiet_build(_cfg(llama_dir, "int8", out, held_txt))
     with pytest.raises(ConfigError, match="block_size must be one of"):
         quiet_build(_cfg(llama_dir, "int4-weight", out, held_txt, target_options={"block_size": 48}))
@@ -211,6 +211,30 @@ def test_the_loader_refuses_bad_generation_requests(gpt2_dir, held_txt, tmp_path
     # a prompt near the context stops at the context instead of failing mid-way
     ids = model.generate_ids(list(range(5, 250)), max_new_tokens=50, stop=False)
     assert len(ids) == 11
+
+
+def test_a_decoder_bundle_packs_and_generates_from_its_archive(llama_dir, held_txt, tmp_path):
+    from edgeexport.bundle.loader import load
+
+    out = tmp_path / "b"
+    quiet_build(_cfg(llama_dir, "fp32", out, held_txt, archive="tar.gz"))
+    packed = tmp_path / "b.tar.gz"
+    assert packed.is_file()
+    assert load(packed).generate("The import", max_new_tokens=5, stop=False) == \
+        load(out).generate("The import", max_new_tokens=5, stop=False)
+
+
+def test_bench_times_a_decoder_per_token(cli, llama_dir, held_txt, tmp_path):
+    out = tmp_path / "b"
+    quiet_build(_cfg(llama_dir, "int4-weight", out, held_txt))
+    r = cli("bench", out, "--runs", "10", "--warmup", "1", "--cold-runs", "0", "--json")
+    assert r.exit_code == 0, r.stderr
+    g = json.loads(r.stdout)["generation"]
+    assert g["decode_steps"] == 32 and g["decode_tokens_per_s"] > 0 and g["ttft_ms"] > 0
+    assert g["prompt_tokens"] == len(json.loads((out / "manifest.json").read_text())["generation"]["golden"][0]
+                                     ["prompt_ids"])
+    text = cli("bench", out, "--runs", "10", "--cold-runs", "0")
+    assert "generation:  time to first token" in text.stdout and "tokens/s" in text.stdout
 
 
 def test_a_non_decoder_bundle_cannot_generate(digits_npz, tmp_path):

@@ -32,6 +32,13 @@ def test_example_runs(example, tmp_path):
         assert "detected" not in r.stderr and "state: h <- hn" in r.stderr  # declared with --state
     if example == "custom_model":
         assert "batch of 8 -> (8, 4)" in r.stdout
+    if example == "decoder":
+        import json
+
+        assert "golden continuation 2: 16 tokens ok" in r.stdout and "selftest passed" in r.stdout
+        assert "greedy: 'The import statement" in r.stdout and "sampled: 'The import statement" in r.stdout
+        m = json.loads((tmp_path / "out" / "int4-weight" / "manifest.json").read_text())
+        assert m["validation"]["passed"] and m["quantization"]["matmuls_by_bits"] == {"4": 16, "8": 1}
     if example == "efficientnet_lite0":
         import json
 
