@@ -197,8 +197,8 @@ _MODEL_AND_DATA_OPTIONS = [
     click.option("--calib", help="Calibration/validation data: .npz (arrays by input name), .npy, an image folder or "
                   "a quoted glob ('photos/*.jpg'), or synthetic:N (random data, recorded as such)."),
     click.option("--task", help="hf: models: the optimum task [default: feature-extraction]; feature-extraction also "
-                  "selects embedding metrics; text-generation builds a causal LM with its KV cache (ort: fp32, fp16, "
-                  "int8-weight, int4-weight, int8-dynamic; --calib is held-out text, see docs/decoders.md)."),
+                  "selects embedding metrics; text-generation builds a causal LM with its KV cache (--calib is "
+                  "held-out text; see docs/decoders.md)."),
     click.option("--max-length", type=click.IntRange(1, 8192), help="Text: tokens per sample, truncated and padded [default: the --input sequence length, else 128]."),
     click.option("--input", "inputs", multiple=True, help="NAME:SHAPE[:DTYPE], e.g. image:batchx3x224x224:float32."),
     click.option("--output", "outputs", multiple=True, help=f"NAME:KIND: what an output is, which picks its metrics; "

@@ -40,7 +40,8 @@ class Settings:
 
 #: limits that let anything pass, for timing a refused combination (never for a bundle that is kept)
 _LIFTED = {"cosine": -1.0, "snr_db": -1e9, "top1": 0.0, "pooled_cosine": -1.0, "top5": 0.0,
-           "accuracy_drop": 1e9, "max_abs": 1e30, "prob_mean_abs": 1.0, "flip_rate": 1.0}
+           "accuracy_drop": 1e9, "max_abs": 1e30, "prob_mean_abs": 1.0, "flip_rate": 1.0, "next_token_top1": 0.0,
+           "kl_divergence": 100.0, "perplexity_change": 100.0}
 
 
 @dataclass

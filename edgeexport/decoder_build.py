@@ -34,14 +34,6 @@ PROMPT_WORDS = 6
 #: CPU (fp32 sums in another order; int8 activation blocks round differently) without the bundle being wrong
 LOGIT_MARGIN = {"fp32": 0.01, "fp16": 0.05, "int8-weight": 0.1, "int4-weight": 0.2, "int8-dynamic": 0.2}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-#: what the other targets say to a decoder
-UNSUPPORTED = {
-    "tflite": "TFLite has no dynamic KV cache here: onnx2tf and litert-torch convert static graphs, and a decoder "
-              "needs the cache to grow each step (a fixed-size cache with an update index is not built yet)",
-    "trt": "TensorRT runs decoders through TensorRT-LLM / TensorRT Edge-LLM engines, which this tool does not build",
-    "openvino": "the OpenVINO target has no KV-cache decoder path yet (OpenVINO GenAI's is the one to use)",
-}
-
 Log = Callable[[str], None]
 
 
@@ -51,17 +43,23 @@ def is_decoder_task(task: str | None) -> bool:
 
 def check(config: BuildConfig) -> None:
     """Everything that can be refused before any work: target, precision, model spec, options."""
-    if config.target != "ort":
-        why = UNSUPPORTED.get(config.target, f"the {config.target} target has no decoder path")
-        raise TargetError(f"--task {TASK} is not supported for --target {config.target}", why,
-                          "build the decoder with --target ort (fp32, fp16, int8-weight, int4-weight, int8-dynamic)")
-    if config.precision not in DECODER_TOLERANCES:
+    from edgeexport.targets import all_targets, get_target
+
+    target = get_target(config.target)
+    if not target.decoder_precisions:
+        able = [f"--target {t.name} ({', '.join(t.decoder_precisions)})" for t in all_targets()
+                if t.decoder_precisions and t.public]
+        raise TargetError(f"--task {TASK} is not supported for --target {config.target}", target.decoder_refusal,
+                          f"build the decoder with {' or '.join(able)}")
+    if config.precision not in target.decoder_precisions:
         raise ConfigError(f"--precision {config.precision} is not offered for decoders"
                           + (" (int8 is the build's default precision)" if config.precision == "int8" else ""),
                           "static int8 would need calibrated ranges for every attention score and cache tensor; "
                           "weight-only quantization is what decode speed depends on (it reads every weight per token)",
                           f"pass --precision int4-weight (smallest, fastest to decode), or one of "
-                          f"{', '.join(p for p in DECODER_TOLERANCES if p != 'int4-weight')}")
+                          f"{', '.join(p for p in target.decoder_precisions if p != 'int4-weight')}"
+                          if "int4-weight" in target.decoder_precisions else
+                          f"pass one of {', '.join(target.decoder_precisions)}")
     if not config.model.startswith("hf:"):
         raise ConfigError(f"--task {TASK} needs a Hugging Face causal LM folder, not {config.model!r}",
                           "the KV-cache export path is optimum's text-generation-with-past",
@@ -78,11 +76,9 @@ def check(config: BuildConfig) -> None:
         raise ConfigError(f"--tolerance {', '.join(unknown)} does not apply to decoders",
                           f"decoders are judged on {', '.join(DECODER_TOLERANCES['fp32'])}",
                           "use --tolerance next_token_top1=0.9 or --tolerance perplexity_change=0.05")
-    from edgeexport.targets import get_target
-
-    problems = get_target("ort").check(config)
+    problems = target.check(config)
     if problems:
-        raise ConfigError("target 'ort' cannot build this configuration",
+        raise ConfigError(f"target {config.target!r} cannot build this configuration",
                           "; ".join(f"{p.field}: {p.message}" for p in problems),
                           "; ".join(p.fix for p in problems if p.fix) or "change the settings named above")
 
@@ -183,27 +179,9 @@ def held_out(config: BuildConfig, dec: Decoder, p: Path) -> tuple[list[list[int]
     return wins, prompts, record
 
 
-def quantize_dynamic_decoder(src: Path, dst: Path) -> dict[str, Any]:
-    """int8-dynamic for a decoder: every MatMul with a constant weight (Gemms split first), 8-bit per-channel."""
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    from edgeexport.util import quiet
-    from edgeexport.weightonly import gemm_to_matmul
-
-    model = onnx.load(str(src))
-    split = gemm_to_matmul(model)
-    mid = dst.with_name("split.onnx")
-    onnx.save(model, str(mid))
-    with quiet():
-        quantize_dynamic(str(mid), str(dst), op_types_to_quantize=["MatMul"], per_channel=True, reduce_range=False,
-                         weight_type=QuantType.QInt8)
-    return {"quantization": "dynamic", "quantizer": "onnxruntime.quantization", "op_types": ["MatMul"],
-            "per_channel": True, "reduce_range": False, "gemms_split": split}
-
-
-def build(config: BuildConfig, log: Log) -> Any:
-    """The decoder build; returns pipeline.BuildResult. Raises ValidationFailed when out of tolerance."""
+def build(config: BuildConfig, log: Log) -> tuple[Path, dict[str, Any], Any]:
+    """The decoder build; returns the bundle's path, its manifest and the validation report (pipeline.build wraps
+    them in a BuildResult). Raises ValidationFailed when out of tolerance."""
     from edgeexport.bundle.writer import archive_path, check_output_path
     from edgeexport.errors import BundleError
 
@@ -228,8 +206,10 @@ def build(config: BuildConfig, log: Log) -> Any:
 
         with heartbeat(log, "exporting"):
             export_with_past(dec.folder, exported, config.opset)
-        log(f"==> building ort / {config.precision}")
-        artifact = _build_precision(config, work, exported)
+        log(f"==> building {config.target} / {config.precision}")
+        from edgeexport.targets import get_target
+
+        artifact = get_target(config.target).build_decoder(config, work, exported)
         for note in artifact.notes:
             log(f"    note: {note}")
         log(f"==> validating on {data['windows']} held-out windows and {len(prompts)} greedy continuations")
@@ -238,33 +218,18 @@ def build(config: BuildConfig, log: Log) -> Any:
         log(_table(metrics, report))
         if not report.passed:
             raise ValidationFailed(
-                f"validation failed: ort/{config.precision} is out of tolerance on {metrics['positions']:,} held-out "
+                f"validation failed: {config.target}/{config.precision} is out of tolerance on {metrics['positions']:,} held-out "
                 "tokens; "
                 "no bundle was written",
                 "; ".join(f"{c.metric}={c.value:.4g} (limit {c.limit:g})" for c in report.failures()),
                 "try a more precise weight-only setting (--option block_size=16, or int8-weight), or relax the limit "
                 "knowingly with --tolerance next_token_top1=... / perplexity_change=...", report=report)
-        result = _package(config, dec, artifact, report, metrics, data, session, prompts, log)
+        out, manifest = _package(config, dec, artifact, report, metrics, data, session, prompts, log)
     if config.archive:
         from edgeexport.bundle.writer import write_archive
 
-        log(f"==> packing {write_archive(result.out, config.archive)}")
-    return result
-
-
-def _build_precision(config: BuildConfig, work: Path, exported: Path) -> Any:
-    from edgeexport.targets import get_target
-    from edgeexport.targets.base import Artifact
-
-    if config.precision != "int8-dynamic":
-        return get_target("ort").build(None, config, None, work, exported)  # fp32, fp16, weight-only: no data used
-    import onnxruntime
-
-    out_dir = work / "ort"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    settings = quantize_dynamic_decoder(exported, out_dir / "model.onnx")
-    return Artifact("ort", config.precision, out_dir, ["model.onnx"], settings,
-                    {"onnxruntime": onnxruntime.__version__}, [])
+        log(f"==> packing {write_archive(out, config.archive)}")
+    return out, manifest, report
 
 
 def _session(path: Path, threads: int | None) -> Any:
@@ -350,10 +315,9 @@ def _package(config: BuildConfig, dec: Decoder, artifact: Any, report: Any, metr
     from edgeexport.bundle.loader import TOKENIZER_FILE, KVDecoder
     from edgeexport.bundle.manifest import golden_tolerance, now_iso, versions
     from edgeexport.bundle.writer import write_bundle
-    from edgeexport.pipeline import BuildResult
     from edgeexport.targets import get_target
 
-    target = get_target("ort")
+    target = get_target(config.target)
     cand = KVDecoder(session, context=dec.context)
     # a golden prefill (the generic self-test replays it) and golden greedy continuations (replayed by generate)
     lay = cand.layout
@@ -371,7 +335,7 @@ def _package(config: BuildConfig, dec: Decoder, artifact: Any, report: Any, metr
     files.update({f"{folder}/{n}": dec.folder / n for n in TOKENIZER_FILES if (dec.folder / n).is_file()})
     settings = dict(artifact.settings)
     manifest = {
-        "schema_version": 1, "created": now_iso(), "target": "ort", "precision": config.precision,
+        "schema_version": 1, "created": now_iso(), "target": config.target, "precision": config.precision,
         "precision_label": target.precision_label(config.precision), "model_file": artifact.files[0],
         "model_files": artifact.model_files, "inputs": io["inputs"], "outputs": io["outputs"],
         "runtime": artifact.runtime, "runtime_config": artifact.runtime_config, "versions": versions(),
@@ -394,7 +358,7 @@ def _package(config: BuildConfig, dec: Decoder, artifact: Any, report: Any, metr
     texts = {"requirements.txt": "\n".join(requirements) + "\n", "report.md": render(manifest)}
     log(f"==> writing bundle to {config.out}")
     out = write_bundle(Path(config.out), files, [golden_pair], manifest, texts, config.force, target.loader_backend())
-    return BuildResult(config, out, manifest, report, {})
+    return out, manifest
 
 
 def _io(t: Any) -> dict[str, Any]:
@@ -409,7 +373,7 @@ def render(m: dict[str, Any]) -> str:
     g = m["validation"]["generation"]
     q = m["quantization"]
     tol = m["validation"]["tolerance"]
-    lines = [f"# {m['source']['spec']} -> ort / {m['precision']}", "", f"Precision: {m['precision_label']}", "",
+    lines = [f"# {m['source']['spec']} -> {m['target']} / {m['precision']}", "", f"Precision: {m['precision_label']}", "",
              "## Validation (generation)", "",
              f"On {g['positions']:,} held-out token positions from {m['calibration']['source']} (teacher-forced, "
              "against PyTorch eager):", "",

@@ -229,7 +229,8 @@ def build(config: BuildConfig, log: Log = _stderr) -> BuildResult:
     from edgeexport import decoder_build
 
     if decoder_build.is_decoder_task(config.task):  # a decoder with its KV cache: its own export and validation
-        return decoder_build.build(config, log)
+        out, manifest, report = decoder_build.build(config, log)
+        return BuildResult(config, out, manifest, report)
     config, source, calib = resolve(config, log)
     return build_resolved(config, source, calib, log)
 

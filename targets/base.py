@@ -122,6 +122,15 @@ class Target:
     layer_search: bool = False
     #: listed in --help and error messages ('fake', a test double, is not)
     public: bool = True
+    #: --task text-generation (a decoder with its KV cache, edgeexport.decoder_build): the precisions this target
+    #: builds decoders at (empty: none), and what it says when asked for one it cannot build
+    decoder_precisions: tuple[str, ...] = ()
+    decoder_refusal: str = "this target has no decoder path"
+
+    def build_decoder(self, config: "BuildConfig", workdir: Path, onnx_path: Path) -> "Artifact":
+        """A decoder's KV-cache graph at ``config.precision`` (one of decoder_precisions); no data is used. Only
+        targets that declare decoder_precisions implement it."""
+        raise NotImplementedError(f"{self.name} has no decoder path")
 
     def check(self, config: "BuildConfig") -> list[Problem]:
         problems = []

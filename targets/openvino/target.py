@@ -85,6 +85,7 @@ class OpenvinoTarget(Target):
                         "int8": "int8 (NNCF post-training quantization: int8 weights and activations where OpenVINO "
                                 "runs them in integer)"}
     runtime_packages = ("openvino",)
+    decoder_refusal = "the OpenVINO target has no KV-cache decoder path yet (OpenVINO GenAI's is the one to use)"
     calib_methods = ("minmax", "percentile", "entropy")  # the Q/DQ quantizer's; NNCF takes minmax (see check)
 
     def check(self, config: "BuildConfig") -> list[Problem]:

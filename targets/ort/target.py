@@ -94,6 +94,7 @@ class OrtTarget(Target):
     layer_search = True
     weight_only = "int8-dynamic"
     runtime_packages = ("onnxruntime",)
+    decoder_precisions = ("fp32", "fp16", "int8-weight", "int4-weight", "int8-dynamic")
 
     def check(self, config: "BuildConfig") -> list[Problem]:
         problems = super().check(config)
@@ -275,6 +276,32 @@ class OrtTarget(Target):
             settings.update(format="ort", ort_optimization_level="basic", onnx_sha256=sha256_file(out))
             out.unlink()
         return artifact
+
+    def build_decoder(self, config: "BuildConfig", workdir: Path, onnx_path: Path) -> Artifact:
+        """fp32, fp16 and weight-only go through build() (they read no data); int8-dynamic quantizes every
+        constant-weight MatMul (Gemms split first), 8-bit per-channel, without the data-driven steps of build()."""
+        if config.precision != "int8-dynamic":
+            return self.build(None, config, None, workdir, onnx_path)  # type: ignore[arg-type]
+        import onnx
+        import onnxruntime
+        from onnxruntime.quantization import QuantType
+        from onnxruntime.quantization import quantize_dynamic as ort_quantize_dynamic
+
+        from edgeexport.weightonly import gemm_to_matmul
+
+        out_dir = workdir / "ort"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        model = onnx.load(str(onnx_path))
+        split = gemm_to_matmul(model)
+        mid = workdir / "split.onnx"
+        onnx.save(model, str(mid))
+        with quiet():
+            ort_quantize_dynamic(str(mid), str(out_dir / MODEL_FILE), op_types_to_quantize=["MatMul"],
+                                 per_channel=True, reduce_range=False, weight_type=QuantType.QInt8)
+        settings = {"format": "onnx", "quantization": "dynamic", "quantizer": "onnxruntime.quantization",
+                    "op_types": ["MatMul"], "per_channel": True, "reduce_range": False, "gemms_split": split}
+        return Artifact("ort", config.precision, out_dir, [MODEL_FILE], settings,
+                        {"onnxruntime": onnxruntime.__version__}, [])
 
     @staticmethod
     def _exact_here(artifact: Artifact) -> bool:

@@ -57,6 +57,8 @@ class TfliteTarget(Target):
                         "int8": "int8 full-integer (int8 weights and activations, every op quantized)"}
     weight_only = "dynamic-range"
     runtime_packages = ("ai-edge-litert", "tensorflow")
+    decoder_refusal = ("TFLite has no growing KV cache: onnx2tf and litert-torch convert static graphs, and a "
+                       "decoder's cache grows each step (a fixed-size cache with an update index is not built yet)")
     cli_options = (CliOption("--io-dtype", "io_dtype", "tflite int8: dtype of the model's inputs/outputs (int8/uint8 "
                              "for accelerators, MCUs).", ("float32", "int8", "uint8")),)
     options_spec = {"io_dtype": ("float32", "int8 only: dtype of the model's inputs/outputs (float32, int8, uint8)"),

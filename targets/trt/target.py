@@ -84,6 +84,8 @@ class TrtTarget(Target):
     precision_labels = {"fp16": "fp16 (float16 graph for TensorRT, float32 inputs/outputs)",
                         "int8": "int8 (TensorRT: explicit Q/DQ, or implicit calibration cache on TensorRT 10)"}
     runtime_packages = ("tensorrt",)
+    decoder_refusal = ("TensorRT runs decoders through TensorRT-LLM / TensorRT Edge-LLM engines, which this tool "
+                       "does not build")
     cli_options = (CliOption("--engine", "engine", "trt: build the TensorRT engine here (now; needs TensorRT and a GPU) "
                              "or on the device on first load (deferred) [default: auto = now when TensorRT and a GPU "
                              "are here].", ("auto", "now", "deferred")),)
