@@ -33,7 +33,6 @@ PROMPT_WORDS = 6
 #: the self-test's near-tie margin per precision: a golden token within this of the top logit may flip on another
 #: CPU (fp32 sums in another order; int8 activation blocks round differently) without the bundle being wrong
 LOGIT_MARGIN = {"fp32": 0.01, "fp16": 0.05, "int8-weight": 0.1, "int4-weight": 0.2, "int8-dynamic": 0.2}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 Log = Callable[[str], None]
 
 
@@ -76,11 +75,10 @@ def check(config: BuildConfig) -> None:
         raise ConfigError(f"--tolerance {', '.join(unknown)} does not apply to decoders",
                           f"decoders are judged on {', '.join(DECODER_TOLERANCES['fp32'])}",
                           "use --tolerance next_token_top1=0.9 or --tolerance perplexity_change=0.05")
-    problems = target.check(config)
-    if problems:
-        raise ConfigError(f"target {config.target!r} cannot build this configuration",
-                          "; ".join(f"{p.field}: {p.message}" for p in problems),
-                          "; ".join(p.fix for p in problems if p.fix) or "change the settings named above")
+    from edgeexport.targets.base import refuse
+
+    refuse(target.check(config), f"target {config.target!r} cannot build this configuration",
+           "change the settings named above")
 
 
 class Decoder:
@@ -182,15 +180,11 @@ def held_out(config: BuildConfig, dec: Decoder, p: Path) -> tuple[list[list[int]
 def build(config: BuildConfig, log: Log) -> tuple[Path, dict[str, Any], Any]:
     """The decoder build; returns the bundle's path, its manifest and the validation report (pipeline.build wraps
     them in a BuildResult). Raises ValidationFailed when out of tolerance."""
-    from edgeexport.bundle.writer import archive_path, check_output_path
-    from edgeexport.errors import BundleError
+    from edgeexport.bundle.writer import check_archive_path, check_output_path
 
     check(config)
     check_output_path(Path(config.out), config.force)
-    if config.archive and archive_path(Path(config.out), config.archive).exists() and not config.force:
-        raise BundleError(f"archive {str(archive_path(Path(config.out), config.archive))!r} already exists",
-                          "a build never overwrites a file unless asked", "pass --force to replace it, or choose "
-                          "another --out")
+    check_archive_path(Path(config.out), config.archive, config.force)
     text = text_file(config)
     log(f"==> loading decoder {config.model}")
     dec = Decoder(config.model)
@@ -214,7 +208,7 @@ def build(config: BuildConfig, log: Log) -> tuple[Path, dict[str, Any], Any]:
             log(f"    note: {note}")
         log(f"==> validating on {data['windows']} held-out windows and {len(prompts)} greedy continuations")
         with heartbeat(log, "validating"):
-            report, metrics, session = validate(config, dec, artifact, wins, prompts)
+            report, metrics, cand = validate(config, dec, artifact, wins, prompts)
         log(_table(metrics, report))
         if not report.passed:
             raise ValidationFailed(
@@ -224,22 +218,12 @@ def build(config: BuildConfig, log: Log) -> tuple[Path, dict[str, Any], Any]:
                 "; ".join(f"{c.metric}={c.value:.4g} (limit {c.limit:g})" for c in report.failures()),
                 "try a more precise weight-only setting (--option block_size=16, or int8-weight), or relax the limit "
                 "knowingly with --tolerance next_token_top1=... / perplexity_change=...", report=report)
-        out, manifest = _package(config, dec, artifact, report, metrics, data, session, prompts, log)
+        out, manifest = _package(config, dec, artifact, report, metrics, data, cand, prompts, log)
     if config.archive:
         from edgeexport.bundle.writer import write_archive
 
         log(f"==> packing {write_archive(out, config.archive)}")
     return out, manifest, report
-
-
-def _session(path: Path, threads: int | None) -> Any:
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    if threads:
-        so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
 def validate(config: BuildConfig, dec: Decoder, artifact: Any, wins: list[list[int]],
@@ -249,6 +233,7 @@ def validate(config: BuildConfig, dec: Decoder, artifact: Any, wins: list[list[i
 
     from edgeexport.bench import resolve_threads, set_torch_threads
     from edgeexport.generation import KVDecoder, generation_metrics, position_stats
+    from edgeexport.reference import OnnxRunner
     from edgeexport.util import quiet
     from edgeexport.validate import Check, ValidationReport
 
@@ -261,8 +246,7 @@ def validate(config: BuildConfig, dec: Decoder, artifact: Any, wins: list[list[i
         except Exception as e:
             raise ModelLoadError("transformers cannot load the decoder", str(e)[:300], "check the folder") from None
     set_torch_threads(threads)
-    session = _session(artifact.model_path, threads)
-    cand = KVDecoder(session, context=dec.context)
+    cand = KVDecoder(OnnxRunner(str(artifact.model_path), threads=threads).session, context=dec.context)
     stats = []
     with torch.inference_mode():
         for w in wins:
@@ -292,7 +276,7 @@ def validate(config: BuildConfig, dec: Decoder, artifact: Any, wins: list[list[i
     report = ValidationReport(outputs={"logits": {"kind": "next-token logits", **{
         k: v for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None}}},
         tolerance=limits, checks=checks, samples=len(wins))
-    return report, metrics, session
+    return report, metrics, cand
 
 
 def _table(m: dict[str, Any], report: Any) -> str:
@@ -311,14 +295,16 @@ def _table(m: dict[str, Any], report: Any) -> str:
 
 
 def _package(config: BuildConfig, dec: Decoder, artifact: Any, report: Any, metrics: dict[str, Any],
-             data: dict[str, Any], session: Any, prompts: list[list[int]], log: Log) -> Any:
-    from edgeexport.bundle.loader import TOKENIZER_FILE, KVDecoder
+             data: dict[str, Any], cand: Any, prompts: list[list[int]], log: Log) -> Any:
+    from edgeexport.bundle.loader import TOKENIZER_FILE
     from edgeexport.bundle.manifest import golden_tolerance, now_iso, versions
     from edgeexport.bundle.writer import write_bundle
+    from edgeexport.runner import ort_io
+    from edgeexport.source_hf import tokenizer_files
     from edgeexport.targets import get_target
 
     target = get_target(config.target)
-    cand = KVDecoder(session, context=dec.context)
+    session = cand.session
     # a golden prefill (the generic self-test replays it) and golden greedy continuations (replayed by generate)
     lay = cand.layout
     p0 = np.asarray([prompts[0]], dtype=np.int64)
@@ -329,10 +315,11 @@ def _package(config: BuildConfig, dec: Decoder, artifact: Any, report: Any, metr
     names = [o.name for o in session.get_outputs()]
     golden_pair = (feed, dict(zip(names, session.run(None, feed))))
     continuations = [{"prompt_ids": p, "continuation_ids": cand.generate(p, GOLDEN_TOKENS)} for p in prompts]
-    io = {"inputs": [_io(i) for i in session.get_inputs()], "outputs": [_io(o) for o in session.get_outputs()]}
-    folder = TOKENIZER_FILE.rsplit("/", 1)[0]
+    # as the session declares them; named dims without spaces ('past_sequence_length+sequence_length')
+    io = {k: [dict(t.to_dict(), shape=[d if isinstance(d, int) else str(d).replace(" ", "") for d in t.shape])
+              for t in ts] for k, ts in zip(("inputs", "outputs"), ort_io(session))}
     files = {name: artifact.root / name for name in artifact.files}
-    files.update({f"{folder}/{n}": dec.folder / n for n in TOKENIZER_FILES if (dec.folder / n).is_file()})
+    files.update(tokenizer_files(dec.folder))
     settings = dict(artifact.settings)
     manifest = {
         "schema_version": 1, "created": now_iso(), "target": config.target, "precision": config.precision,
@@ -359,13 +346,6 @@ def _package(config: BuildConfig, dec: Decoder, artifact: Any, report: Any, metr
     log(f"==> writing bundle to {config.out}")
     out = write_bundle(Path(config.out), files, [golden_pair], manifest, texts, config.force, target.loader_backend())
     return out, manifest
-
-
-def _io(t: Any) -> dict[str, Any]:
-    dtype = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
-             "tensor(int32)": "int32"}.get(t.type, t.type)
-    shape = [d if isinstance(d, int) else str(d).replace(" ", "") for d in t.shape]
-    return {"name": t.name, "shape": shape, "dtype": dtype}
 
 
 def render(m: dict[str, Any]) -> str:

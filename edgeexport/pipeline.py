@@ -15,13 +15,14 @@ import numpy as np
 
 from edgeexport.bench import resolve_threads
 from edgeexport.bundle.manifest import golden_tolerance, now_iso, versions
-from edgeexport.bundle.writer import check_output_path, write_bundle
+from edgeexport.bundle.writer import check_archive_path, check_output_path, write_bundle
 from edgeexport.calibration import CalibrationSet, load_calibration
 from edgeexport.config import DECODER_TOLERANCES, BuildConfig, InputSpec
 from edgeexport.errors import CalibrationError, ConfigError, ValidationFailed
 from edgeexport.report import render_markdown
 from edgeexport.source import ModelSource, load_source
 from edgeexport.targets import get_target
+from edgeexport.targets.base import refuse
 from edgeexport.validate import ValidationReport, error_sample, holdout_report
 from edgeexport.util import heartbeat, remove_stale, tmp_prefix
 
@@ -69,23 +70,16 @@ def resolve(config: BuildConfig, log: Log = _stderr) -> tuple[BuildConfig, Model
                           "other models are judged on their outputs' metrics", "drop it, or build with --task "
                           "text-generation")
     target = get_target(config.target)
-    _refuse(target.check(config), f"target {config.target!r} cannot build this configuration",
+    refuse(target.check(config), f"target {config.target!r} cannot build this configuration",
             "change the settings named above")
     check_output_path(Path(config.out), config.force)
-    if config.archive:
-        from edgeexport.bundle.writer import archive_path
-        from edgeexport.errors import BundleError
-
-        packed = archive_path(Path(config.out), config.archive)
-        if packed.exists() and not config.force:
-            raise BundleError(f"archive {str(packed)!r} already exists", "a build never overwrites a file unless asked",
-                              "pass --force to replace it, or choose another --out")
+    check_archive_path(Path(config.out), config.archive, config.force)
     log(f"==> loading model {config.model}")
     with heartbeat(log, "loading the model"):
         source = load_source(config.model, config.task)
     specs = resolve_inputs(config, source)
     log(f"    inputs: {', '.join(s.describe() for s in specs)}")
-    _refuse(target.check_inputs(specs, config.calibration.max_length), f"target {config.target!r} cannot take these inputs",
+    refuse(target.check_inputs(specs, config.calibration.max_length), f"target {config.target!r} cannot take these inputs",
             "declare the inputs with --input")
     calib = load_calibration(config.calibration, specs, source.tokenizer_file)
     summary = calib.summary()
@@ -107,13 +101,6 @@ def resolve(config: BuildConfig, log: Log = _stderr) -> tuple[BuildConfig, Model
         resolved.calibration = resolved.calibration.model_copy(
             update={"preprocess": ImagePreprocess(**calib.data.preprocess)})
     return resolved, source, calib
-
-
-def _refuse(problems: list, what: str, default_fix: str) -> None:
-    """A target's Problems become one ConfigError naming every offending setting."""
-    if problems:
-        raise ConfigError(what, "; ".join(f"{p.field}: {p.message}" for p in problems),
-                          "; ".join(p.fix for p in problems if p.fix) or default_fix)
 
 
 def resolve_inputs(config: BuildConfig, source: ModelSource) -> list[InputSpec]:

@@ -32,7 +32,7 @@ class HFModelSource(ModelSource):
     def __init__(self, spec: str, task: str | None) -> None:
         self.spec = spec
         self.path = Path(spec[len("hf:"):])
-        self.task = task or "feature-extraction"
+        self.task: str = task or "feature-extraction"
         if not (self.path / "config.json").is_file():
             raise ModelLoadError(f"{str(self.path)!r} is not a Hugging Face model directory (no config.json)", "",
                                  "point hf: at a folder saved with save_pretrained()")
@@ -74,27 +74,14 @@ class HFModelSource(ModelSource):
         return f if f.is_file() else None
 
     def bundle_files(self) -> dict[str, Path]:
-        from edgeexport.bundle.loader import TOKENIZER_FILE
-
-        folder = TOKENIZER_FILE.rsplit("/", 1)[0]  # where the loader looks for tokenizer.json
-        return {f"{folder}/{n}": self.path / n for n in TOKENIZER_FILES if (self.path / n).is_file()}
+        return tokenizer_files(self.path)
 
     def describe(self) -> dict[str, Any]:
         return {"spec": self.spec, "kind": self.kind, "task": self.task, "library": self.library}
 
     def export_onnx(self, path: Path, specs: list[InputSpec], opset: int) -> list[str]:
-        from optimum.exporters.onnx import main_export
-
-        with tempfile.TemporaryDirectory(prefix=tmp_prefix("hf-")) as tmp, quiet() as log:
-            try:
-                main_export(str(self.path), output=tmp, task=self.task, opset=opset, do_validation=False,
-                            library_name=self.library, device="cpu")
-            except Exception as e:
-                raise ExportError("optimum's ONNX export failed", _short(e, 500) + _tail(log.getvalue()),
-                                  "check that optimum supports this architecture and task, or try another --opset") from None
-            shutil.copyfile(Path(tmp) / "model.onnx", path)
-            if (Path(tmp) / "model.onnx_data").exists():
-                raise ExportError("the model is over 2 GB", "optimum wrote external weights", "edge bundles need < 2 GB")
+        optimum_export(self.path, path, self.task, opset, self.library, "optimum's ONNX export failed",
+                       "check that optimum supports this architecture and task, or try another --opset")
         import onnx
 
         model = onnx.load(str(path))
@@ -131,26 +118,41 @@ class HFRunner(Runner):
         return {o.name: out[o.name].detach().cpu().numpy() for o in self.outputs}
 
 
-def export_with_past(model_dir: str | Path, dst: Path, opset: int = 18) -> list[str]:
-    """A Hugging Face causal LM exported by optimum as one KV-cache graph (task text-generation-with-past: the
-    prefill feeds an empty cache, each decode step one token and the cache; see edgeexport.generation). Writes
-    ``dst``; returns the graph's input names. Raises ExportError where optimum has no such path."""
+def tokenizer_files(folder: Path) -> dict[str, Path]:
+    """The tokenizer files of a model folder, keyed by where the bundle's loader looks for them."""
+    from edgeexport.bundle.loader import TOKENIZER_FILE
+
+    where = TOKENIZER_FILE.rsplit("/", 1)[0]
+    return {f"{where}/{n}": folder / n for n in TOKENIZER_FILES if (folder / n).is_file()}
+
+
+def optimum_export(model_dir: str | Path, dst: Path, task: str, opset: int, library: str | None, what: str,
+                   fix: str) -> None:
+    """optimum's ONNX export of ``model_dir`` for ``task`` into ``dst`` (one graph, under 2 GB); ``what`` and ``fix``
+    word the ExportError when optimum fails."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with tempfile.TemporaryDirectory(prefix=tmp_prefix("hf-")) as tmp, quiet() as log:
         try:  # imported quietly: transformers imports torchao where it is installed, which logs
             from optimum.exporters.onnx import main_export
         except ImportError:
-            raise missing_extra("optimum-onnx", "hf", "exporting Hugging Face decoders") from None
+            raise missing_extra("optimum-onnx", "hf", "exporting Hugging Face models") from None
         try:
-            main_export(str(model_dir), output=tmp, task="text-generation-with-past", opset=opset,
-                        do_validation=False, device="cpu")
+            main_export(str(model_dir), output=tmp, task=task, opset=opset, do_validation=False,
+                        library_name=library, device="cpu")
         except Exception as e:
-            raise ExportError("optimum cannot export this model as a decoder with a KV cache",
-                              _short(e, 500) + _tail(log.getvalue()),
-                              "check that optimum supports the architecture for text-generation-with-past") from None
+            raise ExportError(what, _short(e, 500) + _tail(log.getvalue()), fix) from None
         if (Path(tmp) / "model.onnx_data").exists():
             raise ExportError("the model is over 2 GB", "optimum wrote external weights", "edge bundles need < 2 GB")
         shutil.copyfile(Path(tmp) / "model.onnx", dst)
+
+
+def export_with_past(model_dir: str | Path, dst: Path, opset: int = 18) -> list[str]:
+    """A Hugging Face causal LM exported by optimum as one KV-cache graph (task text-generation-with-past: the
+    prefill feeds an empty cache, each decode step one token and the cache; see edgeexport.generation). Writes
+    ``dst``; returns the graph's input names. Raises ExportError where optimum has no such path."""
+    optimum_export(model_dir, dst, "text-generation-with-past", opset, None,
+                   "optimum cannot export this model as a decoder with a KV cache",
+                   "check that optimum supports the architecture for text-generation-with-past")
     import onnx
 
     return [i.name for i in onnx.load(str(dst), load_external_data=False).graph.input]

@@ -71,8 +71,8 @@ def gemm_to_matmul(model: Any) -> int:
         rewritten += 1
     del graph.node[:]
     graph.node.extend(new_nodes)
-    used = {i for n in graph.node for i in n.input}
-    keep = [t for t in graph.initializer if t.name in used or t.name in {o.name for o in graph.output}]
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    keep = [t for t in graph.initializer if t.name in used]
     del graph.initializer[:]
     graph.initializer.extend(keep)
     onnx.checker.check_model(model)

@@ -97,6 +97,15 @@ class CliOption:
     choices: tuple[str, ...] = ()
 
 
+def refuse(problems: list["Problem"], what: str, default_fix: str) -> None:
+    """A target's Problems become one ConfigError naming every offending setting (nothing when there are none)."""
+    if problems:
+        from edgeexport.errors import ConfigError
+
+        raise ConfigError(what, "; ".join(f"{p.field}: {p.message}" for p in problems),
+                          "; ".join(p.fix for p in problems if p.fix) or default_fix)
+
+
 class Target:
     """Base class for a backend. Each lives in its own unit, ``targets/<name>/``: ``target.py`` (this class) and
     ``backend.py`` (the device side the shipped loader runs). Units never import each other."""
@@ -128,9 +137,13 @@ class Target:
     decoder_refusal: str = "this target has no decoder path"
 
     def build_decoder(self, config: "BuildConfig", workdir: Path, onnx_path: Path) -> "Artifact":
-        """A decoder's KV-cache graph at ``config.precision`` (one of decoder_precisions); no data is used. Only
-        targets that declare decoder_precisions implement it."""
-        raise NotImplementedError(f"{self.name} has no decoder path")
+        """A decoder's KV-cache graph at ``config.precision`` (one of decoder_precisions); no data is used. Targets
+        that declare decoder_precisions override it; the others refuse with their decoder_refusal (decoder_build
+        checks first, so this is the same refusal for a caller that did not)."""
+        from edgeexport.errors import TargetError
+
+        raise TargetError(f"--task text-generation is not supported for --target {self.name}", self.decoder_refusal,
+                          "build the decoder for a target that lists decoder precisions")
 
     def check(self, config: "BuildConfig") -> list[Problem]:
         problems = []

@@ -140,6 +140,15 @@ def archive_path(bundle: Path, fmt: str) -> Path:
     return Path(bundle).parent / f"{Path(bundle).name}.{fmt}"
 
 
+def check_archive_path(bundle: Path, fmt: str | None, force: bool) -> None:
+    """Refuse, before any work, an ``--archive`` that would overwrite an existing file unasked."""
+    if fmt:
+        packed = archive_path(bundle, fmt)
+        if packed.exists() and not force:
+            raise BundleError(f"archive {str(packed)!r} already exists", "a build never overwrites a file unless asked",
+                              "pass --force to replace it, or choose another --out")
+
+
 def write_archive(bundle: Path, fmt: str) -> Path:
     """Pack the bundle folder into ``<bundle>.tar.gz`` or ``<bundle>.zip`` (members under ``<name>/``), atomically:
     regular files and folders only, owner 0, so the loader's archive checks accept it."""

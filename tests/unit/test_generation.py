@@ -157,3 +157,16 @@ def test_windows_and_decoder_text_split():
 
 def test_input_error_is_a_value_error():
     assert issubclass(InputError, ValueError)
+
+
+def test_a_target_without_a_decoder_path_refuses_to_build_one(tmp_path):
+    """Target.build_decoder's default is the target's own refusal, not a crash, for a caller that skips the check."""
+    from edgeexport.errors import TargetError
+    from edgeexport.targets import all_targets
+
+    for target in all_targets():
+        if target.decoder_precisions:
+            continue
+        with pytest.raises(TargetError, match=f"not supported for --target {target.name}") as e:
+            target.build_decoder(None, tmp_path, tmp_path / "m.onnx")  # type: ignore[arg-type]
+        assert e.value.why == target.decoder_refusal
