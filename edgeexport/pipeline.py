@@ -489,6 +489,9 @@ def failure_advice(config: BuildConfig, target: Any) -> str:
     if config.precision == "int8-dynamic":
         return ("--precision int8 (static, calibrated ranges), a higher precision, or relax the limit knowingly "
                 "with --tolerance KEY=VALUE")
+    if config.precision.endswith("-weight"):  # weight-only: no calibration is involved, so none is advised
+        return ("smaller weight blocks (--option block_size=16), 8-bit weights (--precision int8-weight), a higher "
+                "precision, or relax the limit knowingly with --tolerance KEY=VALUE")
     return ("try another --calib-method or more calibration samples, a higher precision, or relax the limit "
             "knowingly with --tolerance KEY=VALUE")
 

@@ -270,3 +270,13 @@ def test_weight_only_refuses_a_network_whose_weights_are_mostly_convolutions(tmp
                              calibration={"path": str(data)}, bench={"enabled": False}))
     assert "they hold 1% of this model's weights" in e.value.why
     assert not (tmp_path / "b").exists()
+
+
+def test_a_refused_weight_only_build_is_advised_on_weights_not_calibration(rows_npz, tmp_path):
+    """Weight-only precisions use no calibration: the refusal points at the block size and the weight width."""
+    with pytest.raises(ValidationFailed) as e:
+        quiet_build(make_cfg(model="edgeexport.models.digit_rows:model", precision="int4-weight",
+                             out=str(tmp_path / "b"), calibration={"path": str(rows_npz)}, bench={"enabled": False},
+                             tolerance={"snr_db": 200.0}))
+    assert "--option block_size=16" in e.value.fix and "--precision int8-weight" in e.value.fix
+    assert "calib" not in e.value.fix and not (tmp_path / "b").exists()
