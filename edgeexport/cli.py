@@ -488,8 +488,11 @@ def compare(ctx: click.Context, **params: Any) -> None:
         settings = cmp.Settings(warmup=params["warmup"], runs=params["runs"], rounds=params["rounds"],
                                 threads=params["threads"], time_failed=params["time_failed"])
         log = (lambda m: click.echo(m, err=True))
-        result = cmp.run(config, _csv(params["targets"]) or [], _csv(params["precisions"]), settings, out, log,
-                         command=_reproduce(ctx), focus=params["focus"])
+        from edgeexport import compare_decoder, decoder_build
+
+        run = compare_decoder.run if decoder_build.is_decoder_task(config.task) else cmp.run
+        result = run(config, _csv(params["targets"]) or [], _csv(params["precisions"]), settings, out, log,
+                     command=_reproduce(ctx), focus=params["focus"])
         if params["report"]:
             from edgeexport.htmlreport import write_report
 

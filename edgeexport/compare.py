@@ -61,6 +61,8 @@ class Row:
     metrics: dict[str, Any] = field(default_factory=dict)
     validation: Optional[dict[str, Any]] = None
     build_s: Optional[float] = None
+    #: decoders: time to first token, prefill and decode tokens/s (latency is then per decoded token)
+    generation: Optional[dict[str, Any]] = None
     errors: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     def add_note(self, text: str) -> None:
@@ -78,7 +80,8 @@ class Row:
                 "speedup_supported": self.speedup is not None and self.speedup_noise is None,
                 "speedup_noise": self.speedup_noise, "speedup_range": self.speedup_range,
                 "gflops_per_s": self.gflops_per_s,
-                "metrics": self.metrics, "validation": self.validation, "build_s": self.build_s}
+                "metrics": self.metrics, "validation": self.validation, "build_s": self.build_s,
+                "generation": self.generation}
 
 
 @dataclass
@@ -94,9 +97,11 @@ class Comparison:
     pruning: Optional[dict[str, Any]] = None  # what --prune did before the one export every row was built from
     chosen: Optional[Row] = None  # the recommendation
     focus: Optional[Row] = None  # the row whose error histograms the report shows (default: the recommendation)
+    #: "model" (one forward per sample) or "decoder" (--task text-generation: timed per token, generation metrics)
+    kind: str = "model"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model": self.model, "reference": self.reference, "data": self.data, "protocol": self.protocol,
+        return {"model": self.model, "kind": self.kind, "reference": self.reference, "data": self.data, "protocol": self.protocol,
                 "accuracy_metric": self.accuracy_metric, "model_stats": self.model_stats, "command": self.command,
                 "pruning": self.pruning,
                 "recommended": self.chosen.key if self.chosen else None,
@@ -302,7 +307,8 @@ def run(base: BuildConfig, targets: list[str], precisions: Optional[list[str]], 
         out_root: Optional[Path] = None, log: Log = print, command: str = "", focus: Optional[str] = None
         ) -> Comparison:
     """Build, validate and time every combination. ``out_root`` keeps the bundles (else they go to a temp folder);
-    ``focus`` ('target/precision') picks the row whose errors the report plots."""
+    ``focus`` ('target/precision') picks the row whose errors the report plots. A decoder (--task
+    text-generation) is compared by compare_decoder.run, which builds on this module."""
     from edgeexport import pipeline
     from edgeexport.bench import machine, resolve_threads, runtime_versions
     from edgeexport.targets import DEFAULT_TARGET, known_precisions
@@ -386,8 +392,27 @@ def _f(v: Optional[float], fmt: str) -> str:
     return "-" if v is None else format(v, fmt)
 
 
-def table_lines(c: Comparison, markdown: bool = False) -> list[str]:
+def _pct(v: Optional[float]) -> str:
+    return "-" if v is None else f"{100 * v:+.2f}%"
+
+
+def table_rows(c: Comparison) -> tuple[list[str], list[list[str]]]:
+    """The comparison's header and rows as text cells (the reference first): the text table's and the report's."""
     ref = c.reference
+    status = lambda r: r.status.upper() if r.status != "passed" else r.status  # noqa: E731
+    if c.kind == "decoder":
+        head = ["target", "precision", "status", "size KiB", "TTFT ms", "decode tok/s", "decode speed-up",
+                "ppl change", "top-1 (decisive)", "KL"]
+        g = ref["generation"]
+        body = [["reference", ref["kind"], "-", _f(ref["size_bytes"] and ref["size_bytes"] / 1024, ",.1f"),
+                 _f(g["ttft_ms"], ".2f"), _f(g["decode_tokens_per_s"], ",.0f"), "1.00x", "-", "-", "-"]]
+        for r in c.rows:
+            m, gen = r.metrics, r.generation or {}
+            body.append([r.target, r.precision, status(r), _f(r.size_bytes and r.size_bytes / 1024, ",.1f"),
+                         _f(gen.get("ttft_ms"), ".2f"), _f(gen.get("decode_tokens_per_s"), ",.0f"), speedup_cell(r),
+                         _pct(m.get("perplexity_change")),
+                         _f(m.get("next_token_top1"), ".4f"), _f(m.get("kl_divergence"), ".2g")])
+        return head, body
     head = ["target", "precision", "status", "size KiB", "p50 ms", "p90 ms", "speed-up", "cosine", "top-1",
             "task drop", "GFLOP/s"]
     body = [["reference", ref["kind"], "-", _f(ref["size_bytes"] and ref["size_bytes"] / 1024, ".1f"),
@@ -395,11 +420,16 @@ def table_lines(c: Comparison, markdown: bool = False) -> list[str]:
              _f(ref.get("gflops_per_s"), ".3g")]]
     for r in c.rows:
         m, lat = r.metrics, r.latency or {}
-        body.append([r.target, r.precision, r.status.upper() if r.status != "passed" else r.status,
+        body.append([r.target, r.precision, status(r),
                      _f(r.size_bytes and r.size_bytes / 1024, ".1f"), _f(lat.get("p50_ms"), ".4g"),
                      _f(lat.get("p90_ms"), ".4g"), speedup_cell(r),
                      _f(m.get("cosine"), ".5f"), _f(m.get("top1"), ".3f"), _f(m.get("task_drop_points"), "+.2f"),
                      _f(r.gflops_per_s, ".3g")])
+    return head, body
+
+
+def table_lines(c: Comparison, markdown: bool = False) -> list[str]:
+    head, body = table_rows(c)
     if markdown:
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         lines += ["| " + " | ".join(row) + " |" for row in body]
@@ -432,5 +462,6 @@ def recommendation(c: Comparison) -> str:
     if not r.latency:
         return f"Passed validation: {r.key} (no latency measured here, so no speed ranking)."
     size = f", {r.size_bytes / c.reference['size_bytes']:.2f}x the size" if c.reference["size_bytes"] else ""
-    return (f"Recommended: {r.key}: it passed validation and is the fastest, or the smallest within {TIE:.0%} of "
+    fastest = "decodes fastest" if c.kind == "decoder" else "is the fastest"
+    return (f"Recommended: {r.key}: it passed validation and {fastest}, or is the smallest within {TIE:.0%} of "
             f"the fastest ({r.speedup:.2f}x vs {c.reference['kind']}{size}).")

@@ -177,9 +177,11 @@ def held_out(config: BuildConfig, dec: Decoder, p: Path) -> tuple[list[list[int]
     return wins, prompts, record
 
 
-def build(config: BuildConfig, log: Log) -> tuple[Path, dict[str, Any], Any]:
+def build(config: BuildConfig, log: Log, exported: Path | None = None) -> tuple[Path, dict[str, Any], Any]:
     """The decoder build; returns the bundle's path, its manifest and the validation report (pipeline.build wraps
-    them in a BuildResult). Raises ValidationFailed when out of tolerance."""
+    them in a BuildResult). Raises ValidationFailed when out of tolerance. ``exported``: the model's
+    text-generation-with-past graph when already exported (compare exports once for every row); it is copied,
+    never changed."""
     from edgeexport.bundle.writer import check_archive_path, check_output_path
 
     check(config)
@@ -194,16 +196,21 @@ def build(config: BuildConfig, log: Log) -> tuple[Path, dict[str, Any], Any]:
     remove_stale(Path(tempfile.gettempdir()), ("edgeexport-",))
     with tempfile.TemporaryDirectory(prefix=tmp_prefix()) as tmp:
         work = Path(tmp)
-        exported = work / "exported.onnx"
-        log(f"==> exporting with optimum (text-generation-with-past, opset {config.opset})")
-        from edgeexport.source_hf import export_with_past
+        graph = work / "exported.onnx"
+        if exported is not None:
+            import shutil
 
-        with heartbeat(log, "exporting"):
-            export_with_past(dec.folder, exported, config.opset)
+            shutil.copyfile(exported, graph)
+        else:
+            log(f"==> exporting with optimum (text-generation-with-past, opset {config.opset})")
+            from edgeexport.source_hf import export_with_past
+
+            with heartbeat(log, "exporting"):
+                export_with_past(dec.folder, graph, config.opset)
         log(f"==> building {config.target} / {config.precision}")
         from edgeexport.targets import get_target
 
-        artifact = get_target(config.target).build_decoder(config, work, exported)
+        artifact = get_target(config.target).build_decoder(config, work, graph)
         for note in artifact.notes:
             log(f"    note: {note}")
         log(f"==> validating on {data['windows']} held-out windows and {len(prompts)} greedy continuations")
@@ -333,8 +340,8 @@ def _package(config: BuildConfig, dec: Decoder, artifact: Any, report: Any, metr
         "task": TASK,
         "validation": dict(report.to_dict(), runtime=f"onnxruntime {artifact.runtime.get('onnxruntime', '')}",
                            generation=metrics),
-        "benchmark": {"skipped": "decoders are timed per token by benchmarks/decoder.py (time to first token, "
-                                 "prefill and decode tokens/s)"},
+        "benchmark": {"skipped": "decoders are timed per token (time to first token, prefill and decode tokens/s) "
+                                 "by edgeexport bench and edgeexport compare"},
         "golden": {"count": 1, "tolerance": golden_tolerance(config.precision, [golden_pair[1]]),
                    "produced_by": "the built model: one prefill of the first prompt"},
         "generation": {"context": dec.context, "stop_ids": dec.eos, "golden": continuations,

@@ -16,12 +16,13 @@ from typing import Any, Optional
 
 import numpy as np
 
-from edgeexport.compare import Comparison, speedup_cell, recommendation, table_lines
+from edgeexport.compare import Comparison, speedup_cell, recommendation, table_lines, table_rows
 from edgeexport.errors import BundleError, missing_extra
 
 _STATUS_COLOURS = {"passed": "#2e7d32", "failed": "#c62828", "error": "#6a1b9a", "skipped": "#757575"}
 _METRIC_LABELS = {"task_accuracy": "task accuracy (labelled held-out samples)",
-                  "top1": "top-1 agreement with the reference", "cosine": "cosine similarity to the reference"}
+                  "top1": "top-1 agreement with the reference", "cosine": "cosine similarity to the reference",
+                  "next_token_top1": "next-token top-1 agreement (decisive positions)"}
 _CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
 table { border-collapse: collapse; margin: 1em 0; font-size: 0.92em; }
@@ -79,7 +80,8 @@ def scatter(c: Comparison) -> str:
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
     ax.set_xscale("log")
-    ax.set_xlabel("latency p50 (ms, log scale; left is faster)")
+    ax.set_xlabel("decode latency p50 (ms per token, log scale; left is faster)" if c.kind == "decoder" else
+                  "latency p50 (ms, log scale; left is faster)")
     ax.set_ylabel(_METRIC_LABELS[c.accuracy_metric])
     ax.grid(True, alpha=0.3)
     ax.set_title("Latency vs accuracy")
@@ -130,6 +132,19 @@ def error_histograms(errors: dict[str, np.ndarray], title: str, limit: int = 4) 
 
 
 def _table(c: Comparison) -> str:
+    if c.kind == "decoder":  # the text table's columns: time to first token, decode tokens/s, generation metrics
+        head, body = table_rows(c)
+        cells = ["<tr>" + "".join(f'<th class="l">{h}</th>' if i < 3 else f"<th>{h}</th>" for i, h in enumerate(head))
+                 + "</tr>"]
+        for n, row in enumerate(body):
+            r = c.rows[n - 1] if n else None
+            colour = _STATUS_COLOURS.get(r.status, "gray") if r else "inherit"
+            cells.append(f'<tr{" class=chosen" if r is not None and r is c.chosen else ""}>' + "".join(
+                f'<td class="l{" status" if i == 2 else ""}"' + (f' style="color:{colour}"' if i == 2 else "")
+                + f">{html.escape(v)}</td>" if i < 3 else
+                (f"<td{_noisy_title(r.speedup_noise)}>" if i == 6 and r is not None else "<td>") + f"{html.escape(v)}</td>"
+                for i, v in enumerate(row)) + "</tr>")
+        return '<table id="comparison">' + "".join(cells) + "</table>"
     head = ["target", "precision", "status", "size KiB", "p50 ms", "p90 ms", "p99 ms", "speed-up", "cosine", "top-1",
             "task accuracy", "task drop (pts)", "GFLOP/s"]
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
@@ -179,11 +194,18 @@ def render(c: Comparison) -> str:
     flops = (f"{stats['params'] / 1e6:.3g} M parameters, {stats['flops_per_sample'] / 1e9:.3g} GFLOP per sample "
              f"({html.escape(stats['counted'])})") if stats.get("flops_per_sample") else "not counted"
     data = c.data
+    if c.kind == "decoder":
+        model_line = f"Model: <code>{html.escape(c.model)}</code> (a causal LM with its KV cache)."
+        data_line = (f"Data: {html.escape(str(data.get('source')))}: {data.get('windows')} held-out windows of "
+                     f"{data.get('window_tokens')} tokens ({data.get('tokens'):,} tokens), teacher-forced against "
+                     f"PyTorch, and {data.get('prompts')} greedy prompts; the decoder precisions use no calibration.")
+    else:
+        model_line = f"Model: <code>{html.escape(c.model)}</code>; {flops}."
+        data_line = (f"Data: {html.escape(str(data.get('source')))}: {data.get('calibration_samples')} calibration "
+                     f"samples, {data.get('holdout_samples')} held-out samples for validation (never used for "
+                     "calibration)" + (" &mdash; <b>SYNTHETIC random data</b>" if data.get("synthetic") else "") + ".")
     protocol = [
-        f"Model: <code>{html.escape(c.model)}</code>; {flops}.",
-        f"Data: {html.escape(str(data.get('source')))}: {data.get('calibration_samples')} calibration samples, "
-        f"{data.get('holdout_samples')} held-out samples for validation (never used for calibration)"
-        + (" &mdash; <b>SYNTHETIC random data</b>" if data.get("synthetic") else "") + ".",
+        model_line, data_line,
         f"Timing: batch {p['batch']}, {p['warmup']} warm-up calls then {p['runs_per_round']} timed runs per variant "
         f"per round, {p['rounds']} interleaved rounds, threads {p['threads'] or 'runtime default'}; "
         f"{html.escape(p['timed'])}.",

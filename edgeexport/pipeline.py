@@ -61,9 +61,10 @@ def resolve(config: BuildConfig, log: Log = _stderr) -> tuple[BuildConfig, Model
     from edgeexport import decoder_build
 
     if decoder_build.is_decoder_task(config.task):
-        raise ConfigError(f"--task {config.task} is built by `edgeexport build` only",
-                          "compare, sweep and --dry-run do not handle decoders with a KV cache yet",
-                          "run edgeexport build once per precision; benchmarks/decoder.py compares them")
+        raise ConfigError(f"--task {config.task} is built by `edgeexport build` and `edgeexport compare` only",
+                          "sweep and --dry-run do not handle decoders with a KV cache yet",
+                          "run edgeexport build once per precision, or edgeexport compare --task text-generation to "
+                          "build, validate and time every precision side by side")
     decoder_keys = sorted(k for k in config.tolerance if k in DECODER_TOLERANCES["fp32"])
     if decoder_keys:
         raise ConfigError(f"--tolerance {', '.join(decoder_keys)} applies to --task text-generation only",

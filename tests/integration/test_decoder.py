@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgeexport.errors import CalibrationError, ConfigError, ModelLoadError, TargetError, ValidationFailed
+from edgeexport.errors import (CalibrationError, ConfigError, EdgeExportError, ModelLoadError, TargetError,
+                               ValidationFailed)
 from tests.conftest import make_cfg, quiet_build
 
 pytestmark = pytest.mark.slow
@@ -168,6 +169,19 @@ def test_bad_decoder_inputs_are_refused_with_the_fix(gpt2_dir, llama_dir, held_t
         quiet_build(_cfg(save_llama(tmp_path / "small", gpt2_dir, vocab=1024), "fp32", out, held_txt))
     with pytest.raises(ModelLoadError, match="not a causal language model"):
         quiet_build(_cfg(minilm_path(), "fp32", out, held_txt))
+    # a causal LM without a KV-cache export path (GPT-1 keeps no cache; optimum has no config for it)
+    import torch
+    from transformers import OpenAIGPTConfig, OpenAIGPTLMHeadModel
+
+    torch.manual_seed(0)
+    gpt1 = tmp_path / "gpt1"
+    OpenAIGPTLMHeadModel(OpenAIGPTConfig(vocab_size=2048, n_positions=128, n_embd=32, n_layer=1, n_head=2)
+                         ).save_pretrained(gpt1)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(Path(gpt2_dir) / name, gpt1 / name)
+    with pytest.raises(EdgeExportError, match="cannot export this model as a decoder with a KV cache") as e:
+        quiet_build(_cfg(gpt1, "fp32", out, held_txt))
+    assert "openai-gpt" in e.value.why and "text-generation-with-past" in e.value.fix
     with pytest.raises(TargetError, match="not supported for --target tflite"):
         quiet_build(_cfg(llama_dir, "fp32", out, held_txt, target="tflite"))
     with pytest.raises(ConfigError, match=r"not offered for decoders \(int8 is the build's default precision\)"):
@@ -189,7 +203,7 @@ def test_bad_decoder_inputs_are_refused_with_the_fix(gpt2_dir, llama_dir, held_t
                              tolerance={"perplexity_change": 0.1}))
     from edgeexport import pipeline
 
-    with pytest.raises(ConfigError, match="built by `edgeexport build` only"):
+    with pytest.raises(ConfigError, match="built by `edgeexport build` and `edgeexport compare` only"):
         pipeline.resolve(_cfg(llama_dir, "fp32", out, held_txt), log=lambda _m: None)
     assert not out.exists()
 
@@ -235,6 +249,59 @@ def test_bench_times_a_decoder_per_token(cli, llama_dir, held_txt, tmp_path):
                                      ["prompt_ids"])
     text = cli("bench", out, "--runs", "10", "--cold-runs", "0")
     assert "generation:  time to first token" in text.stdout and "tokens/s" in text.stdout
+
+
+def test_compare_builds_validates_and_times_every_decoder_precision(cli, gpt2_dir, held_txt, tmp_path):
+    from edgeexport.bundle.loader import load
+
+    out, report = tmp_path / "bundles", tmp_path / "report.html"
+    r = cli("compare", "--task", "text-generation", "--model", f"hf:{gpt2_dir}", "--calib", held_txt,
+            "--targets", "ort,tflite", "--precisions", "fp32,int8-weight,int4-weight", "--runs", "10", "--rounds", "2",
+            "--warmup", "1", "--threads", "1", "--out", out, "--report", report, "--json")
+    assert r.exit_code == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["kind"] == "decoder" and res["accuracy_metric"] == "next_token_top1"
+    rows = {f"{x['target']}/{x['precision']}": x for x in res["rows"]}
+    assert list(rows) == ["ort/fp32", "ort/int8-weight", "ort/int4-weight", "tflite/fp32", "tflite/int8-weight",
+                          "tflite/int4-weight"]
+    assert "exporting" in r.stderr and r.stderr.count("once with optimum") == 1
+    ref = res["reference"]
+    assert ref["kind"] == "PyTorch eager fp32" and ref["generation"]["decode_tokens_per_s"] > 0
+    for key, row in rows.items():
+        if key.startswith("tflite/"):  # no growing KV cache on TFLite: skipped with the reason, never built
+            assert row["status"] == "skipped" and "no growing KV cache" in row["reason"] and row["bundle"] is None
+            continue
+        assert row["status"] == "passed", (key, row["reason"])
+        m, g = row["metrics"], row["generation"]
+        assert m["decisive_positions"] > 1000 and m["next_token_top1"] >= 0.95 and abs(m["perplexity_change"]) < 0.05
+        assert len(m["greedy_matching"]) == 3
+        # latency is per decoded token: the speed-up is the decode tokens/s ratio, and the bundle is the one kept
+        assert g["decode_tokens_per_s"] == pytest.approx(1e3 / row["latency"]["p50_ms"])
+        assert row["speedup_vs_reference"] == pytest.approx(g["decode_tokens_per_s"] / ref["generation"]["decode_tokens_per_s"])
+        assert g["ttft_ms"] > 0 and row["latency"]["runs"] == 2 * 5
+        assert load(row["bundle"]).generate_ids([5, 6, 7], max_new_tokens=3, stop=False)
+        assert row["size_bytes"] == (Path(row["bundle"]) / "model.onnx").stat().st_size
+    assert rows["ort/int4-weight"]["size_bytes"] < 0.4 * rows["ort/fp32"]["size_bytes"]
+    assert res["recommended"] in ("ort/fp32", "ort/int8-weight", "ort/int4-weight")
+    page = report.read_text()
+    assert "decode tok/s" in page and "top-1 (decisive)" in page and "held-out windows" in page
+    text = cli("compare", "--task", "text-generation", "--model", f"hf:{gpt2_dir}", "--calib", held_txt,
+               "--targets", "ort", "--precisions", "int4-weight", "--tolerance", "kl_divergence=0.00001",
+               "--time-failed", "--runs", "5", "--rounds", "1", "--warmup", "0", "--threads", "1")
+    # a refused precision is a FAILED row (timed with --time-failed, not kept), and nothing is recommended
+    assert text.exit_code == 1 and "FAILED" in text.stdout and "timed anyway" in text.stdout
+    assert "kl_divergence" in text.stdout and "No combination passed validation" in text.stdout
+
+
+def test_compare_refuses_what_no_decoder_target_builds(cli, gpt2_dir, held_txt, tmp_path):
+    base = ("compare", "--task", "text-generation", "--model", f"hf:{gpt2_dir}", "--calib", held_txt)
+    r = cli(*base, "--precisions", "int8")
+    assert r.exit_code == 2 and "which no target builds for decoders" in r.stderr and "int4-weight" in r.stderr
+    r = cli(*base, "--targets", "tflite,trt")
+    assert r.exit_code == 2 and "none of --targets tflite,trt builds decoders" in r.stderr and "--targets ort" in r.stderr
+    r = cli("compare", "--task", "text-generation", "--model", "edgeexport.models.digits:model", "--calib", held_txt)
+    assert r.exit_code != 0 and "needs a Hugging Face causal LM folder" in r.stderr
+    assert "Traceback" not in r.stderr
 
 
 def test_a_non_decoder_bundle_cannot_generate(digits_npz, tmp_path):
