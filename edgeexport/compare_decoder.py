@@ -245,6 +245,13 @@ def run(base: BuildConfig, targets: list[str], precisions: Optional[list[str]], 
             config = base.model_copy(update={"target": row.target, "precision": row.precision, "target_options": opts,
                                              "out": str(root / f"{row.target}-{row.precision}"), "force": True,
                                              "archive": None})
+            try:  # settings this row's target or precision refuses (an option for another precision): skipped
+                decoder_build.check(config)
+            except EdgeExportError as e:
+                row.status = "skipped"
+                row.add_note(f"{e.what}" + (f": {e.why}" if e.why else "") + (f" ({e.fix})" if e.fix else ""))
+                log(f"[{i}/{len(todo)}] {row.key}: skipped ({row.reason})")
+                continue
             log(f"[{i}/{len(todo)}] {row.key}: building and validating")
             _build_row(row, config, exported, quiet_log, Path(tmp) / "refused" if settings.time_failed else None)
             log(f"[{i}/{len(todo)}] {row.key}: {row.status}" + (f" ({row.reason})" if row.reason else "")

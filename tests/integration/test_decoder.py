@@ -299,6 +299,10 @@ def test_compare_refuses_what_no_decoder_target_builds(cli, gpt2_dir, held_txt, 
     assert r.exit_code == 2 and "which no target builds for decoders" in r.stderr and "int4-weight" in r.stderr
     r = cli(*base, "--targets", "tflite,trt")
     assert r.exit_code == 2 and "none of --targets tflite,trt builds decoders" in r.stderr and "--targets ort" in r.stderr
+    # an option for another precision skips that row with the reason (compare's rule), never a crash
+    r = cli(*base, "--targets", "ort", "--precisions", "fp32", "--option", "block_size=16", "--runs", "5",
+            "--rounds", "1", "--warmup", "0")
+    assert r.exit_code == 1 and "SKIPPED" in r.stdout and "block_size apply to --precision int4-weight" in r.stdout
     r = cli("compare", "--task", "text-generation", "--model", "edgeexport.models.digits:model", "--calib", held_txt)
     assert r.exit_code != 0 and "needs a Hugging Face causal LM folder" in r.stderr
     assert "Traceback" not in r.stderr
