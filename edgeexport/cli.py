@@ -466,7 +466,9 @@ def _csv(text: Optional[str]) -> Optional[list[str]]:
 def compare(ctx: click.Context, **params: Any) -> None:
     """Build, validate and time every target x precision next to PyTorch eager; print one table.
 
-    A combination that cannot be built here, fails validation or breaks is a row that says why.
+    A combination that cannot be built here, fails validation or breaks is a row that says why. With --task
+    text-generation (a decoder; --calib is held-out text) the rows are the decoder precisions, gated on generation
+    and timed per token: time to first token and decode tokens/s (docs/decoders.md).
     """
     from pathlib import Path
 
