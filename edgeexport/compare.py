@@ -68,6 +68,25 @@ class Row:
     def add_note(self, text: str) -> None:
         self.reason = f"{self.reason}; {text}" if self.reason else text
 
+    def broke(self, e: Exception) -> None:
+        """A build that raised: an ERROR row with the error's own words (one broken combination is a row, not the
+        end of the comparison)."""
+        self.status = "error"
+        if isinstance(e, EdgeExportError):
+            self.add_note(f"{e.what}" + (f": {e.why}" if e.why else ""))
+        else:
+            self.add_note(f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}")
+
+    def measure_size(self, out: Optional[Path], manifest: dict[str, Any]) -> None:
+        """The model file(s) of a built bundle: bytes on disk and after zlib."""
+        from edgeexport.pipeline import deflated_size
+
+        if out is None:  # a build that wrote nothing (--dry-run) has no size
+            return
+        paths = [out / name for name in manifest.get("model_files") or [manifest["model_file"]]]
+        self.size_bytes = sum(p.stat().st_size for p in paths)
+        self.deflated_bytes = sum(deflated_size(p) for p in paths)
+
     @property
     def key(self) -> str:
         return f"{self.target}/{self.precision}"
@@ -183,31 +202,18 @@ def _build_row(row: Row, config: BuildConfig, resolved: tuple, log: Log, time_fa
         row.errors = e.errors
         if time_failed_in is not None:
             _rebuild_lifted(row, config, resolved, time_failed_in, log)
-    except EdgeExportError as e:
-        row.status = "error"
-        row.add_note(f"{e.what}" + (f": {e.why}" if e.why else ""))
     except Exception as e:  # noqa: BLE001 - one broken combination is a row, not the end of the comparison
-        row.status = "error"
-        row.add_note(f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}")
+        row.broke(e)
     else:
         row.status, row.out, row.errors = "passed", result.out, result.errors
         row.validation = result.report.to_dict() if result.report is not None else None
         runtime = result.manifest["validation"].get("runtime", "")
         if runtime != f"{row.target} runtime":
             row.add_note(f"validated with {runtime}")
-        _measure_size(row, result)
+        row.measure_size(result.out, result.manifest)
     row.build_s = time.perf_counter() - t0
     if row.validation:
         row.metrics = _primary_metrics(row.validation)
-
-
-def _measure_size(row: Row, result: Any) -> None:
-    from edgeexport.pipeline import deflated_size
-
-    names = result.manifest.get("model_files") or [result.manifest["model_file"]]
-    paths = [result.out / name for name in names]
-    row.size_bytes = sum(p.stat().st_size for p in paths)
-    row.deflated_bytes = sum(deflated_size(p) for p in paths)
 
 
 def _rebuild_lifted(row: Row, config: BuildConfig, resolved: tuple, where: Path, log: Log) -> None:
@@ -222,7 +228,7 @@ def _rebuild_lifted(row: Row, config: BuildConfig, resolved: tuple, where: Path,
     except Exception as e:  # noqa: BLE001 - reported in the row
         row.add_note(f"could not time it: {type(e).__name__}: {e}")
         return
-    _measure_size(row, result)
+    row.measure_size(result.out, result.manifest)
     skip = (result.manifest.get("benchmark") or {}).get("skipped")
     if skip:
         row.add_note(f"latency not measured: {skip}")

@@ -64,15 +64,8 @@ def _metrics(generation: dict[str, Any]) -> dict[str, Any]:
 
 def _build_row(row: Row, config: BuildConfig, exported: Path, log: Log, lifted_in: Optional[Path]) -> None:
     from edgeexport import decoder_build
-    from edgeexport.pipeline import deflated_size
 
     t0 = time.perf_counter()
-
-    def measure(out: Path, manifest: dict[str, Any]) -> None:
-        paths = [out / n for n in manifest.get("model_files") or [manifest["model_file"]]]
-        row.size_bytes = sum(p.stat().st_size for p in paths)
-        row.deflated_bytes = sum(deflated_size(p) for p in paths)
-
     try:
         out, manifest, report = decoder_build.build(config, log, exported)
     except ValidationFailed as e:
@@ -89,20 +82,16 @@ def _build_row(row: Row, config: BuildConfig, exported: Path, log: Log, lifted_i
                 row.add_note(f"could not time it: {type(e2).__name__}: {e2}")
             else:
                 row.out = out
-                measure(out, manifest)
+                row.measure_size(out, manifest)
                 row.metrics = _metrics(manifest["validation"]["generation"])
                 row.add_note("timed anyway: built again with the limits lifted (that bundle was not kept)")
-    except EdgeExportError as e:
-        row.status = "error"
-        row.add_note(f"{e.what}" + (f": {e.why}" if e.why else ""))
     except Exception as e:  # noqa: BLE001 - one broken combination is a row, not the end of the comparison
-        row.status = "error"
-        row.add_note(f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}")
+        row.broke(e)
     else:
         row.status, row.out = "passed", out
         row.validation = report.to_dict()
         row.metrics = _metrics(manifest["validation"]["generation"])
-        measure(out, manifest)
+        row.measure_size(out, manifest)
     row.build_s = time.perf_counter() - t0
 
 
