@@ -3,7 +3,8 @@
 PyTorch eager fp32 against onnxruntime at fp32, fp16 and weight-only int8 / int4 (MatMulNBits), side by side.
 
 For each variant, at batch 1 and the same threads: time to first token (the prefill of a 64-token prompt), prefill
-tokens/s, decode tokens/s (32 steps from the same prefilled cache), model bytes and the memory the runtime holds;
+tokens/s, decode tokens/s (32 steps from the same prefilled cache), model bytes and the peak memory of a fresh
+process running the variant;
 accuracy on held-out paragraphs the decoder never saw: next-token top-1 agreement with PyTorch (teacher-forced),
 perplexity and its change, and greedy continuations compared token by token. PyTorch runs the same loop (one
 forward per token, its own KV cache) and, as a second row, transformers' ``generate``.
@@ -18,7 +19,6 @@ per token x tokens/s (a model this small sits in the CPU caches, so it can excee
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import sys
@@ -81,6 +81,57 @@ def _timed(fn) -> float:
     return time.perf_counter() - t
 
 
+#: a fresh process that loads one variant and runs the timed prefill and decode once, then prints its peak resident
+#: memory (KiB, Linux VmHWM): what a device process running only that model needs, imports included
+_CHILD = r"""
+import json, sys
+import numpy as np
+kind, path, threads, prompt, steps = sys.argv[1], sys.argv[2], int(sys.argv[3]), json.loads(sys.argv[4]), int(sys.argv[5])
+if kind == "torch":
+    import torch
+    from transformers import GPT2LMHeadModel
+    torch.set_num_threads(threads)
+    model = GPT2LMHeadModel.from_pretrained(path).eval()
+    with torch.inference_mode():
+        o = model(input_ids=torch.tensor([prompt]), use_cache=True)
+        cache, t = o.past_key_values, o.logits[:, -1:].argmax(-1)
+        for _ in range(steps):
+            o = model(input_ids=t, past_key_values=cache, use_cache=True)
+            cache, t = o.past_key_values, o.logits[:, -1:].argmax(-1)
+else:
+    import onnxruntime as ort
+    from edgeexport.bundle.loader import KVDecoder
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads, so.log_severity_level = threads, 1, 3
+    dec = KVDecoder(ort.InferenceSession(path, so, providers=["CPUExecutionProvider"]))
+    logits, past = dec.step(np.asarray([prompt]), dec.empty())
+    for _ in range(steps):
+        logits, past = dec.step(logits[:, -1].argmax(-1)[:, None], past)
+# VmHWM: this process's own peak (ru_maxrss would count the parent's memory at fork/exec on Linux)
+peak = int(next(ln.split()[1] for ln in open("/proc/self/status") if ln.startswith("VmHWM:")))
+print(json.dumps({"peak_rss_kib": peak}))
+"""
+
+
+def fresh_peak_mb(kind: str, path: Path | str, threads: int, prompt: list[int], steps: int) -> float:
+    """Peak resident memory (MiB) of a new process that loads the variant and runs one prefill and ``steps``
+    decode steps (median of 3 processes)."""
+    import subprocess
+
+    # transformers would import TensorFlow and JAX where they are installed (they are here, for other targets):
+    # a PyTorch app on a device has neither
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT.parent), os.environ.get("PYTHONPATH", "")]),
+               USE_TF="0", USE_FLAX="0", USE_JAX="0")
+    peaks = []
+    for _ in range(3):
+        proc = subprocess.run([sys.executable, "-c", _CHILD, kind, str(path), str(threads), json.dumps(prompt),
+                               str(steps)], capture_output=True, text=True, env=env, timeout=600)
+        if proc.returncode != 0:
+            raise RuntimeError(f"the fresh process for {path} failed: {proc.stderr.strip()[-500:]}")
+        peaks.append(json.loads(proc.stdout.strip().splitlines()[-1])["peak_rss_kib"] / 1024)
+    return float(np.median(peaks))
+
+
 def rss_mb() -> float:
     import psutil
 
@@ -100,6 +151,7 @@ def main() -> int:
     from transformers import AutoTokenizer, GPT2LMHeadModel
 
     from edgeexport import bench
+    from edgeexport.compare_decoder import bundle_fns, eager_fns
     from edgeexport.generation import KVDecoder, generation_metrics, position_stats, windows
     from edgeexport.models import decoder as D
     from edgeexport.source_hf import export_with_past
@@ -131,34 +183,18 @@ def main() -> int:
 
     rows: dict[str, dict] = {}
     fns: dict[str, object] = {}
-    with torch.inference_mode():
-        x = torch.from_numpy(prompt)
-        out = model(input_ids=x, use_cache=True)
-        cache0 = out.past_key_values
-        first = out.logits[:, -1:].argmax(-1)
+    # the same two timed calls on every side (compare --task text-generation times them too)
+    torch_prefill, torch_decode = eager_fns(model, [int(t) for t in prompt[0]], args.steps)
+    x = torch.from_numpy(prompt)
 
-        def torch_prefill():
-            return model(input_ids=x, use_cache=True).logits
-
-        def torch_decode():
-            cache, t = copy.deepcopy(cache0), first
-            for _ in range(args.steps):
-                o = model(input_ids=t, past_key_values=cache, use_cache=True)
-                cache, t = o.past_key_values, o.logits[:, -1:].argmax(-1)
-
-        def torch_generate():
+    def torch_generate():
+        with torch.inference_mode():
             model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=args.steps,
                            min_new_tokens=args.steps, do_sample=False, pad_token_id=eos)
 
-    def no_grad(fn):
-        def run():
-            with torch.inference_mode():
-                return fn()
-        return run
-
-    fns["pytorch eager fp32 prefill"] = no_grad(torch_prefill)
-    fns["pytorch eager fp32 decode"] = no_grad(torch_decode)
-    fns["pytorch generate() fp32 e2e"] = no_grad(torch_generate)
+    fns["pytorch eager fp32 prefill"] = torch_prefill
+    fns["pytorch eager fp32 decode"] = torch_decode
+    fns["pytorch generate() fp32 e2e"] = torch_generate
     rows["pytorch eager fp32"] = {"bytes": sum(p.numel() * 4 for p in model.parameters()),
                                   "weight_bytes": sum(p.numel() * 4 for n, p in model.named_parameters()
                                                       if n.endswith(".weight") and p.ndim == 2 and "wpe" not in n
@@ -177,26 +213,23 @@ def main() -> int:
         gen = [dec.generate(p, GREEDY, stop=[eos]) for p in prompts]
         same = [next((i for i, (a, b) in enumerate(zip(g, r)) if a != b), min(len(g), len(r)))
                 for g, r in zip(gen, ref_gen)]
-        _, past0 = dec.step(prompt, dec.empty())
         rows[name] = {"bytes": path.stat().st_size, "weight_bytes": weight_bytes(path), "ppl": ppl,
                       "top1": gm["next_token_top1"], "top1_all": gm["next_token_top1_all"], "kl": gm["kl_divergence"],
                       "greedy": same, "settings": settings,
                       "greedy_len": [len(r) for r in ref_gen]}
 
-        def prefill(dec=dec):
-            return dec.step(prompt, dec.empty())
-
-        def decode(dec=dec, past0=past0):
-            past, t = past0, np.array([[7]])
-            for _ in range(args.steps):
-                logits, past = dec.step(t, past)
-                t = logits[:, -1].argmax(-1)[:, None]
-
+        prefill, decode = bundle_fns(dec, [int(t) for t in prompt[0]], args.steps)
         fns[f"{name} prefill"], fns[f"{name} decode"] = prefill, decode
         decode()
         rows[name]["runtime_mb"] = round(rss_mb() - before, 1)
         print(f"{name}: ppl {ppl:.3f} top1 {rows[name]['top1']} kl {gm['kl_divergence']:.3g} greedy {same}",
               file=sys.stderr, flush=True)
+
+    print("peak memory of fresh processes", file=sys.stderr, flush=True)
+    ids = [int(t) for t in prompt[0]]
+    rows["pytorch eager fp32"]["peak_mb"] = fresh_peak_mb("torch", folder, args.threads, ids, args.steps)
+    for name, (path, _settings) in built.items():
+        rows[name]["peak_mb"] = fresh_peak_mb("ort", path, args.threads, ids, args.steps)
 
     bw = [copy_bandwidth()]
     timing = bench.interleaved(fns, warmup=2, runs=args.runs, rounds=args.rounds,
@@ -253,19 +286,21 @@ def render(r: dict) -> str:
         "and 4 greedy continuations of up to "
         f"{GREEDY} tokens; timing: prefill of {r['prompt_tokens']} tokens (= time to first token), {r['steps']} "
         f"decode steps from the same cache, {r['rounds']} interleaved rounds. 'greedy' is how many tokens each "
-        "continuation matches PyTorch's before the first difference (of the lengths in the first row). 'session MB' "
-        "is the resident memory the process grew by while loading and running that variant (PyTorch's: its model "
-        "was loaded first).", "",
-        "| variant | size MB | session MB | TTFT ms | prefill tok/s | decode tok/s | decode vs eager | prefill vs eager | "
+        "continuation matches PyTorch's before the first difference (of the lengths in the first row). 'peak MB' "
+        "is the peak resident memory of a fresh process that imports its runtime, loads that variant and runs the "
+        "prefill and the decode steps once (median of 3 processes; PyTorch's imports torch and transformers, without "
+        "TensorFlow or JAX; the others onnxruntime and numpy). 'session MB' is what this process grew by while loading and running that "
+        "variant (PyTorch's: its model was loaded first).", "",
+        "| variant | size MB | peak MB (fresh process) | session MB | TTFT ms | prefill tok/s | decode tok/s | decode vs eager | prefill vs eager | "
         "perplexity | ppl change | KL nats/token | top-1 agree, decisive | top-1 agree, all | greedy | "
         "weight GB/s at decode |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     base = r["rows"]["pytorch eager fp32"]["ppl"]
     for name, row in r["rows"].items():
         greedy = "/".join(map(str, row["greedy"]))
         lines.append(
-            f"| {name} | {row['bytes'] / 1e6:.2f} | {row.get('runtime_mb', '-')} | {row['ttft_ms']:.2f} | {row['prefill_tps']:,.0f} | "
+            f"| {name} | {row['bytes'] / 1e6:.2f} | {row.get('peak_mb', float('nan')):.0f} | {row.get('runtime_mb', '-')} | {row['ttft_ms']:.2f} | {row['prefill_tps']:,.0f} | "
             f"{row['decode_tps']:,.0f} | {format_speedup(row['decode_speedup'])} | "
             f"{format_speedup(row['prefill_speedup'])} | {row['ppl']:.3f} | {100 * (row['ppl'] / base - 1):+.2f}% | "
             f"{row['kl']:.3g} | {row['top1']:.4f} | {row['top1_all']:.4f} | {greedy} | {row['gbps']:.2f} |")
