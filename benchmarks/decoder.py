@@ -151,7 +151,8 @@ def main() -> int:
     from transformers import AutoTokenizer, GPT2LMHeadModel
 
     from edgeexport import bench
-    from edgeexport.compare_decoder import bundle_fns, eager_fns
+    from edgeexport.bench import decoder_calls
+    from edgeexport.compare_decoder import eager_fns
     from edgeexport.generation import KVDecoder, generation_metrics, position_stats, windows
     from edgeexport.models import decoder as D
     from edgeexport.source_hf import export_with_past
@@ -218,7 +219,7 @@ def main() -> int:
                       "greedy": same, "settings": settings,
                       "greedy_len": [len(r) for r in ref_gen]}
 
-        prefill, decode = bundle_fns(dec, [int(t) for t in prompt[0]], args.steps)
+        prefill, decode = decoder_calls(dec, [int(t) for t in prompt[0]], args.steps)
         fns[f"{name} prefill"], fns[f"{name} decode"] = prefill, decode
         decode()
         rows[name]["runtime_mb"] = round(rss_mb() - before, 1)

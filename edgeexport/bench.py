@@ -340,25 +340,37 @@ def bench_bundle(bundle: Path, warmup: int = 10, runs: Optional[int] = 100, dura
 DECODE_STEPS = 32
 
 
+def decoder_calls(dec: Any, prompt: list[int], steps: int) -> tuple[Callable[[], Any], Callable[[], Any]]:
+    """The two timed calls of a KV-cache decoder (the loader's ``KVDecoder``): the prefill of ``prompt`` (the time
+    to first token) and ``steps`` greedy decode steps from that prompt's cache. bench, compare and
+    benchmarks/decoder.py all time these."""
+    ids = np.asarray([prompt])
+    logits, past0 = dec.step(ids, dec.empty())
+    first = logits[:, -1].argmax(-1)[:, None]
+
+    def prefill() -> Any:
+        return dec.step(ids, dec.empty())
+
+    def decode() -> None:
+        past, token = past0, first
+        for _ in range(steps):
+            out, past = dec.step(token, past)
+            token = out[:, -1].argmax(-1)[:, None]
+
+    return prefill, decode
+
+
 def bench_generation(model: Any, warmup: int, runs: Optional[int], log: Callable[[str], None]) -> dict[str, Any]:
     """A decoder bundle through its loader's KV-cache decoder: the prefill of its first golden prompt (the time to
     first token) and ``DECODE_STEPS`` decode steps from that prompt's cache, timed in turn."""
     dec = model.decoder()
     prompt = list(model.manifest["generation"]["golden"][0]["prompt_ids"])
-    ids = np.asarray([prompt])
-    _, past0 = dec.step(ids, dec.empty())
     steps = max(1, min(DECODE_STEPS, (dec.context or 1 << 30) - len(prompt) - 1))
-
-    def decode() -> None:
-        past, token = past0, np.array([[prompt[-1]]])
-        for _ in range(steps):
-            logits, past = dec.step(token, past)
-            token = logits[:, -1].argmax(-1)[:, None]
-
+    prefill_call, decode_call = decoder_calls(dec, prompt, steps)
     n = max(5, (runs or 50) // 5)
     log(f"==> generation: prefill of {len(prompt)} tokens, then {steps} decode steps, {n} timed calls each")
-    prefill = summarize(sample_latency(lambda: dec.step(ids, dec.empty()), min(warmup, 3), n))
-    decoding = summarize(sample_latency(decode, min(warmup, 2), n))
+    prefill = summarize(sample_latency(prefill_call, min(warmup, 3), n))
+    decoding = summarize(sample_latency(decode_call, min(warmup, 2), n))
     return {"prompt_tokens": len(prompt), "decode_steps": steps, "ttft_ms": prefill["p50_ms"],
             "prefill_tokens_per_s": len(prompt) * 1e3 / prefill["p50_ms"],
             "decode_tokens_per_s": steps * 1e3 / decoding["p50_ms"], "prefill": prefill, "decode": decoding,

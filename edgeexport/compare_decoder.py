@@ -19,8 +19,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import numpy as np
-
 from edgeexport.compare import _LIFTED, Comparison, Row, Settings, choose
 from edgeexport.config import BuildConfig, DECODER_TOLERANCES
 from edgeexport.errors import EdgeExportError, UsageError, ValidationFailed
@@ -123,24 +121,6 @@ def eager_fns(model: Any, prompt: list[int], steps: int) -> tuple[Callable[[], A
     return prefill, decode
 
 
-def bundle_fns(dec: Any, prompt: list[int], steps: int) -> tuple[Callable[[], Any], Callable[[], Any]]:
-    """The same two calls through a bundle's ``KVDecoder``."""
-    ids = np.asarray([prompt])
-    logits, past0 = dec.step(ids, dec.empty())
-    first = logits[:, -1].argmax(-1)[:, None]
-
-    def prefill() -> Any:
-        return dec.step(ids, dec.empty())
-
-    def decode() -> None:
-        past, token = past0, first
-        for _ in range(steps):
-            out, past = dec.step(token, past)
-            token = out[:, -1].argmax(-1)[:, None]
-
-    return prefill, decode
-
-
 def per_token(summary: dict[str, Any], steps: int) -> dict[str, Any]:
     """A decode call's timing summary as milliseconds per decoded token."""
     out = {k: (v / steps if k.endswith("_ms") and isinstance(v, float) else v) for k, v in summary.items()}
@@ -150,7 +130,7 @@ def per_token(summary: dict[str, Any], steps: int) -> dict[str, Any]:
 
 def _time_all(rows: list[Row], model: Any, prompt: list[int], steps: int, settings: Settings, log: Log
               ) -> dict[str, Any]:
-    from edgeexport.bench import interleaved, set_torch_threads, speedup
+    from edgeexport.bench import decoder_calls, interleaved, set_torch_threads, speedup
     from edgeexport.bundle import loader
 
     set_torch_threads(settings.threads or 1)
@@ -161,7 +141,7 @@ def _time_all(rows: list[Row], model: Any, prompt: list[int], steps: int, settin
             continue
         try:
             dec = loader.load(row.out, threads=settings.threads).decoder()
-            fns[f"{row.key} prefill"], fns[f"{row.key} decode"] = bundle_fns(dec, prompt, steps)
+            fns[f"{row.key} prefill"], fns[f"{row.key} decode"] = decoder_calls(dec, prompt, steps)
         except Exception as e:  # noqa: BLE001 - reported in the row; the others are still timed
             row.add_note(f"latency not measured: its loader failed: {type(e).__name__}: {e}")
     runs = max(5, settings.runs // 5)  # a timed call is a prefill or a whole run of decode steps
@@ -191,7 +171,8 @@ def _time_all(rows: list[Row], model: Any, prompt: list[int], steps: int, settin
 def run(base: BuildConfig, targets: list[str], precisions: Optional[list[str]], settings: Settings,
         out_root: Optional[Path] = None, log: Log = print, command: str = "", focus: Optional[str] = None
         ) -> Comparison:
-    """Build, validate and time every decoder precision (compare.run hands --task text-generation here)."""
+    """Build, validate and time every decoder precision (the CLI's compare runs this for --task
+    text-generation)."""
     from edgeexport import decoder_build
     from edgeexport.bench import machine, resolve_threads, runtime_versions
     from edgeexport.compare import _step_log
@@ -199,12 +180,11 @@ def run(base: BuildConfig, targets: list[str], precisions: Optional[list[str]], 
     from edgeexport.targets import all_targets, get_target
     from edgeexport.util import heartbeat, quiet
 
-    every = sorted({p for t in targets for p in get_target(t).decoder_precisions})
     unknown = [p for p in precisions or [] if p not in DECODER_TOLERANCES]
     if unknown:
         raise UsageError(f"--precisions names {', '.join(unknown)}, which no target builds for decoders",
                          f"decoder precisions are {', '.join(DECODER_TOLERANCES)}", "pass some of those")
-    if not every:
+    if not any(get_target(t).decoder_precisions for t in targets):
         able = [t.name for t in all_targets() if t.decoder_precisions and t.public]
         raise UsageError(f"none of --targets {','.join(targets)} builds decoders",
                          "; ".join(f"{t}: {get_target(t).decoder_refusal}" for t in targets),
