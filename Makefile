@@ -57,6 +57,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/pruning.py
 	$(BIN)/python benchmarks/sweep.py
 	$(BIN)/python benchmarks/decoder.py
+	$(BIN)/python benchmarks/int8_noise.py
 
 clean:
 	rm -rf build $(VENV)
