@@ -50,13 +50,14 @@ def weights_only(qmodel: Any, fmodel: Any, keep: frozenset = frozenset()) -> Any
     the quantizer folded a Relu/Clip of ``fmodel`` into the range of the tensor it produced, the op is put back."""
     import onnx
 
+    from edgeexport.recipes import constant_names
+
     model = onnx.ModelProto()
     model.CopyFrom(qmodel)
-    consts = {t.name for t in model.graph.initializer}
+    consts = constant_names(model)
     f_producer = {o: n for n in fmodel.graph.node for o in n.output}
     q_producer = {o: n for n in model.graph.node for o in n.output}
-    quantized = {n.output[0]: n.input[0] for n in model.graph.node
-                 if n.op_type == "QuantizeLinear" and n.input[0] not in consts}
+    quantized = _activation_quantizers(model)
     bypass: dict[str, str] = {}  # a dropped DequantizeLinear's output -> the float tensor that replaces it
     restored: dict[str, Any] = {}  # tensor -> the folded activation node to re-insert after its producer
     dropped = set()
@@ -78,9 +79,8 @@ def weights_only(qmodel: Any, fmodel: Any, keep: frozenset = frozenset()) -> Any
                     restored[tensor] = act
             bypass[n.output[0]] = src
             dropped.add(id(n))
-    for n in model.graph.node:
-        if n.op_type == "QuantizeLinear" and n.input[0] not in consts and n.input[0] not in keep:
-            dropped.add(id(n))
+    dropped.update(id(n) for n in model.graph.node if n.op_type == "QuantizeLinear" and n.output[0] in quantized
+                   and n.input[0] not in keep)
     f_consts = {t.name: t for t in fmodel.graph.initializer}
     needed = {i for act in restored.values() for i in act.input[1:] if i and i not in consts}
     model.graph.initializer.extend(f_consts[i] for i in needed if i in f_consts)
@@ -101,23 +101,14 @@ def weights_only(qmodel: Any, fmodel: Any, keep: frozenset = frozenset()) -> Any
     return model
 
 
-class Runner:
-    """Runs graphs on the held-out feeds with graph optimization off (Q/DQ pairs as written)."""
+def outputs(model: Any, feeds: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
+    """``model``'s outputs on each feed, flattened, with graph optimization off (Q/DQ pairs as written)."""
+    from edgeexport.onnxgraph import exposing_session
 
-    def __init__(self, feeds: list[dict[str, np.ndarray]], threads: int) -> None:
-        self.feeds, self.threads = feeds, threads
-
-    def outputs(self, model: Any) -> list[np.ndarray]:
-        import onnxruntime as ort
-
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        so.intra_op_num_threads = self.threads
-        so.log_severity_level = 3
-        sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-        names = [i.name for i in sess.get_inputs()]
-        return [np.concatenate([np.asarray(o, np.float64).ravel() for o in sess.run(None, {k: f[k] for k in names})])
-                for f in self.feeds]
+    sess, _ = exposing_session(model, [])
+    names = [i.name for i in sess.get_inputs()]
+    return [np.concatenate([np.asarray(o, np.float64).ravel() for o in sess.run(None, {k: f[k] for k in names})])
+            for f in feeds]
 
 
 def error(ref: list[np.ndarray], got: list[np.ndarray]) -> dict[str, float]:
@@ -128,10 +119,17 @@ def error(ref: list[np.ndarray], got: list[np.ndarray]) -> dict[str, float]:
     return {"mse": mse, "snr_db": 10 * float(np.log10(signal / mse)) if mse > 0 else 200.0, "top1": top1}
 
 
+def _activation_quantizers(qmodel: Any) -> dict[str, str]:
+    """QuantizeLinear output -> the activation tensor it quantizes (weights and other constants left out)."""
+    from edgeexport.recipes import constant_names
+
+    consts = constant_names(qmodel)
+    return {n.output[0]: n.input[0] for n in qmodel.graph.node
+            if n.op_type == "QuantizeLinear" and n.input[0] not in consts}
+
+
 def activation_tensors(qmodel: Any) -> list[str]:
-    consts = {t.name for t in qmodel.graph.initializer}
-    return list(dict.fromkeys(n.input[0] for n in qmodel.graph.node
-                              if n.op_type == "QuantizeLinear" and n.input[0] not in consts))
+    return list(dict.fromkeys(_activation_quantizers(qmodel).values()))
 
 
 def measure(name: str, samples: int, threads: int, work: Path, log=print) -> dict[str, Any]:
@@ -166,18 +164,17 @@ def measure(name: str, samples: int, threads: int, work: Path, log=print) -> dic
     settings = quantize(work / "int8.onnx")
     log(f"==> int8 recipe built in {time.perf_counter() - started:.0f} s")
     feeds = list(calib.holdout())
-    runner = Runner(feeds, threads)
     fmodel = onnx.load(str(work / "wd_int8" / "preprocessed.onnx"))
     qmodel = onnx.load(str(work / "int8.onnx"))
-    ref = runner.outputs(fmodel)
-    full = error(ref, runner.outputs(qmodel))
-    weights = error(ref, runner.outputs(weights_only(qmodel, fmodel)))
+    ref = outputs(fmodel, feeds)
+    full = error(ref, outputs(qmodel, feeds))
+    weights = error(ref, outputs(weights_only(qmodel, fmodel), feeds))
     tensors = activation_tensors(qmodel)
     log(f"==> int8 {full['snr_db']:.2f} dB, weights alone {weights['snr_db']:.2f} dB; "
         f"{len(tensors)} activation tensors, one at a time on {len(feeds)} held-out samples")
     rows: list[dict[str, Any]] = []
     for k, tensor in enumerate(tensors):
-        alone = error(ref, runner.outputs(weights_only(qmodel, fmodel, frozenset({tensor}))))
+        alone = error(ref, outputs(weights_only(qmodel, fmodel, frozenset({tensor})), feeds))
         rows.append({"tensor": tensor, "mse": alone["mse"] - weights["mse"]})
         if (k + 1) % 10 == 0:
             log(f"    {k + 1}/{len(tensors)}")
@@ -189,7 +186,7 @@ def measure(name: str, samples: int, threads: int, work: Path, log=print) -> dic
         r["explain_rank"] = position.get(r["tensor"])
     top = rows[0]["tensor"]
     quantize(work / "int16_top.onnx", int16_tensors=[top])
-    int16_top = error(ref, runner.outputs(onnx.load(str(work / "int16_top.onnx"))))
+    int16_top = error(ref, outputs(onnx.load(str(work / "int16_top.onnx")), feeds))
     return {"model": name, "label": label, "samples": len(feeds), "threads": threads,
             "recipe": {k: settings.get(k) for k in ("calibration_method", "weight_rounding", "bias_correction",
                                                    "reduce_range", "per_channel", "activation_type", "recipe")},
@@ -227,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="efficientnet", choices=("digits", "efficientnet"))
     parser.add_argument("--samples", type=int, default=256, help="held-out samples")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads while exporting and calibrating")
     parser.add_argument("--top", type=int, default=12, help="activation tensors listed")
     parser.add_argument("--out", default=str(ROOT / "results"))
     args = parser.parse_args(argv)
